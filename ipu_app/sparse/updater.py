@@ -1,0 +1,355 @@
+"""PatternUpdater: one DynSparse prune-and-regrow step over every SparseLinear of a model.
+
+Runs on whatever device the tensors live on (the host, between training phases,
+for IPUs); all random draws come from CPU generators seeded by
+``(seed, update index, layer index)``, so every process and every resume agrees.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.sparse_linear import SparseLinear, sparse_linears
+from .init import seeded_generator
+from .pattern import blockify
+from .schedule import PRUNING_SCHEDULES, UpdateSchedule, pruning_ratio_at
+from .scoring import (
+    BLOCK_METRICS,
+    REGROWTH_RULES,
+    block_norms,
+    dense_block_norms,
+    num_to_prune,
+    select_prune,
+    select_regrow_gradient,
+    select_regrow_random,
+)
+
+SPARSITY_MODES = ("static", "dynamic")
+
+
+class UpdaterError(RuntimeError):
+    """The updater cannot run with this model, optimizer or state."""
+
+
+class PatternInvariantError(AssertionError):
+    """A pattern update broke an invariant (a bug, never a user error)."""
+
+
+@dataclass
+class LayerUpdateStats:
+    name: str
+    pruned: int
+    grown: int
+    nnz_blocks: int
+    target_sparsity: float
+    sparsity: float
+    explored_dof: float
+    # Fraction of the pruned blocks that had been grown at the previous update
+    # ("wasted" exploration, paper Fig. 5b/c); NaN when nothing was pruned.
+    pruned_recently_grown: float
+
+
+@dataclass
+class UpdateStats:
+    step: int
+    update_index: int
+    pruning_ratio: float
+    seconds: float
+    layers: list[LayerUpdateStats] = field(default_factory=list)
+
+    @property
+    def pruned(self) -> int:
+        return sum(s.pruned for s in self.layers)
+
+    @property
+    def mean_explored_dof(self) -> float:
+        return float(np.mean([s.explored_dof for s in self.layers])) if self.layers else float("nan")
+
+    def as_dict(self) -> dict:
+        """Flat, JSON-friendly record for metrics logs."""
+        return {
+            "step": self.step,
+            "update_index": self.update_index,
+            "pruning_ratio": self.pruning_ratio,
+            "seconds": self.seconds,
+            "pruned_blocks": self.pruned,
+            "mean_explored_dof": self.mean_explored_dof,
+            "layers": [asdict(s) for s in self.layers],
+        }
+
+
+@dataclass
+class _Plan:
+    """What one layer's update will do, computed before anything is changed."""
+
+    layer_index: int
+    name: str
+    layer: SparseLinear
+    old_index: torch.Tensor  # [nnz] sorted block positions before the update
+    drop: torch.Tensor  # slots to prune
+    grow: torch.Tensor  # new block positions
+    states: list[torch.Tensor]
+
+
+class PatternUpdater:
+    """Prunes the ``pr(t)`` lowest-norm blocks of every SparseLinear and regrows as many.
+
+    Call ``begin_step(step)`` before a training step's forward pass (RigL records
+    the dense gradient only on update steps) and ``step(step)`` after its optimizer
+    step; ``step`` runs the update when the schedule says so.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        schedule: UpdateSchedule,
+        *,
+        mode: str = "dynamic",
+        pruning_ratio: float = 0.5,
+        pruning_schedule: str = "cosine",
+        regrowth: str = "random",
+        block_metric: str = "l1",
+        seed: int = 0,
+        check_invariants: bool = True,
+        grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        for option, value, allowed in (
+            ("mode", mode, SPARSITY_MODES),
+            ("pruning_schedule", pruning_schedule, PRUNING_SCHEDULES),
+            ("regrowth", regrowth, REGROWTH_RULES),
+            ("block_metric", block_metric, BLOCK_METRICS),
+        ):
+            if value not in allowed:
+                raise UpdaterError(f"unknown {option} {value!r}; use one of {list(allowed)}")
+        if not 0.0 <= pruning_ratio <= 1.0:
+            raise UpdaterError(f"pruning_ratio must be in [0, 1], got {pruning_ratio}")
+        self.layers = sparse_linears(model)
+        if not self.layers:
+            raise UpdaterError("the model has no SparseLinear layers to update")
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.mode = mode
+        self.pruning_ratio = pruning_ratio
+        self.pruning_schedule = pruning_schedule
+        self.regrowth = regrowth
+        self.block_metric = block_metric
+        self.seed = seed
+        self.check_invariants = check_invariants
+        self.grad_reduce = grad_reduce
+        self.update_count = 0
+        self._explored = [m.pattern.block_mask().flatten().cpu() for _, m in self.layers]
+        self._last_grown = [torch.empty(0, dtype=torch.long) for _ in self.layers]
+
+    # --------------------------------------------------------------- driving
+    def needs_dense_grad(self, step: int) -> bool:
+        """Whether training step ``step`` must record dense gradients (RigL, update steps only)."""
+        return self.mode == "dynamic" and self.regrowth == "gradient" and self.schedule.is_update_step(step)
+
+    def begin_step(self, step: int) -> None:
+        """Switch dense-gradient recording on for the step before a RigL update, off otherwise."""
+        record = self.needs_dense_grad(step)
+        for _, layer in self.layers:
+            layer.record_dense_grad = record
+            layer.dense_grad = None
+
+    def discard_dense_grads(self) -> None:
+        """Forget recorded gradients and stop recording (e.g. the step was skipped)."""
+        for _, layer in self.layers:
+            layer.record_dense_grad = False
+            layer.dense_grad = None
+
+    def step(self, step: int) -> UpdateStats | None:
+        """Run the scheduled update after optimizer step ``step``, if any."""
+        if self.mode != "dynamic" or not self.schedule.is_update_step(step):
+            return None
+        return self.update(step)
+
+    # ---------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self, step: int) -> UpdateStats:
+        """Prune and regrow every layer now (``step`` sets ``pr(t)`` and the RNG stream)."""
+        if self.mode != "dynamic":
+            raise UpdaterError("static sparsity never updates its pattern")
+        start = time.perf_counter()
+        update_index = (
+            self.schedule.update_index(step) if self.schedule.is_update_step(step) else self.update_count
+        )
+        pr_t = pruning_ratio_at(step, self.pruning_ratio, self.schedule.total_steps, self.pruning_schedule)
+        plans = [self._plan(i, name, layer, pr_t, update_index) for i, (name, layer) in enumerate(self.layers)]
+        stats = UpdateStats(step=step, update_index=update_index, pruning_ratio=pr_t, seconds=0.0)
+        for plan in plans:
+            self._apply(plan)
+            stats.layers.append(self._record(plan))
+        self.discard_dense_grads()
+        self.update_count += 1
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _plan(self, index: int, name: str, layer: SparseLinear, pr_t: float, update_index: int) -> _Plan:
+        pattern = layer.pattern
+        old_index = pattern.linear_index()
+        num_blocks = pattern.num_blocks
+        k = num_to_prune(pr_t, pattern.nnz, num_blocks - pattern.nnz)
+        states = self._state_tensors(name, layer)
+        occupied = torch.zeros(num_blocks, dtype=torch.bool, device=old_index.device)
+        occupied[old_index] = True
+        drop = select_prune(block_norms(layer.values, self.block_metric), k)
+        if self.regrowth == "random":
+            grow = select_regrow_random(occupied, k, seeded_generator(self.seed, update_index, index))
+        else:
+            grow = select_regrow_gradient(self._grad_scores(name, layer), occupied, k)
+        return _Plan(index, name, layer, old_index, drop.to(old_index.device), grow.to(old_index.device), states)
+
+    def _grad_scores(self, name: str, layer: SparseLinear) -> torch.Tensor:
+        grad = layer.dense_grad
+        if grad is None:
+            raise UpdaterError(
+                f"gradient regrowth needs the dense gradient of {name}; call updater.begin_step(step) "
+                "before the forward pass of the step that precedes the update"
+            )
+        if self.grad_reduce is not None:
+            grad = self.grad_reduce(grad)
+        if not bool(torch.isfinite(grad).all()):
+            raise UpdaterError(f"dense gradient of {name} is not finite; skip this update instead")
+        return dense_block_norms(grad, layer.block_size, self.block_metric)
+
+    def _state_tensors(self, name: str, layer: SparseLinear) -> list[torch.Tensor]:
+        """Every optimizer state tensor shaped like ``values`` (plus a pending ``.grad``)."""
+        param = layer.values
+        tensors = [] if param.grad is None else [param.grad]
+        if self.optimizer is None:
+            return tensors
+        for key, value in self.optimizer.state.get(param, {}).items():
+            if not torch.is_tensor(value) or value.numel() == 1:
+                continue  # step counters and other scalars are position-free
+            if value.shape != param.shape:
+                raise UpdaterError(
+                    f"optimizer state {key!r} of {name}.values has shape {tuple(value.shape)}, not the "
+                    f"parameter's {tuple(param.shape)}; the updater can only remap parameter-shaped state "
+                    f"({type(self.optimizer).__name__} is not supported)"
+                )
+            tensors.append(value)
+        return tensors
+
+    def _apply(self, plan: _Plan) -> None:
+        layer, drop, grow = plan.layer, plan.drop, plan.grow
+        if drop.numel() == 0:
+            return
+        grid_cols = layer.pattern.grid[1]
+        new_index = plan.old_index.clone()
+        new_index[drop] = grow
+        perm = torch.argsort(new_index)
+        values = layer.values.data
+        if layer.frozen is not None:
+            # Nothing is lost: pruned blocks freeze at their current values and
+            # grown blocks start from the frozen values they replace.
+            blocks = blockify(layer.frozen, layer.block_size)
+            old = plan.old_index[drop]
+            blocks[old // grid_cols, old % grid_cols] = values[drop].to(layer.frozen.dtype)
+            grown_values = blocks[grow // grid_cols, grow % grid_cols].clone()
+            blocks[grow // grid_cols, grow % grid_cols] = 0
+            values[drop] = grown_values.to(values.dtype)
+        else:
+            values[drop] = 0
+        for tensor in plan.states:
+            tensor[drop] = 0
+        for tensor in [values, *plan.states]:
+            tensor.copy_(tensor[perm])
+        new_index = new_index[perm]
+        layer.block_rows.copy_((new_index // grid_cols).to(torch.int32))
+        layer.block_cols.copy_((new_index % grid_cols).to(torch.int32))
+        layer.pattern_changed()
+        if self.check_invariants:
+            self._check(plan, new_index)
+
+    def _check(self, plan: _Plan, new_index: torch.Tensor) -> None:
+        layer, name = plan.layer, plan.name
+        try:
+            layer.pattern.validate(expected_nnz=plan.old_index.numel())
+        except ValueError as exc:
+            raise PatternInvariantError(f"{name}: {exc}") from exc
+        dropped = plan.old_index[plan.drop]
+        if bool(torch.isin(dropped, plan.grow).any()):
+            raise PatternInvariantError(f"{name}: a block was pruned and regrown in the same update")
+        if bool(torch.isin(plan.grow, plan.old_index).any()):
+            raise PatternInvariantError(f"{name}: a regrown block was already active")
+        slots = torch.searchsorted(new_index, plan.grow)
+        if not torch.equal(new_index[slots], plan.grow):
+            raise PatternInvariantError(f"{name}: regrown blocks are missing from the pattern")
+        if layer.frozen is None and bool(layer.values[slots].ne(0).any()):
+            raise PatternInvariantError(f"{name}: regrown values are not zero")
+        for tensor in plan.states:
+            if tensor is not layer.values.grad and bool(tensor[slots].ne(0).any()):
+                raise PatternInvariantError(f"{name}: optimizer state of regrown blocks is not zero")
+
+    def _record(self, plan: _Plan) -> LayerUpdateStats:
+        i, layer = plan.layer_index, plan.layer
+        dropped = plan.old_index[plan.drop].cpu()
+        grow = plan.grow.cpu()
+        recent = float(torch.isin(dropped, self._last_grown[i]).float().mean()) if dropped.numel() else float("nan")
+        self._explored[i][grow] = True
+        self._last_grown[i] = grow
+        return LayerUpdateStats(
+            name=plan.name,
+            pruned=int(dropped.numel()),
+            grown=int(grow.numel()),
+            nnz_blocks=layer.nnz,
+            target_sparsity=layer.target_sparsity,
+            sparsity=layer.sparsity,
+            explored_dof=float(self._explored[i].float().mean()),
+            pruned_recently_grown=recent,
+        )
+
+    # ------------------------------------------------------------- telemetry
+    def explored_dof(self) -> dict[str, float]:
+        """Per layer: fraction of the dense weight that has ever been active."""
+        return {name: float(e.float().mean()) for (name, _), e in zip(self.layers, self._explored)}
+
+    def mean_explored_dof(self) -> float:
+        return float(np.mean(list(self.explored_dof().values())))
+
+    def explored_mask(self, name: str) -> torch.Tensor:
+        """Boolean ``[out/b, in/b]`` map of the blocks of layer ``name`` ever active."""
+        for (n, layer), explored in zip(self.layers, self._explored):
+            if n == name:
+                return explored.reshape(layer.pattern.grid).clone()
+        raise KeyError(f"no SparseLinear named {name!r}")
+
+    # ----------------------------------------------------------- state dict
+    def state_dict(self) -> dict:
+        """Counters and exploration state (bit-packed), for exact resume."""
+        return {
+            "update_count": self.update_count,
+            "layers": {
+                name: {
+                    "explored": torch.from_numpy(np.packbits(e.numpy())),
+                    "num_blocks": int(e.numel()),
+                    "last_grown": g.clone(),
+                }
+                for (name, _), e, g in zip(self.layers, self._explored, self._last_grown)
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [n for n, _ in self.layers]
+        saved = state.get("layers", {})
+        if sorted(saved) != sorted(names):
+            missing = sorted(set(names) - set(saved)) or sorted(set(saved) - set(names))
+            raise UpdaterError(f"updater state does not match the model's sparse layers (first difference: {missing[0]})")
+        explored, last = [], []
+        for name, e in zip(names, self._explored):
+            entry = saved[name]
+            if int(entry["num_blocks"]) != e.numel():
+                raise UpdaterError(f"updater state for {name} has {entry['num_blocks']} blocks, the layer {e.numel()}")
+            bits = np.unpackbits(entry["explored"].numpy(), count=e.numel()).astype(bool)
+            explored.append(torch.from_numpy(bits))
+            last.append(entry["last_grown"].clone().long())
+        self._explored, self._last_grown = explored, last
+        self.update_count = int(state["update_count"])
