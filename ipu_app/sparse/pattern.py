@@ -204,7 +204,8 @@ class BlockPattern:
         """The weight as a ``torch.sparse_bsr_tensor`` (values are shared, not copied)."""
         self._check_values(values)
         return torch.sparse_bsr_tensor(
-            self.crow_indices(), self.cols, values, size=self.shape, dtype=values.dtype
+            self.crow_indices(), self.cols, values, size=self.shape, dtype=values.dtype,
+            check_invariants=False,
         )
 
     def to_coo(self, values: torch.Tensor | None = None, elementwise: bool = False):

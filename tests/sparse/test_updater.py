@@ -1,0 +1,338 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from ipu_app.model.sparse_linear import SparseLinear, sparse_linears
+from ipu_app.sparse import scoring
+from ipu_app.sparse.schedule import UpdateSchedule
+from ipu_app.sparse.updater import PatternInvariantError, PatternUpdater, UpdaterError
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+
+def make_model(b=4, s=0.75, seed=0, inactive="zero"):
+    g = torch.Generator().manual_seed(seed)
+    return nn.Sequential(
+        SparseLinear(32, 64, sparsity=s, block_size=b, generator=g, inactive=inactive),
+        nn.ReLU(),
+        SparseLinear(64, 32, sparsity=s, block_size=b, generator=g, inactive=inactive),
+    )
+
+
+def train_steps(model, optimizer, n=2, seed=0, updater=None, first_step=1):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(first_step, first_step + n):
+        if updater is not None:
+            updater.begin_step(step)
+        x = torch.randn(16, 32, generator=g)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if updater is not None:
+            updater.step(step)
+
+
+def slot_state(optimizer, layer):
+    return {k: v.clone() for k, v in optimizer.state[layer.values].items() if torch.is_tensor(v) and v.shape == layer.values.shape}
+
+
+def dense_state(layer, tensor):
+    """A slot-ordered tensor scattered to its dense position."""
+    return layer.pattern.to_dense(tensor)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("b", [1, 4, 8])
+def test_update_surgery_with_optimizers(name, b):
+    model = make_model(b=b)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    train_steps(model, optimizer)
+    layers = sparse_linears(model)
+    before = [(m.pattern.clone(), m.to_dense(), {k: dense_state(m, v) for k, v in slot_state(optimizer, m).items()})
+              for _, m in layers]
+    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5,
+                             pruning_schedule="constant")
+    stats = updater.update(25)
+    for (_, layer), (old_pattern, old_dense, old_state), layer_stats in zip(layers, before, stats.layers):
+        new_mask, old_mask = layer.mask(), old_pattern.mask()
+        assert layer.nnz == old_pattern.nnz
+        assert layer_stats.pruned == layer_stats.grown == math.ceil(0.5 * layer.nnz)
+        kept, grown, dropped = new_mask & old_mask, new_mask & ~old_mask, old_mask & ~new_mask
+        assert int(grown.sum()) == layer_stats.grown * b * b and int(dropped.sum()) == int(grown.sum())
+        dense = layer.to_dense()
+        # survivors keep their values and optimizer state at the same positions
+        assert torch.equal(dense[kept], old_dense[kept])
+        assert torch.all(dense[grown] == 0) and torch.all(dense[dropped] == 0)
+        new_state = {k: dense_state(layer, v) for k, v in slot_state(optimizer, layer).items()}
+        assert new_state.keys() == old_state.keys() and new_state
+        for key in new_state:
+            assert torch.equal(new_state[key][kept], old_state[key][kept]), key
+            assert torch.all(new_state[key][grown] == 0), key
+    # training continues with the edited state
+    train_steps(model, optimizer, n=1)
+
+
+def test_pruned_blocks_have_lowest_block_norm():
+    model = make_model(b=4)
+    layer = model[0]
+    old_index = layer.pattern.linear_index()
+    norms = scoring.block_norms(layer.values, "l1")
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5, pruning_schedule="constant")
+    updater.update(5)
+    survivors = torch.isin(old_index, layer.pattern.linear_index())
+    assert norms[~survivors].max() <= norms[survivors].min()
+
+
+def test_unsupported_optimizer_state_is_a_clear_error_and_changes_nothing():
+    model = make_model()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, n=1)
+    before = [m.pattern.clone() for _, m in sparse_linears(model)]
+    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2))
+    with pytest.raises(UpdaterError, match="'row_var'.*Adafactor is not supported"):
+        updater.update(5)
+    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_linears(model), before))
+
+
+def test_same_seed_same_patterns_across_processes_and_devices():
+    runs = []
+    for _ in range(2):
+        model = make_model(seed=1)
+        updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), seed=5)
+        for step in updater.schedule.steps[:3]:
+            updater.step(step)
+        runs.append([m.pattern for _, m in sparse_linears(model)])
+    assert all(a.equal(b) for a, b in zip(*runs))
+    other = make_model(seed=1)
+    PatternUpdater(other, None, UpdateSchedule.evenly_spaced(100, 10), seed=6).update(10)
+    assert not all(a.equal(m.pattern) for a, (_, m) in zip(runs[0], sparse_linears(other)))
+
+
+def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
+    seen = []
+    real = scoring.select_regrow_random
+
+    def spy(occupied, k, generator):
+        seen.append(generator.initial_seed())
+        return real(occupied, k, generator)
+
+    monkeypatch.setattr("ipu_app.sparse.updater.select_regrow_random", spy)
+    from ipu_app.sparse.init import derive_seed
+
+    updater = PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(100, 10), seed=9)
+    updater.step(30)  # third update: index 2
+    assert seen == [derive_seed(9, 2, 0), derive_seed(9, 2, 1)]
+
+
+def test_static_mode_never_updates():
+    model = make_model()
+    before = [m.pattern.clone() for _, m in sparse_linears(model)]
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), mode="static")
+    assert all(updater.step(t) is None for t in range(1, 100))
+    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_linears(model), before))
+    assert updater.mean_explored_dof() == pytest.approx(model[0].pattern.density)
+    with pytest.raises(UpdaterError, match="never updates"):
+        updater.update(10)
+
+
+def test_steps_off_schedule_do_nothing_and_cosine_decays_prune_count():
+    model = make_model(b=1, s=0.9)
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5)
+    assert updater.step(24) is None
+    first, last = updater.step(25), updater.step(75)
+    nnz = model[0].nnz
+    assert first.pruning_ratio == pytest.approx(0.25 * (1 + math.cos(math.pi / 4)))
+    assert first.layers[0].pruned == math.ceil(first.pruning_ratio * nnz)
+    assert last.layers[0].pruned == math.ceil(last.pruning_ratio * nnz) < first.layers[0].pruned
+
+
+def test_rigl_records_dense_gradient_only_before_updates():
+    model = make_model(b=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    updater = PatternUpdater(model, optimizer, UpdateSchedule.explicit(10, [3]), regrowth="gradient")
+    hooks = []
+    for step in (1, 2, 3):
+        updater.begin_step(step)
+        hooks.append([m.record_dense_grad for _, m in updater.layers])
+        x = torch.randn(8, 32)
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        if step < 3:
+            assert all(m.dense_grad is None for _, m in updater.layers)
+        else:
+            grads = [m.dense_grad.clone() for _, m in updater.layers]
+        optimizer.step()
+        updater.step(step)
+    assert hooks == [[False, False], [False, False], [True, True]]
+    assert all(m.dense_grad is None and not m.record_dense_grad for _, m in updater.layers)
+    # the recorded gradient is the dense weight gradient of the update step
+    assert grads[0].shape == (64, 32) and grads[1].shape == (32, 64)
+    assert bool((grads[0] != 0).float().mean() > 0.5)  # dense: inactive positions have gradients too
+
+
+def test_rigl_grows_largest_gradient_blocks():
+    model = make_model(b=4)
+    layer = model[0]
+    old_index = layer.pattern.linear_index()
+    updater = PatternUpdater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient",
+                             pruning_ratio=0.5, pruning_schedule="constant")
+    grad = torch.rand(64, 32)
+    layer.dense_grad = grad.clone()
+    model[2].dense_grad = torch.rand(32, 64)
+    updater.update(5)
+    scores = scoring.dense_block_norms(grad, 4, "l1")
+    scores[old_index] = -1
+    grown = layer.pattern.linear_index()[~torch.isin(layer.pattern.linear_index(), old_index)]
+    k = grown.numel()
+    assert torch.equal(grown, torch.topk(scores, k).indices.sort().values)
+
+
+def test_rigl_without_recorded_gradient_fails_clearly():
+    updater = PatternUpdater(make_model(), None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
+    with pytest.raises(UpdaterError, match="begin_step"):
+        updater.step(5)
+    model = make_model()
+    updater = PatternUpdater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
+    for _, m in updater.layers:
+        m.dense_grad = torch.full((m.out_features, m.in_features), float("nan"))
+    with pytest.raises(UpdaterError, match="not finite"):
+        updater.step(5)
+
+
+def test_invariant_violation_raises(monkeypatch):
+    model = make_model()
+
+    def bad_regrow(occupied, k, generator):  # regrows already-active blocks
+        return torch.nonzero(occupied).flatten()[:k]
+
+    monkeypatch.setattr("ipu_app.sparse.updater.select_regrow_random", bad_regrow)
+    with pytest.raises(PatternInvariantError):
+        PatternUpdater(model, None, UpdateSchedule.evenly_spaced(10, 2)).update(5)
+
+
+def test_telemetry_explored_dof_and_recent_regrowth():
+    model = make_model(b=1, s=0.9)
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(1000, 20), pruning_ratio=1.0,
+                             pruning_schedule="constant")
+    dof = [updater.mean_explored_dof()]
+    for step in updater.schedule.steps[:5]:
+        stats = updater.step(step)
+        dof.append(stats.mean_explored_dof)
+        for s in stats.layers:
+            assert s.sparsity == pytest.approx(1 - s.nnz_blocks / (64 * 32)) and s.target_sparsity == 0.9
+    assert dof[0] == pytest.approx(205 / 2048) and all(b > a for a, b in zip(dof, dof[1:]))
+    # with pr = 1 every pruned block had been grown at the previous update (fresh zeros tie at norm 0)
+    assert stats.layers[0].pruned_recently_grown == 1.0
+    union = updater.explored_mask("0")
+    assert union.sum() / union.numel() == pytest.approx(updater.explored_dof()["0"])
+    assert stats.as_dict()["layers"][0]["name"] == "0"
+
+
+def test_state_dict_resume_matches_uninterrupted_run():
+    schedule = UpdateSchedule.evenly_spaced(100, 10)
+
+    def run():
+        model = make_model(seed=2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        updater = PatternUpdater(model, optimizer, schedule, seed=1)
+        train_steps(model, optimizer, n=40, updater=updater)
+        return model, optimizer, updater
+
+    full_model, _, full_updater = run()
+    # interrupted: 20 steps, then a fresh process restores model, optimizer and updater state
+    model = make_model(seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    updater = PatternUpdater(model, optimizer, schedule, seed=1)
+    train_steps(model, optimizer, n=20, updater=updater)
+    saved = (model.state_dict(), optimizer.state_dict(), updater.state_dict())
+    model2 = make_model(seed=99)  # different initial pattern: must be overwritten by the checkpoint
+    model2.load_state_dict(saved[0])
+    optimizer2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    optimizer2.load_state_dict(saved[1])
+    updater2 = PatternUpdater(model2, optimizer2, schedule, seed=1)
+    updater2.load_state_dict(saved[2])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # replay the data stream position
+        torch.randn(16, 32, generator=g)
+    for step in range(21, 41):
+        updater2.begin_step(step)
+        loss = model2(torch.randn(16, 32, generator=g)).pow(2).mean()
+        optimizer2.zero_grad()
+        loss.backward()
+        optimizer2.step()
+        updater2.step(step)
+    for (_, a), (_, b) in zip(sparse_linears(full_model), sparse_linears(model2)):
+        assert a.pattern.equal(b.pattern) and torch.equal(a.values, b.values)
+    assert full_updater.explored_dof() == updater2.explored_dof()
+    assert full_updater.update_count == updater2.update_count == 4
+
+
+def test_load_state_dict_rejects_other_models():
+    updater = PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2))
+    other = PatternUpdater(nn.Sequential(SparseLinear(8, 8, sparsity=0.5)), None, UpdateSchedule.evenly_spaced(10, 2))
+    with pytest.raises(UpdaterError, match="does not match"):
+        updater.load_state_dict(other.state_dict())
+
+
+def test_frozen_inactive_update_loses_nothing():
+    model = make_model(b=4, inactive="frozen")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer)
+    before = [m.to_dense() for _, m in sparse_linears(model)]
+    PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5).update(5)
+    for (_, m), dense in zip(sparse_linears(model), before):
+        assert torch.equal(m.to_dense(), dense)  # weights only moved between trained and frozen sets
+        assert torch.all(m.frozen[m.mask()] == 0)
+        for key, state in slot_state(optimizer, m).items():
+            assert int((state == 0).all(dim=(1, 2)).sum()) >= math.ceil(0.5 * 0.5 * m.nnz * 0.99), key
+
+
+def test_updater_option_errors():
+    for kwargs, match in (
+        ({"mode": "dense"}, "unknown mode"),
+        ({"regrowth": "momentum"}, "unknown regrowth"),
+        ({"block_metric": "l0"}, "unknown block_metric"),
+        ({"pruning_ratio": 2.0}, "pruning_ratio"),
+    ):
+        with pytest.raises(UpdaterError, match=match):
+            PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2), **kwargs)
+    with pytest.raises(UpdaterError, match="no SparseLinear"):
+        PatternUpdater(nn.Linear(2, 2), None, UpdateSchedule.evenly_spaced(10, 2))
+
+
+@given(
+    b=st.sampled_from([1, 2, 4, 8]),
+    s=st.floats(0.0, 0.98),
+    pr=st.floats(0.0, 1.0),
+    regrowth=st.sampled_from(["random", "gradient"]),
+    metric=st.sampled_from(["l1", "l2", "linf"]),
+    seed=st.integers(0, 1000),
+)
+def test_updater_properties(b, s, pr, regrowth, metric, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(SparseLinear(16, 32, sparsity=s, block_size=b, generator=g))
+    layer = model[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    layer.values.grad = torch.randn(layer.values.shape, generator=g)
+    optimizer.step()
+    old_index = layer.pattern.linear_index()
+    layer.dense_grad = torch.rand(32, 16, generator=g)
+    updater = PatternUpdater(model, optimizer, UpdateSchedule.explicit(10, [1]), pruning_ratio=pr,
+                             pruning_schedule="constant", regrowth=regrowth, block_metric=metric, seed=seed)
+    stats = updater.update(1).layers[0]  # invariants are checked inside
+    new_index = layer.pattern.linear_index()
+    assert new_index.numel() == old_index.numel()
+    grid = layer.pattern.num_blocks
+    assert stats.pruned == min(math.ceil(pr * old_index.numel() - 1e-9), grid - old_index.numel())
+    assert int((~torch.isin(new_index, old_index)).sum()) == stats.grown == stats.pruned
