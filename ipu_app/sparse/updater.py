@@ -95,6 +95,7 @@ class _Plan:
     drop: torch.Tensor  # slots to prune
     grow: torch.Tensor  # new block positions
     states: list[torch.Tensor]
+    occupied: torch.Tensor  # flat bool mask of the blocks active before the update
 
 
 class PatternUpdater:
@@ -205,7 +206,7 @@ class PatternUpdater:
             grow = select_regrow_random(occupied, k, seeded_generator(self.seed, update_index, index))
         else:
             grow = select_regrow_gradient(self._grad_scores(name, layer), occupied, k)
-        return _Plan(index, name, layer, old_index, drop.to(old_index.device), grow.to(old_index.device), states)
+        return _Plan(index, name, layer, old_index, drop.to(old_index.device), grow.to(old_index.device), states, occupied)
 
     def _grad_scores(self, name: str, layer: SparseLinear) -> torch.Tensor:
         grad = layer.dense_grad
@@ -276,9 +277,9 @@ class PatternUpdater:
         except ValueError as exc:
             raise PatternInvariantError(f"{name}: {exc}") from exc
         dropped = plan.old_index[plan.drop]
-        if bool(torch.isin(dropped, plan.grow).any()):
+        if bool(_members(plan.grow, dropped, plan.occupied.numel()).any()):
             raise PatternInvariantError(f"{name}: a block was pruned and regrown in the same update")
-        if bool(torch.isin(plan.grow, plan.old_index).any()):
+        if bool(plan.occupied[plan.grow].any()):
             raise PatternInvariantError(f"{name}: a regrown block was already active")
         slots = torch.searchsorted(new_index, plan.grow)
         if not torch.equal(new_index[slots], plan.grow):
@@ -293,7 +294,11 @@ class PatternUpdater:
         i, layer = plan.layer_index, plan.layer
         dropped = plan.old_index[plan.drop].cpu()
         grow = plan.grow.cpu()
-        recent = float(torch.isin(dropped, self._last_grown[i]).float().mean()) if dropped.numel() else float("nan")
+        recent = (
+            float(_members(dropped, self._last_grown[i], layer.pattern.num_blocks).float().mean())
+            if dropped.numel()
+            else float("nan")
+        )
         self._explored[i][grow] = True
         self._last_grown[i] = grow
         return LayerUpdateStats(
@@ -353,3 +358,10 @@ class PatternUpdater:
             last.append(entry["last_grown"].clone().long())
         self._explored, self._last_grown = explored, last
         self.update_count = int(state["update_count"])
+
+
+def _members(positions: torch.Tensor, subset: torch.Tensor, size: int) -> torch.Tensor:
+    """``positions in subset`` for block positions in ``[0, size)``, via a lookup table (O(k), unlike isin)."""
+    table = torch.zeros(size, dtype=torch.bool, device=positions.device)
+    table[subset.to(positions.device)] = True
+    return table[positions]
