@@ -1,0 +1,227 @@
+"""BERT for pre-training with a sparse encoder, built from Hugging Face's own BERT modules.
+
+``SparseBertForPreTraining`` holds ``bert`` (``transformers.BertModel``) and ``cls``
+(``BertPreTrainingHeads``) under the same names as ``BertForPreTraining``, so the
+state-dict keys are HF's. The six encoder linears of every layer are swapped for
+SparseLinear; the MLM head runs only on the masked positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainingHeads
+
+from ..sparse.init import DEFAULT_INIT_STD
+from .sparse_linear import SparseLinear, sparse_linears, sparsify_
+
+# (layers, hidden) of the Turc et al. family; heads = H / 64, FFN = 4 H.
+MODEL_SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+}
+# The paper uses dropout 0.1 for models larger than BERT-Small and (by implication) none below.
+DEFAULT_DROPOUT = {"tiny": 0.0, "mini": 0.0, "small": 0.0, "medium": 0.1, "base": 0.1}
+# Paper names of the encoder linears -> module path inside a BertLayer.
+SPARSE_MODULES: dict[str, str] = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_output": "attention.output.dense",
+    "ffn_up": "intermediate.dense",
+    "ffn_down": "output.dense",
+}
+SPARSITY_MODES = ("dense", "static", "dynamic")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model (saved as JSON beside the weights)."""
+
+    size: str = "mini"
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    dropout: float | None = None  # None: the paper's default for the size
+    nsp: bool = True
+    sparsity_mode: str = "dynamic"
+    sparsity: float = 0.9
+    block_size: int = 1
+    init: str = "trunc_normal"
+    sparse_modules: list[str] = field(default_factory=lambda: list(SPARSE_MODULES))
+    inactive: str = "zero"
+    backend: str = "reference"
+    seed: int = 0
+
+    def validate(self) -> "ModelConfig":
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {self.size!r}; use one of {list(MODEL_SIZES)}")
+        if self.sparsity_mode not in SPARSITY_MODES:
+            raise ValueError(f"unknown sparsity mode {self.sparsity_mode!r}; use one of {list(SPARSITY_MODES)}")
+        unknown = sorted(set(self.sparse_modules) - set(SPARSE_MODULES))
+        if unknown:
+            raise ValueError(f"unknown sparse module {unknown[0]!r}; use names from {list(SPARSE_MODULES)}")
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return MODEL_SIZES[self.size][0]
+
+    @property
+    def hidden_size(self) -> int:
+        return MODEL_SIZES[self.size][1]
+
+    def hf_config(self) -> BertConfig:
+        """The Hugging Face ``BertConfig`` of this model (SDPA attention)."""
+        layers, hidden = MODEL_SIZES[self.size]
+        dropout = DEFAULT_DROPOUT[self.size] if self.dropout is None else self.dropout
+        config = BertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            intermediate_size=4 * hidden,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            max_position_embeddings=self.max_position_embeddings,
+            initializer_range=DEFAULT_INIT_STD,
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+
+@dataclass
+class PretrainingOutput:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor | None
+    mlm_correct: torch.Tensor  # number of masked tokens predicted exactly
+    num_masked: int
+    mlm_logits: torch.Tensor  # [num_masked, vocab]
+    nsp_logits: torch.Tensor | None
+
+
+class SparseBertForPreTraining(nn.Module):
+    """BERT MLM (+ NSP) pre-training model whose encoder linears are SparseLinear."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        hf_config = config.hf_config()
+        self.hf_config = hf_config
+        self.bert = BertModel(hf_config, add_pooling_layer=config.nsp)
+        self.cls = BertPreTrainingHeads(hf_config) if config.nsp else BertOnlyMLMHead(hf_config)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+        self.apply(_init_dense)
+        if config.sparsity_mode != "dense":
+            wanted = {SPARSE_MODULES[m] for m in config.sparse_modules}
+            sparsify_(
+                self.bert.encoder,
+                lambda name, _: name.split(".", 2)[-1] in wanted,
+                sparsity=config.sparsity,
+                block_size=config.block_size,
+                seed=config.seed,
+                inactive=config.inactive,
+                backend=config.backend,
+            )
+            for _, layer in sparse_linears(self):
+                _reinit_sparse(layer, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        nsp_labels: torch.Tensor | None = None,
+    ) -> PretrainingOutput:
+        """MLM loss over positions whose label is not -100 (HF convention), plus NSP loss."""
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+        hidden = out.last_hidden_state
+        labels = mlm_labels.reshape(-1)
+        positions = torch.nonzero(labels != -100).squeeze(1)
+        masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        targets = labels.index_select(0, positions)
+        mlm_logits = self.cls.predictions(masked_hidden)
+        mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+        loss, nsp_loss, nsp_logits = mlm_loss, None, None
+        if self.config.nsp:
+            nsp_logits = self.cls.seq_relationship(out.pooler_output)
+            if nsp_labels is not None:
+                nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
+                loss = mlm_loss + nsp_loss
+        with torch.no_grad():
+            correct = (mlm_logits.argmax(-1) == targets).sum()
+        return PretrainingOutput(loss, mlm_loss, nsp_loss, correct, int(positions.numel()), mlm_logits, nsp_logits)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``model_config.json`` and ``model.safetensors`` (values and patterns) atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if k != "cls.predictions.decoder.weight" and k != "cls.predictions.decoder.bias"}
+        _atomic_write(directory / "model_config.json", json.dumps(asdict(self.config), indent=2).encode())
+        tmp = directory / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "SparseBertForPreTraining":
+        """Rebuild a model written by ``save`` (no code is executed from the files)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "model_config.json", directory / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: not a saved SparseBertForPreTraining directory")
+        try:
+            config = ModelConfig(**json.loads(config_path.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config_path} is not a valid model config: {exc}") from exc
+        model = cls(config)
+        state = load_file(str(weights_path), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
+
+
+def _init_dense(module: nn.Module) -> None:
+    """BERT's initialisation with the paper's truncated normal (std 0.02, cut at 2 std)."""
+    std = DEFAULT_INIT_STD
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _reinit_sparse(layer: SparseLinear, config: ModelConfig) -> None:
+    from ..sparse.init import init_values_
+
+    if config.init != "trunc_normal":  # from_linear kept the trunc-normal dense init at the active positions
+        init_values_(layer.values, config.init, layer.in_features, layer.out_features, config.sparsity)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
