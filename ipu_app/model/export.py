@@ -1,0 +1,120 @@
+"""Export to a dense Hugging Face model folder, with a sidecar that keeps the sparsity.
+
+The folder loads with ``transformers.BertForPreTraining.from_pretrained`` (or
+``BertForMaskedLM``) and holds the tokenizer files. ``sparsity.json`` (metadata)
+and ``sparsity_patterns.safetensors`` (block coordinates) describe each sparse
+layer, and ``ipu_app_model_config.json`` the model, so ``load_sparse_export``
+rebuilds the exact sparse model from the folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .bert import ModelConfig, SparseBertForPreTraining
+from .sparse_linear import densify_, sparse_linears
+
+SIDECAR = "sparsity.json"
+PATTERNS = "sparsity_patterns.safetensors"
+MODEL_CONFIG = "ipu_app_model_config.json"
+
+
+class ExportError(ValueError):
+    """The export source or destination cannot be used."""
+
+
+def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write the dense HF model, tokenizer files and the sparsity sidecar into a new folder."""
+    from safetensors.torch import save_file
+    from transformers import BertForMaskedLM, BertForPreTraining
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ExportError(f"{output_dir} is not empty; choose a new output directory (nothing was overwritten)")
+    dense = copy.deepcopy(model).cpu().float()
+    layers = sparse_linears(dense)
+    sidecar = {
+        "format_version": 1,
+        "sparsity_mode": model.config.sparsity_mode,
+        "block_size": model.config.block_size,
+        "target_sparsity": model.config.sparsity if layers else 0.0,
+        "inactive": model.config.inactive,
+        "layers": [
+            {"weight": f"{name}.weight", "shape": [m.out_features, m.in_features], "block_size": m.block_size,
+             "nnz_blocks": m.nnz, "sparsity": m.sparsity}
+            for name, m in layers
+        ],
+    }
+    patterns = {f"{name}.block_rows": m.block_rows.contiguous() for name, m in layers}
+    patterns.update({f"{name}.block_cols": m.block_cols.contiguous() for name, m in layers})
+    densify_(dense)
+    hf_class = BertForPreTraining if model.config.nsp else BertForMaskedLM
+    hf = hf_class(model.config.hf_config())
+    state = {k: v for k, v in dense.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
+    if missing or unexpected:
+        raise ExportError(f"model does not map onto {hf_class.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf.tie_weights()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(output_dir))
+    (output_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    if patterns:
+        save_file(patterns, str(output_dir / PATTERNS))
+    (output_dir / MODEL_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
+    if tokenizer_dir is not None:
+        for path in Path(tokenizer_dir).iterdir():
+            if path.is_file():
+                shutil.copy2(path, output_dir / path.name)
+    return output_dir
+
+
+def load_sparse_export(directory: str | Path) -> SparseBertForPreTraining:
+    """Rebuild the sparse model from an export folder (patterns from the sidecar, values from the weights)."""
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM, BertForPreTraining
+
+    directory = Path(directory)
+    if not (directory / MODEL_CONFIG).is_file():
+        raise ExportError(f"{directory} is not an ipu_app export (no {MODEL_CONFIG})")
+    config = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    model = SparseBertForPreTraining(config)
+    hf = (BertForPreTraining if config.nsp else BertForMaskedLM).from_pretrained(str(directory))
+    patterns = load_file(str(directory / PATTERNS)) if (directory / PATTERNS).is_file() else {}
+    layers = dict(sparse_linears(model))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.block_rows.copy_(patterns[f"{name}.block_rows"])
+            layer.block_cols.copy_(patterns[f"{name}.block_cols"])
+            layer.pattern.validate(expected_nnz=layer.nnz)
+            layer.pattern_changed()
+        hf_state = hf.state_dict()
+        for key, tensor in model.state_dict().items():
+            module, _, leaf = key.rpartition(".")
+            if module in layers:
+                if leaf == "values":
+                    tensor.copy_(layers[module].pattern.gather(hf_state[f"{module}.weight"]))
+                elif leaf == "frozen":
+                    tensor.copy_(hf_state[f"{module}.weight"].masked_fill(layers[module].mask(), 0))
+                elif leaf == "bias":
+                    tensor.copy_(hf_state[key])
+            elif key in hf_state:
+                tensor.copy_(hf_state[key])
+    return model
+
+
+def export_run(run_dir: str | Path, output_dir: str | Path) -> Path:
+    """Export the model a run saved in ``RUN_DIR/model`` with the tokenizer in ``RUN_DIR/tokenizer``."""
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        raise ExportError(f"{run_dir} holds no saved model (expected {model_dir}/model.safetensors)")
+    tokenizer_dir = run_dir / "tokenizer"
+    model = SparseBertForPreTraining.load(model_dir)
+    return export_hf(model, output_dir, tokenizer_dir if tokenizer_dir.is_dir() else None)
