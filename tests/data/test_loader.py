@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from ipu_app.data.corpus import CorpusError
+from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    return PretrainingDataset(data_dir, "train", MaskingConfig(), seed=3)
+
+
+def test_sequence_layout(dataset):
+    s = dataset.sample(0, 0)
+    ids, types, attention = s["input_ids"], s["token_type_ids"], s["attention_mask"]
+    n = int(attention.sum())
+    labels = s["mlm_labels"]
+    original = np.where(labels != -100, labels, ids)
+    assert original[0] == dataset.cls_id and original[n - 1] == dataset.sep_id
+    seps = np.flatnonzero(original[:n] == dataset.sep_id)
+    assert len(seps) == 2 and n <= 128
+    assert types[: seps[0] + 1].sum() == 0 and types[seps[0] + 1 : n].all() and not types[n:].any()
+    assert (ids[n:] == dataset.pad_id).all()
+
+
+def test_masking_statistics_and_whole_words(dataset):
+    masked = mask_token = random = kept = candidates = 0
+    for i in range(len(dataset.instances(0))):
+        s = dataset.sample(0, i)
+        ids, labels = s["input_ids"], s["mlm_labels"]
+        n = int(s["attention_mask"].sum())
+        positions = np.flatnonzero(labels != -100)
+        assert len(positions) <= 20
+        original = np.where(labels != -100, labels, ids)
+        assert not np.isin(original[positions], dataset.special_ids).any()
+        # whole words only: a labelled token's continuation pieces are labelled too, and vice versa
+        for p in range(1, n):
+            if dataset.is_continuation[original[p]] and not np.isin(original[p - 1], dataset.special_ids):
+                assert (labels[p] == -100) == (labels[p - 1] == -100)
+        masked += len(positions)
+        candidates += n - 3
+        mask_token += int((ids[positions] == dataset.mask_id).sum())
+        kept += int((ids[positions] == labels[positions]).sum())
+        random += int(((ids[positions] != dataset.mask_id) & (ids[positions] != labels[positions])).sum())
+    assert 0.13 < masked / candidates < 0.16
+    assert mask_token / masked == pytest.approx(0.8, abs=0.03)
+    assert random / masked == pytest.approx(0.1, abs=0.02)
+    assert kept / masked == pytest.approx(0.1, abs=0.02)
+
+
+def test_max_predictions_cap(data_dir):
+    capped = PretrainingDataset(data_dir, "train", MaskingConfig(max_predictions=5), seed=0)
+    counts = [(capped.sample(0, i)["mlm_labels"] != -100).sum() for i in range(100)]
+    assert max(counts) <= 5 and np.mean(counts) > 4
+
+
+def test_nsp_balance_and_pairs_from_other_documents(dataset):
+    labels = dataset.instances(0)[:, 6]
+    assert labels.mean() == pytest.approx(0.5, abs=0.06)
+
+
+def test_determinism(data_dir, dataset):
+    twin = PretrainingDataset(data_dir, "train", MaskingConfig(), seed=3)
+    for i in (0, 5, 17):
+        a, b = dataset.sample(1, i), twin.sample(1, i)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    other_epoch = [dataset.sample(2, i)["input_ids"] for i in range(5)]
+    assert any(not np.array_equal(x, dataset.sample(1, i)["input_ids"]) for i, x in enumerate(other_epoch))
+
+
+def test_validation_set_is_fixed_across_runs(data_dir):
+    a, b = validation_batches(data_dir, 8), validation_batches(data_dir, 8)
+    assert len(a) == len(b) > 0
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert len(validation_batches(data_dir, 8, max_batches=1)) == 1
+
+
+def test_resume_exact_position(dataset):
+    it = BatchIterator(dataset, 4)
+    for _ in range(3):
+        next(it)
+    state = it.state_dict()
+    expected = [next(it) for _ in range(3)]
+    resumed = BatchIterator(dataset, 4)
+    resumed.load_state_dict(state)
+    for batch, want in zip((next(resumed) for _ in range(3)), expected):
+        assert all(torch.equal(batch[k], want[k]) for k in want)
+    with pytest.raises(CorpusError, match="world size 1"):
+        BatchIterator(dataset, 4, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_ranks_split_the_global_batch(dataset):
+    single = BatchIterator(dataset, 8)
+    ranks = [BatchIterator(dataset, 4, rank=r, world_size=2) for r in range(2)]
+    for _ in range(2):
+        whole = next(single)["input_ids"]
+        parts = torch.cat([next(r)["input_ids"] for r in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_epochs_roll_over(dataset):
+    it = BatchIterator(dataset, 64)
+    n = len(dataset.instances(0)) // 64
+    for _ in range(n + 1):
+        next(it)
+    assert it.epoch == 1 and it.position == 64
+
+
+def test_bad_loader_settings(dataset):
+    with pytest.raises(CorpusError, match="mask_prob"):
+        MaskingConfig(mask_prob=0).validate()
+    with pytest.raises(CorpusError, match="rank 2"):
+        BatchIterator(dataset, 4, rank=2, world_size=2)

@@ -1,0 +1,80 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ipu_app.data.corpus import CorpusError, Document, split_sentences
+from ipu_app.data.shards import load_manifest, prepare_data
+from ipu_app.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+
+
+def test_manifest_counts_and_token_round_trip(data_dir, small_documents, tokenizer_dir):
+    manifest = load_manifest(data_dir)
+    assert manifest["tokenizer_sha256"] == tokenizer_hash(tokenizer_dir)
+    train, val = manifest["splits"]["train"], manifest["splits"]["validation"]
+    assert train["documents"] + val["documents"] == len(small_documents)
+    assert val["documents"] >= 1 and len(train["shards"]) == -(-train["documents"] // 40)
+    # the first document's sentences decode back from the shard
+    tokenizer = load_tokenizer(tokenizer_dir)
+    name = train["shards"][0]
+    tokens = np.load(data_dir / f"{name}.tokens.npy", mmap_mode="r")
+    sentences = np.load(data_dir / f"{name}.sentences.npy")
+    assert tokens.dtype == np.uint16 and sentences[-1] == len(tokens)
+    first = next(d for d in small_documents if not d.is_validation())
+    expected = tokenizer(split_sentences(first.text)[0], add_special_tokens=False)["input_ids"]
+    assert tokens[sentences[0] : sentences[1]].tolist() == expected
+
+
+def test_rerun_reuses_finished_shards_and_redoes_unfinished(tmp_path, small_documents, tokenizer_dir):
+    out = tmp_path / "data"
+    first = prepare_data(small_documents, tokenizer_dir, out, documents_per_shard=40, progress=False)
+    shard = out / "train-00001.tokens.npy"
+    stamp = shard.stat().st_mtime_ns
+    assert prepare_data(small_documents, tokenizer_dir, out, documents_per_shard=40, progress=False) == first
+    assert shard.stat().st_mtime_ns == stamp
+    # an interrupted run: one marker missing, a stray temp file, no manifest
+    (out / "train-00002.json").unlink()
+    (out / "manifest.json").unlink()
+    (out / "train-00003.tokens.npy.tmp.npy").write_bytes(b"partial")
+    other = out / "train-00002.tokens.npy"
+    other_stamp = other.stat().st_mtime_ns
+    again = prepare_data(small_documents, tokenizer_dir, out, documents_per_shard=40, progress=False)
+    assert again["splits"] == first["splits"]
+    assert shard.stat().st_mtime_ns == stamp  # finished shard untouched
+    assert other.stat().st_mtime_ns != other_stamp  # unfinished shard rewritten
+
+
+def test_too_small_and_empty_corpora(tmp_path, tokenizer_dir):
+    with pytest.raises(CorpusError, match="empty"):
+        prepare_data([], tokenizer_dir, tmp_path / "a", progress=False)
+    with pytest.raises(CorpusError, match="corpus too small: 2 documents"):
+        prepare_data([Document("file", str(i), "Some text here.") for i in range(2)], tokenizer_dir, tmp_path / "b",
+                     progress=False)
+
+
+def test_data_of_another_tokenizer_is_not_mixed(tmp_path, data_dir, small_documents):
+    other = train_tokenizer(small_documents, tmp_path / "tok", vocab_size=500)
+    with pytest.raises(CorpusError, match="another tokenizer"):
+        prepare_data(small_documents, other, data_dir, documents_per_shard=40, progress=False)
+
+
+def test_broken_manifest_errors(tmp_path):
+    with pytest.raises(CorpusError, match="no manifest.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorpusError, match="corrupt"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CorpusError, match="format 99"):
+        load_manifest(tmp_path)
+
+
+def test_trained_tokenizer_folder_loads_with_transformers(tmp_path, small_documents):
+    from transformers import BertTokenizerFast
+
+    folder = train_tokenizer(small_documents, tmp_path / "tok", vocab_size=800)
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+    assert len(tokenizer) == 800
+    assert tokenizer.convert_ids_to_tokens(tokenizer("the")["input_ids"]) == ["[CLS]", "the", "[SEP]"]
+    assert os.path.isfile(folder / "vocab.txt")
