@@ -78,3 +78,19 @@ def test_trained_tokenizer_folder_loads_with_transformers(tmp_path, small_docume
     assert len(tokenizer) == 800
     assert tokenizer.convert_ids_to_tokens(tokenizer("the")["input_ids"]) == ["[CLS]", "the", "[SEP]"]
     assert os.path.isfile(folder / "vocab.txt")
+
+
+def test_prepare_data_cli(tmp_path, small_documents, capsys):
+    from ipu_app.__main__ import main
+
+    text = "\n\n".join(d.text for d in small_documents[:30])
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    assert main(["prepare-data", "--input", str(tmp_path / "corpus.txt"), "--output", str(out)]) == 0
+    manifest = load_manifest(out)
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == 30
+    assert list(manifest["sources"]) == [str(tmp_path / "corpus.txt")]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
+    assert main(["prepare-data", "--input", str(tmp_path / "bad.txt"), "--output", str(tmp_path / "x")]) == 1
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
