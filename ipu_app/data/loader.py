@@ -206,12 +206,10 @@ class PretrainingDataset:
 def _truncate_pair(a0: int, a1: int, b0: int, b1: int, target: int) -> tuple[int, int, int, int]:
     """Trim the longer segment from its end until both fit in ``target`` tokens (each keeps >= 1)."""
     while (a1 - a0) + (b1 - b0) > target:
-        if a1 - a0 > b1 - b0:
-            a1 -= (a1 - a0) + (b1 - b0) - target if (b1 - b0) <= target // 2 else 1
-            a1 = max(a1, a0 + 1)
+        if a1 - a0 >= b1 - b0:
+            a1 -= 1
         else:
-            b1 -= (a1 - a0) + (b1 - b0) - target if (a1 - a0) <= target // 2 else 1
-            b1 = max(b1, b0 + 1)
+            b1 -= 1
     return a0, a1, b0, b1
 
 

@@ -26,18 +26,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..io import atomic_write_bytes
 from .corpus import CorpusError, Document, split_sentences
 from .tokenizer import copy_tokenizer, load_tokenizer, tokenizer_hash
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 MIN_TRAIN_DOCUMENTS = 2  # NSP needs a second document to draw random segments from
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -121,7 +116,7 @@ def _write_shard(directory: Path, plan: ShardPlan, tokenizer) -> dict:
         "sentences": int(len(sentences) - 1),
         "tokens": int(len(tokens)),
     }
-    _atomic_bytes(directory / f"{plan.name}.json", json.dumps(info).encode())
+    atomic_write_bytes(directory / f"{plan.name}.json", json.dumps(info).encode())
     return info
 
 
@@ -178,7 +173,7 @@ def prepare_data(
         "plan": [p.key for p in plans],
         "splits": splits,
     }
-    _atomic_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     return manifest
 
 

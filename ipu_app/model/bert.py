@@ -19,6 +19,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainingHeads
 
+from ..io import atomic_write_bytes
 from ..sparse.init import DEFAULT_INIT_STD
 from .sparse_linear import SparseLinear, sparse_linears, sparsify_
 
@@ -173,7 +174,7 @@ class SparseBertForPreTraining(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if k != "cls.predictions.decoder.weight" and k != "cls.predictions.decoder.bias"}
-        _atomic_write(directory / "model_config.json", json.dumps(asdict(self.config), indent=2).encode())
+        atomic_write_bytes(directory / "model_config.json", json.dumps(asdict(self.config), indent=2).encode())
         tmp = directory / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, directory / "model.safetensors")
@@ -218,10 +219,4 @@ def _reinit_sparse(layer: SparseLinear, config: ModelConfig) -> None:
 
     if config.init != "trunc_normal":  # from_linear kept the trunc-normal dense init at the active positions
         init_values_(layer.values, config.init, layer.in_features, layer.out_features, config.sparsity)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
