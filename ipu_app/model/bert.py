@@ -73,6 +73,17 @@ class ModelConfig:
             raise ValueError(f"unknown sparse module {unknown[0]!r}; use names from {list(SPARSE_MODULES)}")
         return self
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read a config written by ``to_json``; a one-line error when it is not one."""
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a valid model config: {exc}") from exc
+
     @property
     def num_layers(self) -> int:
         return MODEL_SIZES[self.size][0]
@@ -174,7 +185,7 @@ class SparseBertForPreTraining(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if k != "cls.predictions.decoder.weight" and k != "cls.predictions.decoder.bias"}
-        atomic_write_bytes(directory / "model_config.json", json.dumps(asdict(self.config), indent=2).encode())
+        atomic_write_bytes(directory / "model_config.json", self.config.to_json().encode())
         tmp = directory / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, directory / "model.safetensors")
@@ -189,11 +200,7 @@ class SparseBertForPreTraining(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: not a saved SparseBertForPreTraining directory")
-        try:
-            config = ModelConfig(**json.loads(config_path.read_text()))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config_path} is not a valid model config: {exc}") from exc
-        model = cls(config)
+        model = cls(ModelConfig.from_json(config_path))
         state = load_file(str(weights_path), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]

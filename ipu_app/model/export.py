@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -56,8 +55,7 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     densify_(dense)
     hf_class = BertForPreTraining if model.config.nsp else BertForMaskedLM
     hf = hf_class(model.config.hf_config())
-    state = {k: v for k, v in dense.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(dense.state_dict(), strict=False)
     missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
     if missing or unexpected:
         raise ExportError(f"model does not map onto {hf_class.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -67,7 +65,7 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     (output_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     if patterns:
         save_file(patterns, str(output_dir / PATTERNS))
-    (output_dir / MODEL_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
+    (output_dir / MODEL_CONFIG).write_text(model.config.to_json())
     if tokenizer_dir is not None:
         for path in Path(tokenizer_dir).iterdir():
             if path.is_file():
@@ -83,7 +81,7 @@ def load_sparse_export(directory: str | Path) -> SparseBertForPreTraining:
     directory = Path(directory)
     if not (directory / MODEL_CONFIG).is_file():
         raise ExportError(f"{directory} is not an ipu_app export (no {MODEL_CONFIG})")
-    config = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    config = ModelConfig.from_json(directory / MODEL_CONFIG)
     model = SparseBertForPreTraining(config)
     hf = (BertForPreTraining if config.nsp else BertForMaskedLM).from_pretrained(str(directory))
     patterns = load_file(str(directory / PATTERNS)) if (directory / PATTERNS).is_file() else {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from . import reference
 
-SparseLinearOp = Callable[..., "object"]
+SparseLinearOp = Callable[..., torch.Tensor]
 
 _BACKENDS: dict[str, SparseLinearOp] = {"reference": reference.linear}
 BACKEND_NAMES = ("auto", *_BACKENDS)

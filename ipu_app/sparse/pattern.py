@@ -217,13 +217,13 @@ class BlockPattern:
         """
         if not elementwise:
             return self.rows, self.cols, values
+        if values is not None:
+            self._check_values(values)
         b = self.block_size
         offs = torch.arange(b, device=self.rows.device)
         r = (self.rows.long()[:, None, None] * b + offs[None, :, None]).expand(-1, b, b).reshape(-1)
         c = (self.cols.long()[:, None, None] * b + offs[None, None, :]).expand(-1, b, b).reshape(-1)
         v = None if values is None else values.reshape(-1)
-        if values is not None:
-            self._check_values(values)
         return r.to(torch.int32), c.to(torch.int32), v
 
     def transposed(self) -> tuple["BlockPattern", torch.Tensor]:
