@@ -266,11 +266,14 @@ class BatchIterator:
 
 
 def validation_batches(data_dir: str | Path, batch_size: int, masking: MaskingConfig = MaskingConfig(),
-                       max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """The fixed validation set: pairs and masks drawn once with ``VALIDATION_SEED``."""
+                       max_batches: int | None = None, max_sequences: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The fixed validation set: pairs and masks drawn once with ``VALIDATION_SEED``; the first
+    ``max_sequences`` (or ``max_batches`` batches) of it when given, whatever the batch size."""
     dataset = PretrainingDataset(data_dir, "validation", masking, seed=VALIDATION_SEED)
     n = len(dataset)
     if max_batches is not None:
         n = min(n, max_batches * batch_size)
+    if max_sequences is not None:
+        n = min(n, max_sequences)
     samples = [dataset.sample(0, i) for i in range(n)]
     return [collate(samples[i : i + batch_size]) for i in range(0, n, batch_size)]

@@ -1,0 +1,443 @@
+"""Run configuration: YAML files in the paper's vocabulary, ``base:`` inheritance, typed overrides.
+
+A config is a YAML mapping with the sections of ``RunConfig``. ``base:`` (a name or a list)
+names configs it extends; later bases and the file itself win, mappings merge key by key.
+Names resolve against the directory of the file that uses them, then ``configs/``.
+Every key is checked against the schema: an unknown key fails naming the closest valid one,
+a value of the wrong type fails naming the expected type, and ``validate`` rejects
+impossible combinations (ratio >= 1, a block size that does not divide the hidden size,
+more pattern updates than steps, ...). All of these raise ``ConfigError`` with one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model.bert import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES, ModelConfig
+from .sparse.flops import non_embedding_params
+from .sparse.init import VALUE_INITS
+from .sparse.pattern import SUPPORTED_BLOCK_SIZES
+from .sparse.schedule import PRUNING_SCHEDULES
+from .sparse.scoring import BLOCK_METRICS, REGROWTH_RULES
+from .ops import BACKEND_NAMES
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INACTIVE = ("zero", "frozen")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or would not train; the message is one actionable line."""
+
+
+# ------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelSection:
+    size: str = "mini"
+    dropout: float | None = None  # null: 0.1 above BERT-Small, 0 otherwise (the paper)
+    nsp: bool = True
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class SparsitySection:
+    mode: str = "dense"  # dense | static | dynamic
+    ratio: float = 0.9
+    block_size: int = 1
+    pruning_ratio: float = 0.5
+    pruning_schedule: str = "cosine"
+    num_updates: int = 160  # the paper's n: n segments, n - 1 updates
+    regrowth: str = "random"
+    block_metric: str = "l1"
+    init: str = "trunc_normal"
+    modules: list[str] = field(default_factory=lambda: list(SPARSE_MODULES))
+    inactive: str = "zero"  # zero | frozen (untrained non-zero values)
+    group_lasso: float = 0.0  # Eq. 2 coefficient on the sparse values (0 = off)
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 757_000
+    batch_size: int = 512  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # sequences per forward pass; null = batch_size
+    learning_rate: float | str = "auto"
+    warmup_steps: int = 10_000
+    precision: str = "auto"  # auto: bf16 where the device supports it, else fp32
+    log_every: int = 10
+    validate_every: int = 10_000
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class OptimizerSection:
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # gradient clipping threshold (0 = off)
+    loss_scale: float | str = "dynamic"  # fp16 only: a number or dynamic
+
+
+@dataclass
+class DataSection:
+    dir: str | None = None  # prepared data (python -m ipu_app prepare-data); null = the embedded corpus
+    tokenizer: str = "bert-base-uncased"  # for the embedded corpus: bert-base-uncased | train
+    vocab_size: int = 30522
+    seq_len: int = 128
+    mask_prob: float = 0.15
+    max_predictions: int = 20
+    validation_sequences: int | None = None  # null = the whole validation split
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    backend: str = "reference"
+    seed: int = 0
+    name: str = ""  # the config's name (set when loaded)
+
+    # ------------------------------------------------------------- derived values
+    @property
+    def micro_batch_size(self) -> int:
+        return self.training.micro_batch_size or self.training.batch_size
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each process: batch = micro x accumulation x world."""
+        per_process, rest = divmod(self.training.batch_size, self.micro_batch_size * world_size)
+        if rest or per_process < 1:
+            raise ConfigError(
+                f"training.batch_size={self.training.batch_size} is not a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size} x world size {world_size}"
+            )
+        return per_process
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate; ``auto`` is the paper's dense law times the Eq. 3 sparsity factor."""
+        lr = self.training.learning_rate
+        if lr == "auto":
+            return auto_learning_rate(self.model.size, self.effective_sparsity)
+        return float(lr)
+
+    @property
+    def effective_sparsity(self) -> float:
+        return 0.0 if self.sparsity.mode == "dense" else self.sparsity.ratio
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        return ModelConfig(
+            size=self.model.size,
+            vocab_size=vocab_size or self.data.vocab_size,
+            max_position_embeddings=self.model.max_position_embeddings,
+            dropout=self.model.dropout,
+            nsp=self.model.nsp,
+            sparsity_mode=self.sparsity.mode,
+            sparsity=self.sparsity.ratio,
+            block_size=self.sparsity.block_size,
+            init=self.sparsity.init,
+            sparse_modules=list(self.sparsity.modules),
+            inactive=self.sparsity.inactive,
+            backend=self.backend,
+            seed=self.seed,
+        )
+
+    # -------------------------------------------------------------------- checks
+    def validate(self) -> "RunConfig":
+        m, s, t, o, d = self.model, self.sparsity, self.training, self.optimizer, self.data
+        _choice("model.size", m.size, MODEL_SIZES)
+        _choice("sparsity.mode", s.mode, SPARSITY_MODES)
+        _choice("sparsity.pruning_schedule", s.pruning_schedule, PRUNING_SCHEDULES)
+        _choice("sparsity.regrowth", s.regrowth, REGROWTH_RULES)
+        _choice("sparsity.block_metric", s.block_metric, BLOCK_METRICS)
+        _choice("sparsity.init", s.init, VALUE_INITS)
+        _choice("sparsity.inactive", s.inactive, INACTIVE)
+        _choice("training.precision", t.precision, PRECISIONS)
+        for module in s.modules:
+            _choice("sparsity.modules entry", module, SPARSE_MODULES)
+        _choice("backend", self.backend, BACKEND_NAMES)
+        hidden = MODEL_SIZES[m.size][1]
+        _check(m.dropout is None or 0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+        _check(m.max_position_embeddings >= d.seq_len,
+               f"model.max_position_embeddings={m.max_position_embeddings} is below data.seq_len={d.seq_len}")
+        _check(0.0 <= s.ratio < 1.0, f"sparsity.ratio must be in [0, 1), got {s.ratio}")
+        _check(s.block_size in SUPPORTED_BLOCK_SIZES,
+               f"sparsity.block_size={s.block_size} is not supported; use one of {list(SUPPORTED_BLOCK_SIZES)}")
+        _check(hidden % s.block_size == 0,
+               f"sparsity.block_size={s.block_size} does not divide the hidden size {hidden} of BERT-{m.size}")
+        _check(0.0 <= s.pruning_ratio <= 1.0, f"sparsity.pruning_ratio must be in [0, 1], got {s.pruning_ratio}")
+        _check(s.group_lasso >= 0.0, f"sparsity.group_lasso must be >= 0, got {s.group_lasso}")
+        _check(s.inactive == "zero" or self.backend == "reference",
+               "sparsity.inactive=frozen needs backend=reference")
+        _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
+        if s.mode == "dynamic":
+            _check(s.num_updates >= 1, f"sparsity.num_updates must be >= 1, got {s.num_updates}")
+            _check(s.num_updates <= t.steps,
+                   f"sparsity.num_updates={s.num_updates} is more than training.steps={t.steps}; "
+                   "use at most one update per step")
+        _check(t.batch_size >= 1, f"training.batch_size must be >= 1, got {t.batch_size}")
+        _check(t.micro_batch_size is None or t.micro_batch_size >= 1,
+               f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+        self.accumulation_steps(1)
+        _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+        _check(t.warmup_steps < t.steps or t.steps == 1,
+               f"training.warmup_steps={t.warmup_steps} is not below training.steps={t.steps}")
+        if isinstance(t.learning_rate, str):
+            _check(t.learning_rate == "auto",
+                   f"training.learning_rate must be a number or 'auto', got {t.learning_rate!r}")
+        else:
+            _check(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
+        for key in ("log_every", "validate_every", "checkpoint_every"):
+            _check(getattr(t, key) >= 1, f"training.{key} must be >= 1, got {getattr(t, key)}")
+        _check(t.keep_checkpoints >= 1, f"training.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+        _check(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optimizer.beta1 and beta2 must be in [0, 1)")
+        _check(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")
+        _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+        _check(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0, got {o.max_grad_norm}")
+        if isinstance(o.loss_scale, str):
+            _check(o.loss_scale == "dynamic", f"optimizer.loss_scale must be a number or 'dynamic', got {o.loss_scale!r}")
+        else:
+            _check(o.loss_scale > 0, f"optimizer.loss_scale must be > 0, got {o.loss_scale}")
+        _check(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too short; use at least 8")
+        _check(0.0 < d.mask_prob < 1.0, f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
+        _check(d.max_predictions >= 1, f"data.max_predictions must be >= 1, got {d.max_predictions}")
+        _check(d.vocab_size >= 8, f"data.vocab_size must be >= 8, got {d.vocab_size}")
+        _check(d.validation_sequences is None or d.validation_sequences >= 1,
+               f"data.validation_sequences must be >= 1 or null, got {d.validation_sequences}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        return self
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; use one of {list(allowed)}")
+
+
+# ------------------------------------------------------------------------ learning-rate law
+def auto_learning_rate(size: str, sparsity: float) -> float:
+    """Paper §2.3: dense law ``exp(-0.44 ln N - 0.47)`` (N = non-embedding parameters of the
+    dense model) times Eq. 3's factor ``exp(1.969 s^2 + 0.2905 s)``."""
+    layers, hidden = MODEL_SIZES[size]
+    dense = math.exp(-0.44 * math.log(non_embedding_params(layers, hidden)) - 0.47)
+    return dense * math.exp(1.969 * sparsity**2 + 0.2905 * sparsity)
+
+
+# ---------------------------------------------------------------------------- loading
+def config_names(directory: Path = CONFIG_DIR) -> list[str]:
+    """The shipped configs (``configs/*.yaml``), by name."""
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A config name (``bert_mini_sparse``) or a path to a YAML file -> an existing path."""
+    text = str(name_or_path)
+    candidates = [Path(text)]
+    if not text.endswith((".yaml", ".yml")):
+        candidates.append(Path(text + ".yaml"))
+    for directory in ([relative_to] if relative_to else []) + [CONFIG_DIR]:
+        candidates += [directory / c for c in list(candidates) if not c.is_absolute()]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches(Path(text).stem, config_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; shipped configs are in {CONFIG_DIR}"
+    raise ConfigError(f"config {text!r} not found{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The merged mapping of ``path`` and its ``base:`` chain (not yet typed)."""
+    path = path.resolve()
+    if path in _chain:
+        raise ConfigError(f"config inheritance loop: {' -> '.join(p.stem for p in _chain + (path,))}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base must be a config name or a list of names")
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, load_raw(resolve_config_path(base, path.parent), _chain + (path,)))
+    return _merge(merged, data)
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: int | None = None,
+                seed: int | None = None) -> RunConfig:
+    """Load, override (``section.key=value``), type-check and validate a config.
+
+    ``steps`` (the ``--steps`` shortcut) shortens or lengthens the run; unless
+    ``training.warmup_steps`` is overridden too, the warmup keeps its fraction of the run
+    (the paper's 10k of 757k steps), so a short run still reaches its peak learning rate.
+    """
+    path = resolve_config_path(name_or_path)
+    raw = load_raw(path)
+    overridden = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+        overridden.add(key)
+    if steps is not None:
+        training = raw.setdefault("training", {})
+        if isinstance(training, dict) and "training.warmup_steps" not in overridden:
+            old_steps = training.get("steps", TrainingSection.steps)
+            old_warmup = training.get("warmup_steps", TrainingSection.warmup_steps)
+            if isinstance(old_steps, int) and isinstance(old_warmup, int) and old_steps > 0:
+                training["warmup_steps"] = int(round(old_warmup * steps / old_steps))
+        _set_path(raw, "training.steps", steps)
+    if seed is not None:
+        _set_path(raw, "seed", seed)
+    config = from_dict(raw)
+    config.name = config.name or path.stem
+    return config.validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value``; the value is read as YAML (``0.9``, ``true``, ``null``, ``[a, b]``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    _lookup_field(RunConfig, dotted.split("."), dotted)  # unknown keys fail here, with a suggestion
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _all_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        sub = _section_class(f)
+        keys += _all_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
+    return keys
+
+
+def _section_class(f) -> type | None:
+    return f.default_factory if f.default_factory is not MISSING and hasattr(f.default_factory, "__dataclass_fields__") else None
+
+
+def _lookup_field(cls, parts: list[str], dotted: str, section_ok: bool = False):
+    by_name = {f.name: f for f in fields(cls)}
+    f = by_name.get(parts[0])
+    is_section = f is not None and bool(_section_class(f))
+    if f is None or (len(parts) > 1 and not is_section) or (len(parts) == 1 and is_section and not section_ok):
+        close = difflib.get_close_matches(dotted, _all_keys(), n=1, cutoff=0.5)
+        if not close:
+            close = difflib.get_close_matches(parts[-1], [k.split(".")[-1] for k in _all_keys()], n=1)
+            close = [k for k in _all_keys() if close and k.endswith("." + close[0])][:1]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown config key {dotted!r}{hint}")
+    if len(parts) > 1:
+        return _lookup_field(_section_class(f), parts[1:], dotted, section_ok)
+    return f
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """A typed RunConfig from a merged mapping; unknown keys and wrong types fail with one line."""
+    return _build(RunConfig, raw, "")
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        f = _lookup_field(RunConfig, dotted.split("."), dotted, section_ok=True)
+        sub = _section_class(f)
+        kwargs[key] = _build(sub, value, dotted + ".") if sub else _coerce(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, annotation) -> Any:
+    """Check ``value`` against the field's annotation (ints are accepted where floats are)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if option is int and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+            return int(value)  # 1e4 in YAML
+    names = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(option) -> str:
+    if option is type(None):
+        return "null"
+    if typing.get_origin(option) is list:
+        return "a list of names"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(option, str(option))

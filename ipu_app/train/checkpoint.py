@@ -1,0 +1,163 @@
+"""Training checkpoints: atomic directories, keep-last-k, loaded without executing code.
+
+Layout: ``RUN_DIR/checkpoints/step_00001000/`` holding
+
+* ``model.safetensors`` -- every parameter and buffer (values, block patterns, frozen values);
+* ``state.pt`` -- optimizer, LR scheduler, loss scaler, pattern updater (explored-DOF unions,
+  counters), RNG states, data position, step and log window; plain tensors and containers only,
+  read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
+never leaves a half-written ``step_*`` directory; older ones beyond ``keep`` are deleted only after
+the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or belongs to another run."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = _untie(tensors)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / "state.pt")
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved twice (e.g. a stop right at a checkpoint step)
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
+    """Load the weights of checkpoint ``path`` into ``model`` and return its trainer state."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights, state_file = path / "model.safetensors", path / "state.pt"
+    for file in (weights, state_file):
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {file.name} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({weights.name}: {exc})") from None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean the same here
+        raise CheckpointError(f"checkpoint {path} is corrupt ({state_file.name}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
+    expected = _untie({k: v for k, v in model.state_dict().items()})
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise CheckpointError(f"checkpoint {path} does not match the model ({'missing' if missing else 'unexpected'} {name})")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model: {key} is {tuple(tensor.shape)}, "
+                f"the model's {tuple(expected[key].shape)}"
+            )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not load: {str(exc).splitlines()[0]}") from None
+    return state
+
+
+def _untie(tensors: dict) -> dict:
+    """Drop the tied MLM decoder (it is the word embedding)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("cls.predictions.decoder.")}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Every RNG a run draws from, as plain tensors and containers."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

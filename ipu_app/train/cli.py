@@ -1,0 +1,141 @@
+"""``python run_pretraining.py``: train one config into one run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, from_dict, load_config
+from ..io import atomic_write_bytes
+
+EPILOG = """examples:
+  python run_pretraining.py --config bert_medium_sparse
+  python run_pretraining.py --config bert_tiny_sparse --steps 300 --set training.batch_size=32
+  python run_pretraining.py --config bert_mini_sparse --describe --json
+  python run_pretraining.py --resume runs/bert_medium_sparse
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_pretraining.py", description="DynSparse BERT pre-training",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a config name from configs/ (e.g. bert_medium_sparse) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set sparsity.ratio=0.8")
+    parser.add_argument("--steps", type=int, help="training steps (the warmup keeps its fraction of the run)")
+    parser.add_argument("--seed", type=int, help="random seed (patterns, initialisation, data order)")
+    parser.add_argument("--output-dir", help="the run directory (default: runs/CONFIG_NAME); must be new or empty")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    parser.add_argument("--describe", action="store_true", help="report the resolved config, sizes and FLOPs; train nothing")
+    parser.add_argument("--json", action="store_true", help="with --describe: one JSON object on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(args) -> None:
+    if args.resume:
+        extra = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--steps", args.steps),
+                                          ("--seed", args.seed), ("--output-dir", args.output_dir)) if value]
+        if extra:
+            raise ConfigError(f"--resume continues the run with its saved config; drop {', '.join(extra)}")
+    elif not args.config:
+        raise ConfigError("give --config NAME (see configs/) or --resume RUN_DIR")
+    if args.json and not args.describe:
+        raise ConfigError("--json goes with --describe")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config a run saved in ``RUN_DIR/config.yaml``."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); start it with --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    name = raw.pop("name", "") if isinstance(raw, dict) else ""
+    config = from_dict(raw)
+    config.name = name
+    return config.validate()
+
+
+def prepare_run_dir(path: Path) -> None:
+    """Create a new run directory; refuse one that holds anything (it would be overwritten)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{path} already holds a run; continue it with --resume {path} or choose another --output-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose another --output-dir") from None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors are one line; bugs keep their traceback
+        if not _is_user_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from ..data.corpus import CorpusError
+    from ..model.export import ExportError
+    from ..ops import BackendError
+    from .checkpoint import CheckpointError
+
+    return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, ExportError, OSError))
+
+
+def _main(args) -> int:
+    _check_args(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = load_run_config(run_dir)
+    else:
+        config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed)
+        run_dir = Path(args.output_dir or Path("runs") / config.name)
+    if args.describe:
+        from .describe import describe, format_description
+
+        info = describe(config)
+        print(json.dumps(info) if args.json else format_description(info))
+        return 0
+    if args.resume:
+        if (run_dir / "summary.json").is_file():
+            print(f"{run_dir} finished already (summary.json); nothing to resume", file=sys.stderr)
+            return 0
+    else:
+        prepare_run_dir(run_dir)
+        atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
+
+    from .trainer import Trainer
+
+    trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    summary = trainer.train()
+    if summary is None:
+        print(f"stopped at step {trainer.step}; checkpoint written. Continue with: "
+              f"python run_pretraining.py --resume {run_dir}", file=sys.stderr)
+        return 130 if trainer.stopped_by_signal else 0
+    print(json.dumps({k: summary[k] for k in ("final_val_mlm_loss", "total_non_embedding_flops",
+                                               "tokens_per_second", "wall_time_s")}))
+    print(f"run written to {run_dir} (export: python -m ipu_app export --run {run_dir} --output DIR)", file=sys.stderr)
+    return 0

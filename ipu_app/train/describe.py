@@ -1,0 +1,112 @@
+"""``--describe``: what a config would train, without training it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import RunConfig
+from ..model.bert import SparseBertForPreTraining
+from ..model.sparse_linear import SparseLinear
+from ..sparse.flops import non_embedding_params, non_embedding_training_flops_per_sequence, rigl_dense_gradient_flops
+from ..sparse.schedule import UpdateSchedule
+
+
+def _encoder_linears(model: SparseBertForPreTraining):
+    for name, module in model.bert.encoder.named_modules():
+        if isinstance(module, (SparseLinear, torch.nn.Linear)):
+            yield f"bert.encoder.{name}", module
+
+
+def layer_sparsity(model: SparseBertForPreTraining) -> list[dict]:
+    """Every encoder fully-connected weight: shape, block size, active weights, sparsity."""
+    rows = []
+    for name, module in _encoder_linears(model):
+        if isinstance(module, SparseLinear):
+            p = module.pattern
+            active, block = p.nnz * p.block_size**2, p.block_size
+        else:
+            active, block = module.weight.numel(), None
+        total = module.in_features * module.out_features
+        rows.append({"name": name, "shape": [module.out_features, module.in_features], "block_size": block,
+                     "active_weights": active, "sparsity": 1.0 - active / total})
+    return rows
+
+
+def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
+    """The paper's non-embedding FLOPs per sequence (at the model's actual density) and for the run."""
+    layers, hidden = model.config.num_layers, model.config.hidden_size
+    active = sum(r["active_weights"] for r in layer_sparsity(model))
+    density_sparsity = 1.0 - active / non_embedding_params(layers, hidden)
+    per_sequence = non_embedding_training_flops_per_sequence(layers, hidden, config.data.seq_len, density_sparsity)
+    steps, batch = config.training.steps, config.training.batch_size
+    s = config.sparsity
+    dense_gradient_steps = 0
+    if s.mode == "dynamic" and s.regrowth == "gradient":
+        dense_gradient_steps = len(UpdateSchedule.evenly_spaced(steps, s.num_updates))
+    extra = rigl_dense_gradient_flops(layers, hidden, config.data.seq_len) * dense_gradient_steps * batch
+    return {"non_embedding_flops_per_sequence": per_sequence,
+            "total_training_flops": per_sequence * steps * batch + extra,
+            "dense_gradient_steps": dense_gradient_steps}
+
+
+def describe(config: RunConfig, world_size: int = 1) -> dict:
+    """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
+    torch.manual_seed(config.seed)
+    model = SparseBertForPreTraining(config.model_config())
+    params = list(model.parameters())
+    rows = layer_sparsity(model)
+    t, s = config.training, config.sparsity
+    updates = len(UpdateSchedule.evenly_spaced(t.steps, s.num_updates)) if s.mode == "dynamic" else 0
+    return {
+        "config": config.to_dict(),
+        "learning_rate": config.learning_rate,
+        "global_batch_size": t.batch_size,
+        "micro_batch_size": config.micro_batch_size,
+        "gradient_accumulation": config.accumulation_steps(world_size),
+        "world_size": world_size,
+        "pattern_updates": updates,
+        "steps_between_updates": t.steps / s.num_updates if updates else None,
+        "total_params": sum(p.numel() for p in params),
+        "trainable_nonzero_params": sum(p.numel() for p in params if p.requires_grad),
+        "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
+        "non_embedding_nonzero_params": sum(r["active_weights"] for r in rows),
+        "layers": rows,
+        **run_flops(config, model),
+    }
+
+
+def format_description(info: dict) -> str:
+    """A human-readable ``--describe`` report."""
+    import yaml
+
+    c = info["config"]
+    lines = [f"# {c['name']}", yaml.safe_dump({k: v for k, v in c.items() if k != "name"}, sort_keys=False).rstrip(), ""]
+    lines += [
+        f"learning rate (peak)             {info['learning_rate']:.6g}"
+        + ("  (auto: dense law x Eq. 3)" if c["training"]["learning_rate"] == "auto" else ""),
+        f"batch                            {info['global_batch_size']} = {info['micro_batch_size']} micro x "
+        f"{info['gradient_accumulation']} accumulation x {info['world_size']} processes",
+        f"pattern updates                  {info['pattern_updates']}"
+        + (f" (every {info['steps_between_updates']:.1f} steps)" if info["pattern_updates"] else ""),
+        f"total params                     {info['total_params']:,}",
+        f"trainable non-zero params        {info['trainable_nonzero_params']:,}",
+        f"non-embedding params (dense)     {info['non_embedding_params']:,}",
+        f"non-embedding non-zero params    {info['non_embedding_nonzero_params']:,}",
+        f"non-embedding FLOPs / sequence   {info['non_embedding_flops_per_sequence']:.4g}",
+        f"total training FLOPs             {info['total_training_flops']:.4g}"
+        + (f" (incl. {info['dense_gradient_steps']} RigL dense-gradient steps)" if info["dense_gradient_steps"] else ""),
+        "",
+        "per-layer sparsity:",
+    ]
+    by_kind: dict[tuple, list[dict]] = {}
+    for row in info["layers"]:
+        kind = row["name"].split(".", 4)[-1]
+        by_kind.setdefault((kind, tuple(row["shape"]), row["block_size"]), []).append(row)
+    for (kind, shape, block), rows in by_kind.items():
+        sparsities = [r["sparsity"] for r in rows]
+        lo, hi = min(sparsities), max(sparsities)
+        spread = f"{lo:.4f}" if math.isclose(lo, hi) else f"{lo:.4f}..{hi:.4f}"
+        lines.append(f"  {kind:<32} {len(rows):>2} x {shape[0]}x{shape[1]}  block {block or '-':<2}  sparsity {spread}")
+    return "\n".join(lines)

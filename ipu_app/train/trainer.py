@@ -1,0 +1,425 @@
+"""The pre-training loop, in phases.
+
+A *phase* is a run of training steps during which nothing but the weights changes. Phases end
+at the steps where something else must happen: a scheduled pattern update, a validation, a
+checkpoint, or the end of the run. At a phase boundary the trainer
+
+1. runs the ``PatternUpdater`` if the schedule says so (unless that step's gradients were
+   non-finite: then the update is skipped and logged like the optimizer step),
+2. validates on the fixed validation set,
+3. writes a checkpoint.
+
+This is the structure an accelerator needs (a compiled step that is re-entered after host-side
+work) and it keeps the loop readable. Steps count completed optimizer steps, from 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import ConfigError, RunConfig
+from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
+from ..io import atomic_write_bytes
+from ..model.bert import SparseBertForPreTraining
+from ..model.sparse_linear import sparse_linears
+from ..sparse.regularize import group_lasso_
+from ..sparse.schedule import UpdateSchedule
+from ..sparse.updater import PatternUpdater
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision, resolve_precision
+
+
+@dataclass
+class _Window:
+    """Sums over the training steps since the last ``train`` log record."""
+
+    steps: int = 0
+    loss: float = 0.0
+    mlm_loss: float = 0.0
+    nsp_loss: float = 0.0
+    correct: int = 0
+    masked: int = 0
+    grad_norm: float = 0.0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            setattr(self, key, getattr(self, key) + value)
+
+
+@dataclass
+class _Counters:
+    skipped_steps: int = 0
+    skipped_updates: int = 0
+    pattern_updates: int = 0
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    last_train_loss: float = float("nan")
+    history: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Pre-trains ``SparseBertForPreTraining`` as ``config`` says, writing into ``run_dir``."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 device: str | torch.device | None = None, tensorboard: bool = True) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision: Precision = resolve_precision(config.training.precision, self.device)
+        t = config.training
+        self.total_steps = t.steps
+        self.accumulation = config.accumulation_steps(1)
+
+        self.data_dir = resolve_data_dir(config, progress)
+        masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
+        train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
+        self.batches = BatchIterator(train_set, config.micro_batch_size)
+        self.validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
+                                             max_sequences=config.data.validation_sequences)
+        if not self.validation:
+            raise ConfigError(f"{self.data_dir} has no validation sequences; prepare more data")
+
+        torch.manual_seed(config.seed)  # dense initialisation and dropout draw from the global generator
+        self.model = SparseBertForPreTraining(config.model_config(train_set.vocab_size)).to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
+        s = config.sparsity
+        self.schedule = (UpdateSchedule.evenly_spaced(t.steps, s.num_updates) if s.mode == "dynamic"
+                         else UpdateSchedule.never(t.steps))
+        self.updater = None
+        if s.mode != "dense":
+            self.updater = PatternUpdater(
+                self.model, self.optimizer, self.schedule, mode=s.mode, pruning_ratio=s.pruning_ratio,
+                pruning_schedule=s.pruning_schedule, regrowth=s.regrowth, block_metric=s.block_metric,
+                seed=config.seed,
+            )
+        self.sparse_layers = sparse_linears(self.model)
+        self.step = 0
+        self.window = _Window()
+        self.counters = _Counters()
+        self._stop_requested = False
+        self._last_step_finite = True
+
+        resume_step = None
+        if resume:
+            resume_step = self._resume()
+        self.metrics = MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+
+    # ==================================================================== the loop
+    def train(self, stop_at: int | None = None) -> dict | None:
+        """Train to the end (returns the summary), or until ``stop_at`` steps / a signal
+        (writes a checkpoint and returns None)."""
+        start = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.progress, desc=self.config.name or "train")
+        try:
+            with self._signals_to_checkpoint():
+                while self.step < self.total_steps:
+                    end = self._phase_end(self.step, stop_at)
+                    self._run_phase(end, bar)
+                    self._phase_boundary()
+                    if self._stop_requested or (stop_at is not None and self.step >= stop_at):
+                        self.save_checkpoint()
+                        return None
+        finally:
+            bar.close()
+            self.counters.history["wall_seconds"] = self.counters.history.get("wall_seconds", 0.0) + (
+                time.perf_counter() - start)
+        return self._finish()
+
+    def _phase_end(self, step: int, stop_at: int | None) -> int:
+        """The step at which the phase starting after ``step`` ends."""
+        t = self.config.training
+        ends = [self.total_steps, _next_multiple(step, t.validate_every), _next_multiple(step, t.checkpoint_every)]
+        next_update = self.schedule.next_update_step(step) if self.config.sparsity.mode == "dynamic" else None
+        if next_update is not None:
+            ends.append(next_update)
+        if stop_at is not None and stop_at > step:
+            ends.append(stop_at)
+        return min(ends)
+
+    def _run_phase(self, end: int, bar) -> None:
+        while self.step < end and not self._stop_requested:
+            self._train_step(self.step + 1)
+            bar.update(1)
+            if self.step % self.config.training.log_every == 0 or self.step == self.total_steps:
+                self._log_train(bar)
+
+    def _phase_boundary(self) -> None:
+        step = self.step
+        t = self.config.training
+        if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
+            if self._last_step_finite:
+                stats = self.updater.step(step)
+                self.counters.pattern_updates += 1
+                self.metrics.log("update", step, **_update_record(stats))
+            else:
+                self.counters.skipped_updates += 1
+                self.metrics.log("skip", step, what="pattern_update", reason="non-finite gradients")
+        if step % t.validate_every == 0 and step < self.total_steps:
+            self.validate()
+        if step % t.checkpoint_every == 0 and step < self.total_steps:
+            self.save_checkpoint()
+
+    # ================================================================ one step
+    def _train_step(self, step: int) -> None:
+        started = time.perf_counter()
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        if self.updater is not None:
+            self.updater.begin_step(step)  # RigL: dense gradients only before an update
+        sums = torch.zeros(4, dtype=torch.float64)  # mlm loss, nsp loss, correct, masked
+        tokens = 0
+        for _ in range(self.accumulation):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+            with self.precision.autocast():
+                out = model(**batch)
+            loss = out.loss / self.accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
+            sums += torch.tensor([out.mlm_loss.item(), nsp, out.mlm_correct.item(), out.num_masked], dtype=torch.float64)
+            tokens += batch["input_ids"].numel()
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        max_norm = self.config.optimizer.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        finite = math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(optimizer)  # skips the step itself when the gradients overflowed
+            self.scaler.update()
+        elif finite:
+            optimizer.step()
+        if finite and self.config.sparsity.group_lasso > 0:
+            for _, layer in self.sparse_layers:
+                group_lasso_(layer.values, lr, self.config.sparsity.group_lasso)
+        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step = step
+        self._last_step_finite = finite
+        mlm, nsp, correct, masked = sums.tolist()
+        loss_value = (mlm + nsp) / self.accumulation
+        if not finite:
+            self.counters.skipped_steps += 1
+            if self.updater is not None:
+                self.updater.discard_dense_grads()
+            self.metrics_log_skip(step, grad_norm)
+        seconds = time.perf_counter() - started
+        self.counters.train_seconds += seconds
+        self.counters.train_tokens += tokens
+        self.counters.last_train_loss = loss_value
+        self.window.add(steps=1, loss=loss_value, mlm_loss=mlm / self.accumulation, nsp_loss=nsp / self.accumulation,
+                        correct=int(correct), masked=int(masked), grad_norm=grad_norm if finite else 0.0,
+                        seconds=seconds, tokens=tokens)
+
+    def metrics_log_skip(self, step: int, grad_norm: float) -> None:
+        self.metrics.log("skip", step, what="optimizer_step", reason="non-finite gradients", grad_norm=grad_norm)
+
+    def _log_train(self, bar) -> None:
+        w = self.window
+        if w.steps == 0:
+            return
+        record = self.metrics.log(
+            "train", self.step,
+            loss=w.loss / w.steps, mlm_loss=w.mlm_loss / w.steps, nsp_loss=w.nsp_loss / w.steps,
+            mlm_accuracy=w.correct / max(w.masked, 1), grad_norm=w.grad_norm / w.steps,
+            learning_rate=self.scheduler.get_last_lr()[0],
+            tokens_per_second=w.tokens / max(w.seconds, 1e-9), steps=w.steps,
+        )
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}", refresh=False)
+        self.window = _Window()
+
+    # ============================================================== validation
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
+        self.model.eval()
+        mlm = nsp = 0.0
+        correct = masked = sequences = 0
+        for batch in self.validation:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.precision.autocast():
+                out = self.model(**batch)
+            mlm += float(out.mlm_loss) * out.num_masked
+            masked += out.num_masked
+            correct += int(out.mlm_correct)
+            n = batch["input_ids"].shape[0]
+            if out.nsp_loss is not None:
+                nsp += float(out.nsp_loss) * n
+            sequences += n
+        result = {"mlm_loss": mlm / max(masked, 1), "mlm_accuracy": correct / max(masked, 1),
+                  "sequences": sequences}
+        if self.config.model.nsp:
+            result["nsp_loss"] = nsp / max(sequences, 1)
+        self.metrics.log("val", self.step, **result)
+        self.counters.history["last_val"] = result
+        return result
+
+    # ============================================================ checkpoints
+    def _state(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "updater": self.updater.state_dict() if self.updater is not None else None,
+            "data": self.batches.state_dict(),
+            "rng": rng_state(),
+            "window": vars(self.window).copy(),
+            "counters": vars(self.counters).copy(),
+            "last_step_finite": self._last_step_finite,
+        }
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self._state(), self.config.training.keep_checkpoints)
+
+    def _resume(self) -> int:
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/step_*)")
+        step, path = found
+        state = load_checkpoint(path, self.model)
+        saved = state.get("config", {})
+        mine = self.config.to_dict()
+        if saved != mine:
+            key = _first_difference(saved, mine)
+            raise CheckpointError(f"checkpoint {path} was written by a different config ({key})")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            if self.updater is not None:
+                self.updater.load_state_dict(state["updater"])
+            self.batches.load_state_dict(state["data"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {str(exc).splitlines()[0]}") from None
+        for layer_name, layer in self.sparse_layers:
+            layer.pattern_version += 1  # kernels must rebuild their metadata for the loaded patterns
+        set_rng_state(state["rng"])
+        self.window = _Window(**state["window"])
+        self.counters = _Counters(**state["counters"])
+        self._last_step_finite = bool(state["last_step_finite"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ================================================================== finish
+    def _finish(self) -> dict:
+        val = self.validate()
+        self.save_checkpoint()
+        self.model.save(self.run_dir / "model")
+        from ..data.tokenizer import copy_tokenizer
+
+        copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
+        summary = self.summary(val)
+        atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
+        self.metrics.close()
+        return summary
+
+    def summary(self, val: dict) -> dict:
+        from .describe import run_flops
+
+        c = self.counters
+        flops = run_flops(self.config, self.model)
+        summary = {
+            "config": self.config.name,
+            "steps": self.step,
+            "final_val_mlm_loss": val["mlm_loss"],
+            "final_val_nsp_loss": val.get("nsp_loss"),
+            "final_val_mlm_accuracy": val["mlm_accuracy"],
+            "final_train_loss": c.last_train_loss,
+            "non_embedding_flops_per_sequence": flops["non_embedding_flops_per_sequence"],
+            "total_non_embedding_flops": flops["total_training_flops"],
+            "sparsity": self.config.effective_sparsity,
+            "block_size": self.config.sparsity.block_size,
+            "learning_rate": self.config.learning_rate,
+            "pattern_updates": c.pattern_updates,
+            "skipped_steps": c.skipped_steps,
+            "skipped_updates": c.skipped_updates,
+            "tokens_per_second": c.train_tokens / max(c.train_seconds, 1e-9),
+            "train_time_s": c.train_seconds,
+            "wall_time_s": c.history.get("wall_seconds", 0.0),
+            "precision": self.precision.name,
+            "device": str(self.device),
+        }
+        if self.updater is not None:
+            summary["mean_explored_dof"] = self.updater.mean_explored_dof()
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    # ================================================================ signals
+    @contextlib.contextmanager
+    def _signals_to_checkpoint(self):
+        """SIGINT/SIGTERM finish the current step, write a checkpoint and stop."""
+        def request_stop(signum, frame):
+            if self._stop_requested:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        return self._stop_requested
+
+
+def resolve_data_dir(config: RunConfig, progress: bool = True) -> Path:
+    """``data.dir`` if given (it must be prepared), else the embedded corpus (prepared once, cached)."""
+    from ..data.prepare import prepare_embedded
+    from ..data.shards import load_manifest
+
+    if config.data.dir:
+        path = Path(config.data.dir)
+        load_manifest(path)  # one-line error when it is not prepared data
+        return path
+    return prepare_embedded(config.data.tokenizer, config.data.vocab_size, progress=progress)
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+def _update_record(stats) -> dict:
+    record = stats.as_dict()
+    record.pop("step", None)
+    return record
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2, allow_nan=True)
