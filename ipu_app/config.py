@@ -193,7 +193,8 @@ class RunConfig:
         self.accumulation_steps(1)
         _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
         _check(t.warmup_steps < t.steps or t.steps == 1,
-               f"training.warmup_steps={t.warmup_steps} is not below training.steps={t.steps}")
+               f"training.warmup_steps={t.warmup_steps} is not below training.steps={t.steps}; lower the "
+               "warmup or shorten the run with --steps (which scales the warmup with it)")
         if isinstance(t.learning_rate, str):
             _check(t.learning_rate == "auto",
                    f"training.learning_rate must be a number or 'auto', got {t.learning_rate!r}")
@@ -416,6 +417,11 @@ def _build(cls, raw: Any, prefix: str):
 def _coerce(key: str, value: Any, annotation) -> Any:
     """Check ``value`` against the field's annotation (ints are accepted where floats are)."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if isinstance(value, str) and str not in options and (int in options or float in options):
+        try:  # YAML 1.1 reads 1e3 as a string
+            value = float(value)
+        except ValueError:
+            pass
     for option in options:
         if option is type(None) and value is None:
             return None

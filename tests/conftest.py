@@ -4,6 +4,10 @@ import pytest
 import torch
 from hypothesis import settings
 
+from ipu_app.data.corpus import embedded_documents
+from ipu_app.data.shards import prepare_data
+from ipu_app.data.tokenizer import build_standard_tokenizer
+
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -12,3 +16,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return build_standard_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def small_documents():
+    docs = list(embedded_documents())
+    wiki = [d for d in docs if d.source == "wiki"][:150]
+    sotu = [d for d in docs if d.source == "sotu"][:3]
+    return wiki + sotu
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, small_documents, tokenizer_dir):
+    out = tmp_path_factory.mktemp("data")
+    prepare_data(small_documents, tokenizer_dir, out, documents_per_shard=40, progress=False)
+    return out

@@ -82,8 +82,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Load the weights of checkpoint ``path`` into ``model`` and return its trainer state."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | None = None) -> dict:
+    """Load checkpoint ``path`` into ``model`` and return its trainer state.
+
+    When ``config`` is given, the checkpoint must have been written by that resolved config;
+    a difference is reported by its first key before any weight is touched.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -93,16 +97,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {file.name} is missing")
     try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({weights.name}: {exc})") from None
-    try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean the same here
         raise CheckpointError(f"checkpoint {path} is corrupt ({state_file.name}: {str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
-    expected = _untie({k: v for k, v in model.state_dict().items()})
+    if config is not None and state.get("config") != config:
+        key = first_difference(state.get("config"), config)
+        raise CheckpointError(f"checkpoint {path} was written by a different config ({key})")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({weights.name}: {exc})") from None
+    expected = _untie(model.state_dict())
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         name = (missing or unexpected)[0]
@@ -118,6 +125,15 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not load: {str(exc).splitlines()[0]}") from None
     return state
+
+
+def first_difference(a, b, prefix: str = "") -> str:
+    """``key: old in the checkpoint, new now`` for the first differing key of two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"
 
 
 def _untie(tensors: dict) -> dict:

@@ -113,6 +113,7 @@ class Trainer:
         self.counters = _Counters()
         self._stop_requested = False
         self._last_step_finite = True
+        self._last_lr = float("nan")  # the learning rate of the latest step
 
         resume_step = None
         if resume:
@@ -210,6 +211,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step = step
+        self._last_lr = lr
         self._last_step_finite = finite
         mlm, nsp, correct, masked = sums.tolist()
         loss_value = (mlm + nsp) / self.accumulation
@@ -237,7 +239,7 @@ class Trainer:
             "train", self.step,
             loss=w.loss / w.steps, mlm_loss=w.mlm_loss / w.steps, nsp_loss=w.nsp_loss / w.steps,
             mlm_accuracy=w.correct / max(w.masked, 1), grad_norm=w.grad_norm / w.steps,
-            learning_rate=self.scheduler.get_last_lr()[0],
+            learning_rate=self._last_lr,
             tokens_per_second=w.tokens / max(w.seconds, 1e-9), steps=w.steps,
         )
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}", refresh=False)
@@ -282,6 +284,7 @@ class Trainer:
             "window": vars(self.window).copy(),
             "counters": vars(self.counters).copy(),
             "last_step_finite": self._last_step_finite,
+            "last_lr": self._last_lr,
         }
 
     def save_checkpoint(self) -> Path:
@@ -292,12 +295,7 @@ class Trainer:
         if found is None:
             raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/step_*)")
         step, path = found
-        state = load_checkpoint(path, self.model)
-        saved = state.get("config", {})
-        mine = self.config.to_dict()
-        if saved != mine:
-            key = _first_difference(saved, mine)
-            raise CheckpointError(f"checkpoint {path} was written by a different config ({key})")
+        state = load_checkpoint(path, self.model, config=self.config.to_dict())
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -314,6 +312,7 @@ class Trainer:
         self.window = _Window(**state["window"])
         self.counters = _Counters(**state["counters"])
         self._last_step_finite = bool(state["last_step_finite"])
+        self._last_lr = float(state["last_lr"])
         self.step = int(state["step"])
         return self.step
 
@@ -409,14 +408,6 @@ def _update_record(stats) -> dict:
     record = stats.as_dict()
     record.pop("step", None)
     return record
-
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"
 
 
 def _json(value) -> str:

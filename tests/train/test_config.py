@@ -1,0 +1,161 @@
+import math
+
+import pytest
+
+from ipu_app.config import (
+    CONFIG_DIR,
+    ConfigError,
+    RunConfig,
+    auto_learning_rate,
+    config_names,
+    load_config,
+    parse_override,
+)
+
+SIZES = ("tiny", "mini", "small", "medium", "base")
+VARIANTS = ("dense", "static", "sparse", "sparse_b16", "sparse_rigl")
+
+
+def test_every_size_and_variant_is_shipped_and_valid():
+    names = set(config_names())
+    for size in SIZES:
+        for variant in VARIANTS:
+            assert f"bert_{size}_{variant}" in names
+            config = load_config(f"bert_{size}_{variant}")
+            assert config.model.size == size
+            assert config.name == f"bert_{size}_{variant}"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_shipped_configs_follow_the_paper_recipe(size):
+    for variant in VARIANTS:
+        c = load_config(f"bert_{size}_{variant}")
+        assert (c.optimizer.beta1, c.optimizer.beta2, c.optimizer.eps) == (0.9, 0.999, 1e-6)
+        assert c.optimizer.weight_decay == 0.01 and c.optimizer.max_grad_norm > 0
+        assert (c.training.steps, c.training.warmup_steps) == (757_000, 10_000)
+        assert c.data.seq_len == 128 and c.model.nsp
+        assert c.training.learning_rate == "auto"
+    dense, static, sparse = (load_config(f"bert_{size}_{v}") for v in ("dense", "static", "sparse"))
+    assert dense.sparsity.mode == "dense" and dense.effective_sparsity == 0.0
+    assert static.sparsity.mode == "static" and static.sparsity.ratio == 0.9
+    s = sparse.sparsity
+    assert (s.mode, s.ratio, s.pruning_ratio, s.num_updates, s.regrowth, s.block_size, s.pruning_schedule) == (
+        "dynamic", 0.9, 0.5, 160, "random", 1, "cosine")
+    b16 = load_config(f"bert_{size}_sparse_b16").sparsity
+    assert (b16.block_size, b16.num_updates, b16.block_metric) == (16, 80, "l1")
+    assert load_config(f"bert_{size}_sparse_rigl").sparsity.regrowth == "gradient"
+
+
+def test_auto_learning_rate_is_the_paper_law():
+    # paper-spec §2.3: the dense law predicts Mini 8.6e-4, Small 4.7e-4, Medium 3.5e-4, Base 2.0e-4;
+    # with Eq. 3 at s = 0.9 (x 6.400): Medium 2.2e-3, Base 1.30e-3.
+    for size, expected in (("mini", 8.6e-4), ("small", 4.7e-4), ("medium", 3.5e-4), ("base", 2.0e-4)):
+        assert auto_learning_rate(size, 0.0) == pytest.approx(expected, rel=0.02)
+    assert auto_learning_rate("medium", 0.9) / auto_learning_rate("medium", 0.0) == pytest.approx(6.400, rel=1e-3)
+    assert load_config("bert_base_sparse").learning_rate == pytest.approx(1.30e-3, rel=0.01)
+    assert load_config("bert_medium_dense").learning_rate == pytest.approx(3.46e-4, rel=0.01)
+    assert load_config("bert_mini_sparse", ["training.learning_rate=0.001"]).learning_rate == 0.001
+
+
+def test_base_inheritance_merges_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("training:\n  steps: 100\n  warmup_steps: 10\n  batch_size: 16\nsparsity:\n  ratio: 0.5\n")
+    (tmp_path / "b.yaml").write_text("training:\n  steps: 200\n")
+    (tmp_path / "c.yaml").write_text(
+        "base: [bert_tiny_sparse, a, b]\ntraining:\n  micro_batch_size: 8\nsparsity:\n  num_updates: 4\n")
+    c = load_config(tmp_path / "c.yaml")
+    assert c.model.size == "tiny"  # from the shipped config
+    assert (c.training.steps, c.training.batch_size, c.training.micro_batch_size) == (200, 16, 8)
+    assert (c.sparsity.ratio, c.sparsity.num_updates, c.sparsity.mode) == (0.5, 4, "dynamic")
+    assert c.name == "c"
+    assert c.accumulation_steps() == 2
+
+
+def test_inheritance_loop_and_missing_base_fail(tmp_path):
+    (tmp_path / "x.yaml").write_text("base: y\n")
+    (tmp_path / "y.yaml").write_text("base: x\n")
+    with pytest.raises(ConfigError, match="inheritance loop: x -> y -> x"):
+        load_config(tmp_path / "x.yaml")
+    (tmp_path / "z.yaml").write_text("base: bert_tiny_sparce\n")
+    with pytest.raises(ConfigError, match="did you mean 'bert_tiny_sparse'"):
+        load_config(tmp_path / "z.yaml")
+
+
+def test_overrides_are_typed():
+    c = load_config("bert_tiny_sparse", ["sparsity.ratio=0.8", "sparsity.block_size=4", "model.nsp=false",
+                                         "training.steps=1e5", "data.dir=null", "sparsity.modules=[ffn_up, ffn_down]"])
+    assert c.sparsity.ratio == 0.8 and isinstance(c.sparsity.ratio, float)
+    assert c.sparsity.block_size == 4 and c.training.steps == 100_000 and c.model.nsp is False
+    assert c.sparsity.modules == ["ffn_up", "ffn_down"]
+    assert parse_override("data.dir=/tmp/a=b") == ("data.dir", "/tmp/a=b")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sparsity.ratoi=0.5", "unknown config key 'sparsity.ratoi'; did you mean 'sparsity.ratio'"),
+    ("learning_rate=0.1", "did you mean 'training.learning_rate'"),
+    ("sparsity.ratio=abc", "sparsity.ratio must be a number, got 'abc'"),
+    ("training.steps=1.5", "training.steps must be an integer"),
+    ("model.nsp=3", "model.nsp must be true/false"),
+    ("sparsity.ratio=1.0", r"sparsity.ratio must be in \[0, 1\), got 1.0"),
+    ("sparsity.block_size=3", "sparsity.block_size=3 is not supported"),
+    ("sparsity.num_updates=1000000", "more than training.steps"),
+    ("training.batch_size=100", "not a multiple of training.micro_batch_size=32"),
+    ("model.size=huge", "model.size='huge' is not valid"),
+    ("sparsity.regrowth=magnitude", "sparsity.regrowth='magnitude' is not valid"),
+    ("training.learning_rate=fast", "must be a number or 'auto'"),
+    ("training.learning_rate=-1", "must be > 0"),
+    ("sparsity.modules=[ffn]", "sparsity.modules entry='ffn' is not valid"),
+    ("sparsity", "expected section.key=value"),
+    ("training=3", "unknown config key 'training'"),
+])
+def test_bad_overrides_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config("bert_tiny_sparse", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_block_size_must_divide_hidden(monkeypatch):
+    import ipu_app.config as cfg
+
+    monkeypatch.setitem(cfg.MODEL_SIZES, "odd", (2, 136))
+    with pytest.raises(ConfigError, match="block_size=16 does not divide the hidden size 136"):
+        load_config("bert_tiny_sparse_b16", ["model.size=odd"])
+
+
+def test_steps_shortcut_keeps_the_warmup_fraction():
+    c = load_config("bert_tiny_sparse", steps=7570)
+    assert (c.training.steps, c.training.warmup_steps) == (7570, 100)
+    c = load_config("bert_tiny_sparse", ["training.warmup_steps=5"], steps=7570)
+    assert c.training.warmup_steps == 5
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+    section = tmp_path / "section.yaml"
+    section.write_text("training: 3\n")
+    with pytest.raises(ConfigError, match="training must be a mapping"):
+        load_config(section)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_round_trip():
+    import yaml
+
+    from ipu_app.config import from_dict
+
+    c = load_config("bert_small_sparse_b16", ["training.learning_rate=0.002"])
+    raw = yaml.safe_load(c.to_yaml())
+    raw.pop("name")
+    again = from_dict(raw)
+    again.name = c.name
+    assert again == c
+    assert isinstance(RunConfig().validate(), RunConfig)
+    assert CONFIG_DIR.is_dir()
+    assert math.isfinite(c.learning_rate)

@@ -1,0 +1,156 @@
+import json
+
+import pytest
+import torch
+
+from ipu_app.config import ConfigError, load_config
+from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.train.checkpoint import CheckpointError, list_checkpoints
+from ipu_app.train.metrics import read_metrics
+from ipu_app.train.trainer import Trainer
+
+
+def small_config(data_dir, name="bert_tiny_sparse", *extra):
+    overrides = [
+        f"data.dir={data_dir}", "training.steps=12", "training.batch_size=8", "training.micro_batch_size=4",
+        "training.warmup_steps=2", "training.log_every=1", "training.validate_every=6",
+        "training.checkpoint_every=4", "training.keep_checkpoints=2", "training.precision=fp32",
+        "sparsity.num_updates=4", "data.validation_sequences=16", *extra,
+    ]
+    return load_config(name, overrides)
+
+
+def new_trainer(config, run_dir, **kwargs):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(config, run_dir, progress=False, tensorboard=False, **kwargs)
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["loss"], r["mlm_loss"], r["grad_norm"]) for r in read_metrics(run_dir, "train")]
+
+
+def test_full_run_writes_every_output(data_dir, tmp_path):
+    config = small_config(data_dir)
+    summary = new_trainer(config, tmp_path / "run").train()
+    run = tmp_path / "run"
+    saved = json.loads((run / "summary.json").read_text())
+    for key in ("final_val_mlm_loss", "total_non_embedding_flops", "tokens_per_second", "wall_time_s",
+                "final_val_nsp_loss", "final_val_mlm_accuracy", "mean_explored_dof"):
+        assert key in saved and saved[key] == summary[key]
+    assert 0 < saved["final_val_mlm_loss"] < 12
+    # the paper's count: per sequence x steps x sequences per step
+    assert saved["total_non_embedding_flops"] == pytest.approx(saved["non_embedding_flops_per_sequence"] * 12 * 8)
+    assert saved["pattern_updates"] == 3 and saved["skipped_steps"] == 0
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(run, "val")] == [6, 12]
+    updates = read_metrics(run, "update")
+    assert [r["step"] for r in updates] == [3, 6, 9]  # n = 4 segments of 12 steps
+    assert all(r["pruned_blocks"] > 0 for r in updates)
+    assert [step for step, _ in list_checkpoints(run)] == [8, 12]  # keep-last-2
+    assert (run / "model" / "model.safetensors").is_file() and (run / "tokenizer" / "vocab.txt").is_file()
+    # 2 warmup steps up to the peak, then linear decay that would reach 0 one step after the last
+    lrs = [r["learning_rate"] / config.learning_rate for r in read_metrics(run, "train")]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+
+    from ipu_app.model.export import export_run
+
+    out = export_run(run, tmp_path / "hf")
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("bert_tiny_sparse", ["model.dropout=0.1"]),         # dropout: the global RNG must be restored
+    ("bert_tiny_sparse_rigl", []),                       # RigL: dense gradients over 2 micro-batches
+    ("bert_tiny_sparse_b16", ["sparsity.group_lasso=0.5", "training.precision=bf16"]),
+])
+def test_resume_is_bit_exact(data_dir, tmp_path, name, extra):
+    config = small_config(data_dir, name, *extra)
+    full = new_trainer(config, tmp_path / "full").train()
+    trainer = new_trainer(config, tmp_path / "part")
+    assert trainer.train(stop_at=5) is None  # between checkpoints and updates
+    assert [s for s, _ in list_checkpoints(tmp_path / "part")] == [4, 5]
+    resumed = new_trainer(config, tmp_path / "part", resume=True)
+    assert resumed.step == 5
+    summary = resumed.train()
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
+    assert read_metrics(tmp_path / "part", "val") == read_metrics(tmp_path / "full", "val")
+    assert summary["final_val_mlm_loss"] == full["final_val_mlm_loss"]
+    assert summary["mean_explored_dof"] == full["mean_explored_dof"]
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_gradients_skip_the_step_and_the_update(data_dir, tmp_path):
+    config = small_config(data_dir)
+    trainer = new_trainer(config, tmp_path / "run")
+    trainer.train(stop_at=2)
+    # Step 3 is an update step: poison its gradients.
+    weight = trainer.model.bert.embeddings.word_embeddings.weight
+    handle = weight.register_hook(lambda g: g * float("nan"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(stop_at=3)
+    handle.remove()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no weight, pattern or buffer changed
+    skips = read_metrics(tmp_path / "run", "skip")
+    assert [(r["step"], r["what"]) for r in skips] == [(3, "optimizer_step"), (3, "pattern_update")]
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 1 and summary["skipped_updates"] == 1 and summary["pattern_updates"] == 2
+    assert torch.isfinite(torch.tensor(summary["final_val_mlm_loss"]))
+
+
+def test_group_lasso_shrinks_sparse_blocks(data_dir, tmp_path):
+    def block_norm_sum(extra, run):
+        trainer = new_trainer(small_config(data_dir, "bert_tiny_static", "training.steps=3", *extra), tmp_path / run)
+        trainer.train()
+        return sum(float(m.values.detach().flatten(1).norm(dim=1).sum()) for _, m in sparse_linears(trainer.model))
+
+    assert block_norm_sum(["sparsity.group_lasso=50.0"], "gl") < 0.9 * block_norm_sum([], "plain")
+
+
+def test_static_and_dense_modes(data_dir, tmp_path):
+    static = new_trainer(small_config(data_dir, "bert_tiny_static"), tmp_path / "static")
+    patterns = [m.pattern.linear_index().clone() for _, m in sparse_linears(static.model)]
+    summary = static.train()
+    assert summary["pattern_updates"] == 0 and summary["mean_explored_dof"] == pytest.approx(0.1, abs=1e-3)
+    assert all(torch.equal(p, m.pattern.linear_index()) for p, (_, m) in zip(patterns, sparse_linears(static.model)))
+    dense = new_trainer(small_config(data_dir, "bert_tiny_dense"), tmp_path / "dense").train()
+    assert "mean_explored_dof" not in dense
+    from ipu_app.sparse.flops import non_embedding_training_flops_per_sequence as paper_flops
+
+    assert dense["total_non_embedding_flops"] == pytest.approx(paper_flops(2, 128, 128, 0.0) * 12 * 8)
+    assert summary["total_non_embedding_flops"] == pytest.approx(paper_flops(2, 128, 128, 0.9) * 12 * 8, rel=1e-4)
+
+
+def test_resume_errors(data_dir, tmp_path):
+    config = small_config(data_dir)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        new_trainer(config, tmp_path / "empty", resume=True)
+    trainer = new_trainer(config, tmp_path / "run")
+    trainer.train(stop_at=4)
+    other = small_config(data_dir, "bert_tiny_sparse", "sparsity.ratio=0.8")
+    with pytest.raises(CheckpointError, match="different config"):
+        new_trainer(other, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="step_00000004 is corrupt"):
+        new_trainer(config, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        new_trainer(config, tmp_path / "run", resume=True)
+
+
+def test_checkpoint_loads_without_pickled_code(data_dir, tmp_path):
+    trainer = new_trainer(small_config(data_dir), tmp_path / "run")
+    trainer.train(stop_at=4)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["data"]["position"] == 4 * 8
+    assert set(state["rng"]) >= {"torch", "python", "numpy"}
+    assert state["updater"]["update_count"] == 1
+
+
+def test_fp16_on_cpu_is_refused(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        new_trainer(small_config(data_dir, "bert_tiny_sparse", "training.precision=fp16"), tmp_path / "run")
