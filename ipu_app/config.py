@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .model.bert import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES, ModelConfig
+from .model.sizes import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse.flops import non_embedding_params
 from .sparse.init import VALUE_INITS
 from .sparse.pattern import SUPPORTED_BLOCK_SIZES
@@ -137,7 +137,10 @@ class RunConfig:
     def effective_sparsity(self) -> float:
         return 0.0 if self.sparsity.mode == "dense" else self.sparsity.ratio
 
-    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+    def model_config(self, vocab_size: int | None = None):
+        """The ``ModelConfig`` of this run (the tokenizer's vocabulary size when given)."""
+        from .model.bert import ModelConfig
+
         return ModelConfig(
             size=self.model.size,
             vocab_size=vocab_size or self.data.vocab_size,

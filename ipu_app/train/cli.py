@@ -98,11 +98,11 @@ def main(argv=None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     from ..data.corpus import CorpusError
-    from ..model.export import ExportError
     from ..ops import BackendError
+    from ..sparse.updater import UpdaterError
     from .checkpoint import CheckpointError
 
-    return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, ExportError, OSError))
+    return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError, OSError))
 
 
 def _main(args) -> int:

@@ -306,7 +306,7 @@ class Trainer:
             self.batches.load_state_dict(state["data"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {str(exc).splitlines()[0]}") from None
-        for layer_name, layer in self.sparse_layers:
+        for _, layer in self.sparse_layers:
             layer.pattern_version += 1  # kernels must rebuild their metadata for the loaded patterns
         set_rng_state(state["rng"])
         self.window = _Window(**state["window"])

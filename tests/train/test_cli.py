@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipu_app.sparse.flops import non_embedding_training_flops_per_sequence
+from ipu_app.train.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def small_run_args(data_dir, run_dir, steps=6):
+    return ["--config", "bert_tiny_sparse", "--steps", str(steps), "--output-dir", str(run_dir), "--no-progress",
+            "--set", f"data.dir={data_dir}", "--set", "training.batch_size=4", "--set", "training.micro_batch_size=4",
+            "--set", "sparsity.num_updates=3", "--set", "data.validation_sequences=8",
+            "--set", "training.checkpoint_every=2", "--set", "training.precision=fp32"]
+
+
+def test_describe_json_reports_sizes_and_flops(capsys):
+    code, out, _ = run_cli(capsys, "--config", "bert_medium_sparse", "--describe", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["config"]["sparsity"]["ratio"] == 0.9 and info["config"]["name"] == "bert_medium_sparse"
+    assert info["non_embedding_params"] == 12 * 8 * 512 * 512
+    assert info["non_embedding_nonzero_params"] == pytest.approx(0.1 * info["non_embedding_params"], rel=1e-4)
+    assert info["non_embedding_flops_per_sequence"] == pytest.approx(2.738e9, rel=1e-3)  # paper Table A.8
+    assert info["total_training_flops"] == pytest.approx(info["non_embedding_flops_per_sequence"] * 757_000 * 512)
+    assert info["learning_rate"] == pytest.approx(2.217e-3, rel=1e-3)
+    assert (info["pattern_updates"], info["gradient_accumulation"]) == (159, 16)
+    assert len(info["layers"]) == 48 and all(r["sparsity"] == pytest.approx(0.9, abs=1e-4) for r in info["layers"])
+    assert info["trainable_nonzero_params"] == info["total_params"]  # inactive weights are not stored
+    # the whole-model count: embeddings and heads stay dense, the encoder keeps 10%
+    dense = json.loads(run_cli(capsys, "--config", "bert_medium_dense", "--describe", "--json")[1])
+    removed = dense["trainable_nonzero_params"] - info["trainable_nonzero_params"]
+    assert removed == info["non_embedding_params"] - info["non_embedding_nonzero_params"]
+
+
+def test_describe_rigl_counts_dense_gradient_steps(capsys):
+    info = json.loads(run_cli(capsys, "--config", "bert_small_sparse_rigl", "--describe", "--json")[1])
+    base = non_embedding_training_flops_per_sequence(4, 512, 128, 0.9)
+    assert info["dense_gradient_steps"] == 159
+    extra = info["total_training_flops"] - info["non_embedding_flops_per_sequence"] * 757_000 * 512
+    assert extra == pytest.approx(2 * 12 * 4 * 512**2 * 128 * 159 * 512)
+    assert info["non_embedding_flops_per_sequence"] == pytest.approx(base, rel=1e-4)
+
+
+def test_describe_text(capsys):
+    code, out, _ = run_cli(capsys, "--config", "bert_tiny_sparse_b16", "--describe", "--set", "sparsity.ratio=0.75")
+    assert code == 0
+    assert "ratio: 0.75" in out and "non-embedding FLOPs / sequence" in out
+    assert "intermediate.dense" in out and "block 16" in out and "sparsity 0.7500" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "bert_tiny_sparce"], "did you mean 'bert_tiny_sparse'"),
+    (["--config", "bert_tiny_sparse", "--set", "sparsity.ratio=1"], "sparsity.ratio must be in [0, 1)"),
+    (["--config", "bert_tiny_sparse", "--set", "training.batch_size=ten"], "training.batch_size must be an integer"),
+    (["--config", "bert_tiny_sparse", "--steps", "100"], "sparsity.num_updates=160 is more than training.steps=100"),
+    (["--config", "bert_tiny_sparse", "--set", "sparsity.blocksize=4"], "did you mean 'sparsity.block_size'"),
+    ([], "give --config NAME"),
+    (["--resume", "x", "--config", "bert_tiny_sparse"], "drop --config"),
+    (["--config", "bert_tiny_sparse", "--json"], "--json goes with --describe"),
+    (["--resume", "/nonexistent/run"], "is not a run directory"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "--config", "bert_tiny_sparse", "--output-dir", str(blocker / "run"))
+    assert code == 1 and "cannot write to" in err and "choose another --output-dir" in err
+    code, _, err = run_cli(capsys, "--config", "bert_tiny_sparse", "--output-dir", str(blocker))
+    assert code == 1 and "is not a directory" in err
+
+
+def test_train_refuse_existing_and_resume(capsys, tmp_path, data_dir):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, *small_run_args(data_dir, run))
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"final_val_mlm_loss", "total_non_embedding_flops", "tokens_per_second", "wall_time_s"}
+    summary = (run / "summary.json").read_text()
+    assert "steps: 6" in (run / "config.yaml").read_text()
+    # A second start into the same directory refuses and changes nothing.
+    code, _, err = run_cli(capsys, *small_run_args(data_dir, run))
+    assert code == 1 and "already holds a run" in err and f"--resume {run}" in err
+    assert (run / "summary.json").read_text() == summary
+    # Resuming a finished run does nothing.
+    code, _, err = run_cli(capsys, "--resume", str(run))
+    assert code == 0 and "finished already" in err
+    # A hand-edited config that no longer matches the checkpoints is refused.
+    (run / "summary.json").unlink()
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("ratio: 0.9", "ratio: 0.8"))
+    code, _, err = run_cli(capsys, "--resume", str(run))
+    assert code == 1 and "different config (sparsity.ratio: 0.9 in the checkpoint, 0.8 now)" in err
+
+
+def test_entry_point_script(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run_pretraining.py"), "--config", "nope"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: config 'nope' not found")
+    assert "Traceback" not in proc.stderr
+    help_text = subprocess.run([sys.executable, str(ROOT / "run_pretraining.py"), "--help"],
+                               capture_output=True, text=True).stdout
+    assert "--describe" in help_text and "--resume" in help_text
