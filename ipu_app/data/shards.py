@@ -181,7 +181,7 @@ def load_manifest(data_dir: str | Path) -> dict:
     """Read and check a data directory's manifest (one-line errors)."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
-        raise CorpusError(f"{data_dir} is not prepared pre-training data (no manifest.json); run the preprocessing first")
+        raise CorpusError(f"{data_dir} is not prepared pre-training data (no manifest.json); prepare it with `python -m ipu_app prepare-data --input FILES --output {data_dir}`")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

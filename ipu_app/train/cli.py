@@ -82,6 +82,16 @@ def prepare_run_dir(path: Path) -> None:
         raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose another --output-dir") from None
 
 
+def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Empty a run directory this invocation made (it was new or empty, so nothing else is lost)."""
+    import shutil
+
+    for child in run_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if created:
+        run_dir.rmdir()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -124,12 +134,18 @@ def _main(args) -> int:
             print(f"{run_dir} finished already (summary.json); nothing to resume", file=sys.stderr)
             return 0
     else:
+        created = not run_dir.exists()
         prepare_run_dir(run_dir)
         atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
 
     from .trainer import Trainer
 
-    trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except BaseException:
+        if not args.resume:  # the run never started: leave no half-made run directory behind
+            _remove_new_run_dir(run_dir, created)
+        raise
     summary = trainer.train()
     if summary is None:
         print(f"stopped at step {trainer.step}; checkpoint written. Continue with: "

@@ -85,6 +85,15 @@ def test_unwritable_output_dir(capsys, tmp_path):
     assert code == 1 and "is not a directory" in err
 
 
+def test_bad_data_dir_leaves_no_run_dir(capsys, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "--config", "bert_tiny_sparse", "--output-dir", str(run),
+                           "--set", f"data.dir={tmp_path / 'nothing'}", "--no-progress")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert "prepare-data" in err or "manifest" in err
+    assert not run.exists()  # the next attempt is not refused as "already holds a run"
+
+
 def test_train_refuse_existing_and_resume(capsys, tmp_path, data_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, *small_run_args(data_dir, run))
@@ -93,6 +102,7 @@ def test_train_refuse_existing_and_resume(capsys, tmp_path, data_dir):
     assert set(result) == {"final_val_mlm_loss", "total_non_embedding_flops", "tokens_per_second", "wall_time_s"}
     summary = (run / "summary.json").read_text()
     assert "steps: 6" in (run / "config.yaml").read_text()
+    assert any((run / "tensorboard").iterdir())  # TensorBoard event file
     # A second start into the same directory refuses and changes nothing.
     code, _, err = run_cli(capsys, *small_run_args(data_dir, run))
     assert code == 1 and "already holds a run" in err and f"--resume {run}" in err

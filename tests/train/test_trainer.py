@@ -154,3 +154,25 @@ def test_checkpoint_loads_without_pickled_code(data_dir, tmp_path):
 def test_fp16_on_cpu_is_refused(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         new_trainer(small_config(data_dir, "bert_tiny_sparse", "training.precision=fp16"), tmp_path / "run")
+
+
+def test_sigint_finishes_the_step_and_writes_a_checkpoint(data_dir, tmp_path):
+    import os
+    import signal
+
+    trainer = new_trainer(small_config(data_dir), tmp_path / "run")
+    trainer.train(stop_at=1)
+    weight = trainer.model.bert.embeddings.word_embeddings.weight
+    fired = []
+
+    def interrupt(grad):  # Ctrl-C in the middle of step 3's backward pass
+        if trainer.step == 2 and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return grad
+
+    weight.register_hook(interrupt)
+    assert trainer.train() is None and trainer.stopped_by_signal
+    assert trainer.step == 3  # the interrupted step was completed, not torn
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")][-1] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
