@@ -76,6 +76,7 @@ class TrainingSection:
     validate_every: int = 10_000
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 2
+    dist_timeout_s: int = 600  # torchrun: a collective waiting longer on a dead rank fails the job
 
 
 @dataclass
@@ -205,6 +206,7 @@ class RunConfig:
             _check(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
         for key in ("log_every", "validate_every", "checkpoint_every"):
             _check(getattr(t, key) >= 1, f"training.{key} must be >= 1, got {getattr(t, key)}")
+        _check(t.dist_timeout_s >= 1, f"training.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
         _check(t.keep_checkpoints >= 1, f"training.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
         _check(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optimizer.beta1 and beta2 must be in [0, 1)")
         _check(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")

@@ -67,12 +67,17 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return config.validate()
 
 
-def prepare_run_dir(path: Path) -> None:
-    """Create a new run directory; refuse one that holds anything (it would be overwritten)."""
+def check_run_dir(path: Path) -> None:
+    """A new run may start in ``path``: it does not exist or is an empty directory."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output-dir {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         raise ConfigError(f"{path} already holds a run; continue it with --resume {path} or choose another --output-dir")
+
+
+def prepare_run_dir(path: Path) -> None:
+    """Create a new run directory; refuse one that holds anything (it would be overwritten)."""
+    check_run_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -111,42 +116,62 @@ def _is_user_error(exc: Exception) -> bool:
     from ..ops import BackendError
     from ..sparse.updater import UpdaterError
     from .checkpoint import CheckpointError
+    from .distributed import PatternMismatchError
 
-    return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError, OSError))
+    return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError,
+                            PatternMismatchError, OSError))
 
 
 def _main(args) -> int:
+    from .distributed import DistContext
+
     _check_args(args)
+    ctx = DistContext.from_env()  # torchrun sets RANK / WORLD_SIZE; one process otherwise
     if args.resume:
         run_dir = Path(args.resume)
         config = load_run_config(run_dir)
     else:
         config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed)
         run_dir = Path(args.output_dir or Path("runs") / config.name)
+    config.accumulation_steps(ctx.world_size)  # batch = micro x accumulation x processes, or a clear error
     if args.describe:
         from .describe import describe, format_description
 
-        info = describe(config)
-        print(json.dumps(info) if args.json else format_description(info))
+        if ctx.is_main:
+            info = describe(config, world_size=ctx.world_size)
+            print(json.dumps(info) if args.json else format_description(info))
         return 0
-    if args.resume:
-        if (run_dir / "summary.json").is_file():
+    if args.resume and (run_dir / "summary.json").is_file():
+        if ctx.is_main:
             print(f"{run_dir} finished already (summary.json); nothing to resume", file=sys.stderr)
-            return 0
-    else:
-        created = not run_dir.exists()
-        prepare_run_dir(run_dir)
-        atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
+        return 0
+    if not args.resume:
+        check_run_dir(run_dir)  # on every rank, before any rank creates it
+    ctx.init(config.training.dist_timeout_s)
+    try:
+        return _train(args, ctx, config, run_dir)
+    finally:
+        ctx.shutdown()
 
+
+def _train(args, ctx, config: RunConfig, run_dir: Path) -> int:
     from .trainer import Trainer
 
+    created = not run_dir.exists()
+    ctx.barrier()  # every rank has checked the directory
+    if not args.resume and ctx.is_main:
+        prepare_run_dir(run_dir)
+        atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
+    ctx.barrier()
     try:
-        trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, dist=ctx)
     except BaseException:
-        if not args.resume:  # the run never started: leave no half-made run directory behind
+        if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
             _remove_new_run_dir(run_dir, created)
         raise
     summary = trainer.train()
+    if not ctx.is_main:
+        return 0 if summary is not None or not trainer.stopped_by_signal else 130
     if summary is None:
         print(f"stopped at step {trainer.step}; checkpoint written. Continue with: "
               f"python run_pretraining.py --resume {run_dir}", file=sys.stderr)

@@ -47,6 +47,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, kind: str, step: int, **values) -> dict:
+        return {"kind": kind, "step": step, **values}
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` when given)."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -30,11 +30,13 @@ from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, vali
 from ..io import atomic_write_bytes
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
+from ..sparse.init import derive_seed
 from ..sparse.regularize import group_lasso_
 from ..sparse.schedule import UpdateSchedule
 from ..sparse.updater import PatternUpdater
+from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_precision
 
@@ -73,27 +75,41 @@ class Trainer:
     """Pre-trains ``SparseBertForPreTraining`` as ``config`` says, writing into ``run_dir``."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 device: str | torch.device | None = None, tensorboard: bool = True) -> None:
+                 device: str | torch.device | None = None, tensorboard: bool = True,
+                 dist: DistContext = DistContext()) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = dist
+        self.progress = progress and dist.is_main
+        self.device = torch.device(device) if device else dist.device()
         self.precision: Precision = resolve_precision(config.training.precision, self.device)
         t = config.training
         self.total_steps = t.steps
-        self.accumulation = config.accumulation_steps(1)
+        self.accumulation = config.accumulation_steps(dist.world_size)
 
         self.data_dir = resolve_data_dir(config, progress)
         masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
         train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
-        self.batches = BatchIterator(train_set, config.micro_batch_size)
-        self.validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
-                                             max_sequences=config.data.validation_sequences)
+        self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
+        validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
+                                        max_sequences=config.data.validation_sequences)
+        self.validation = validation[dist.rank :: dist.world_size]  # sums are all-reduced
         if not self.validation:
             raise ConfigError(f"{self.data_dir} has no validation sequences; prepare more data")
 
         torch.manual_seed(config.seed)  # dense initialisation and dropout draw from the global generator
         self.model = SparseBertForPreTraining(config.model_config(train_set.vocab_size)).to(self.device)
+        if dist.rank > 0:  # identical weights and patterns on every rank; independent dropout streams
+            torch.manual_seed(derive_seed(config.seed, 0xD15, dist.rank))
+        self.forward_model = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Buffers (the patterns) are not broadcast: ranks keep them equal by construction and the
+            # hash check after every update proves it, instead of rank 0 silently overwriting them.
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
@@ -105,7 +121,7 @@ class Trainer:
             self.updater = PatternUpdater(
                 self.model, self.optimizer, self.schedule, mode=s.mode, pruning_ratio=s.pruning_ratio,
                 pruning_schedule=s.pruning_schedule, regrowth=s.regrowth, block_metric=s.block_metric,
-                seed=config.seed,
+                seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
             )
         self.sparse_layers = sparse_linears(self.model)
         self.step = 0
@@ -118,7 +134,8 @@ class Trainer:
         resume_step = None
         if resume:
             resume_step = self._resume()
-        self.metrics = MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+        self.metrics = (MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+                        if dist.is_main else NullLogger())
 
     # ==================================================================== the loop
     def train(self, stop_at: int | None = None) -> dict | None:
@@ -133,6 +150,7 @@ class Trainer:
                     end = self._phase_end(self.step, stop_at)
                     self._run_phase(end, bar)
                     self._phase_boundary()
+                    self._stop_requested = self.dist.any(self._stop_requested)
                     if self._stop_requested or (stop_at is not None and self.step >= stop_at):
                         self.save_checkpoint()
                         return None
@@ -154,7 +172,11 @@ class Trainer:
         return min(ends)
 
     def _run_phase(self, end: int, bar) -> None:
-        while self.step < end and not self._stop_requested:
+        while self.step < end:
+            if self.dist.enabled:  # every rank stops after the same step
+                self._stop_requested = self.dist.any(self._stop_requested)
+            if self._stop_requested:
+                break
             self._train_step(self.step + 1)
             bar.update(1)
             if self.step % self.config.training.log_every == 0 or self.step == self.total_steps:
@@ -166,6 +188,7 @@ class Trainer:
         if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
             if self._last_step_finite:
                 stats = self.updater.step(step)
+                check_patterns_consistent(self.dist, self.sparse_layers, step)
                 self.counters.pattern_updates += 1
                 self.metrics.log("update", step, **_update_record(stats))
             else:
@@ -185,12 +208,16 @@ class Trainer:
             self.updater.begin_step(step)  # RigL: dense gradients only before an update
         sums = torch.zeros(4, dtype=torch.float64)  # mlm loss, nsp loss, correct, masked
         tokens = 0
-        for _ in range(self.accumulation):
+        for micro in range(self.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
-            with self.precision.autocast():
-                out = model(**batch)
-            loss = out.loss / self.accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            last = micro == self.accumulation - 1
+            # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    out = self.forward_model(**batch)
+                loss = out.loss / self.accumulation
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
             sums += torch.tensor([out.mlm_loss.item(), nsp, out.mlm_correct.item(), out.num_masked], dtype=torch.float64)
             tokens += batch["input_ids"].numel()
@@ -213,7 +240,10 @@ class Trainer:
         self.step = step
         self._last_lr = lr
         self._last_step_finite = finite
+        self.dist.all_reduce_sum(sums)  # logged values are those of the global batch
+        tokens *= self.dist.world_size
         mlm, nsp, correct, masked = sums.tolist()
+        mlm, nsp = mlm / self.dist.world_size, nsp / self.dist.world_size
         loss_value = (mlm + nsp) / self.accumulation
         if not finite:
             self.counters.skipped_steps += 1
@@ -250,19 +280,18 @@ class Trainer:
     def validate(self) -> dict:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
         self.model.eval()
-        mlm = nsp = 0.0
-        correct = masked = sequences = 0
+        sums = torch.zeros(5, dtype=torch.float64)  # mlm loss x masked, masked, correct, nsp loss x n, n
         for batch in self.validation:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.precision.autocast():
                 out = self.model(**batch)
-            mlm += float(out.mlm_loss) * out.num_masked
-            masked += out.num_masked
-            correct += int(out.mlm_correct)
             n = batch["input_ids"].shape[0]
-            if out.nsp_loss is not None:
-                nsp += float(out.nsp_loss) * n
-            sequences += n
+            nsp_sum = float(out.nsp_loss) * n if out.nsp_loss is not None else 0.0
+            sums += torch.tensor([float(out.mlm_loss) * out.num_masked, out.num_masked, int(out.mlm_correct),
+                                  nsp_sum, n], dtype=torch.float64)
+        self.dist.all_reduce_sum(sums)
+        mlm, masked, correct, nsp, sequences = sums.tolist()
+        masked, sequences = int(masked), int(sequences)
         result = {"mlm_loss": mlm / max(masked, 1), "mlm_accuracy": correct / max(masked, 1),
                   "sequences": sequences}
         if self.config.model.nsp:
@@ -280,15 +309,21 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "updater": self.updater.state_dict() if self.updater is not None else None,
             "data": self.batches.state_dict(),
-            "rng": rng_state(),
+            "rng": self.dist.all_gather_object(rng_state()),  # one entry per rank
             "window": vars(self.window).copy(),
             "counters": vars(self.counters).copy(),
             "last_step_finite": self._last_step_finite,
             "last_lr": self._last_lr,
         }
 
-    def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self._state(), self.config.training.keep_checkpoints)
+    def save_checkpoint(self) -> Path | None:
+        """Every rank contributes its RNG state; rank 0 writes."""
+        state = self._state()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, self.step, self.model, state, self.config.training.keep_checkpoints)
+        self.dist.barrier()
+        return path
 
     def _resume(self) -> int:
         found = latest_checkpoint(self.run_dir)
@@ -308,7 +343,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not match this run: {str(exc).splitlines()[0]}") from None
         for _, layer in self.sparse_layers:
             layer.pattern_version += 1  # kernels must rebuild their metadata for the loaded patterns
-        set_rng_state(state["rng"])
+        if len(state["rng"]) != self.dist.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {len(state['rng'])} processes, this run has "
+                                  f"{self.dist.world_size}; resume with the same number of processes")
+        set_rng_state(state["rng"][self.dist.rank])
         self.window = _Window(**state["window"])
         self.counters = _Counters(**state["counters"])
         self._last_step_finite = bool(state["last_step_finite"])
@@ -320,13 +358,15 @@ class Trainer:
     def _finish(self) -> dict:
         val = self.validate()
         self.save_checkpoint()
-        self.model.save(self.run_dir / "model")
-        from ..data.tokenizer import copy_tokenizer
-
-        copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
         summary = self.summary(val)
-        atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
+        if self.dist.is_main:
+            from ..data.tokenizer import copy_tokenizer
+
+            self.model.save(self.run_dir / "model")
+            copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
+            atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
         self.metrics.close()
+        self.dist.barrier()
         return summary
 
     def summary(self, val: dict) -> dict:
@@ -354,6 +394,8 @@ class Trainer:
             "wall_time_s": c.history.get("wall_seconds", 0.0),
             "precision": self.precision.name,
             "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "global_batch_size": self.config.training.batch_size,
         }
         if self.updater is not None:
             summary["mean_explored_dof"] = self.updater.mean_explored_dof()

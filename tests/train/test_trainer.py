@@ -147,7 +147,7 @@ def test_checkpoint_loads_without_pickled_code(data_dir, tmp_path):
     trainer.train(stop_at=4)
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert state["step"] == 4 and state["data"]["position"] == 4 * 8
-    assert set(state["rng"]) >= {"torch", "python", "numpy"}
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) >= {"torch", "python", "numpy"}  # one per rank
     assert state["updater"]["update_count"] == 1
 
 
