@@ -274,7 +274,8 @@ def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = Non
     raise ConfigError(f"config {text!r} not found{hint}")
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file holding a mapping (empty -> {}); one-line ConfigError otherwise."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -305,7 +306,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in _chain:
         raise ConfigError(f"config inheritance loop: {' -> '.join(p.stem for p in _chain + (path,))}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, from_dict, load_config
+from ..config import ConfigError, RunConfig, from_dict, load_config, read_yaml
 from ..io import atomic_write_bytes
 
 EPILOG = """examples:
@@ -52,16 +52,11 @@ def _check_args(args) -> None:
 
 def load_run_config(run_dir: Path) -> RunConfig:
     """The resolved config a run saved in ``RUN_DIR/config.yaml``."""
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); start it with --config")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    name = raw.pop("name", "") if isinstance(raw, dict) else ""
+    raw = read_yaml(path)
+    name = raw.pop("name", "")
     config = from_dict(raw)
     config.name = name
     return config.validate()

@@ -19,7 +19,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,7 @@ class _Counters:
     train_seconds: float = 0.0
     train_tokens: int = 0
     last_train_loss: float = float("nan")
-    history: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
 
 
 class Trainer:
@@ -156,8 +156,7 @@ class Trainer:
                         return None
         finally:
             bar.close()
-            self.counters.history["wall_seconds"] = self.counters.history.get("wall_seconds", 0.0) + (
-                time.perf_counter() - start)
+            self.counters.wall_seconds += time.perf_counter() - start
         return self._finish()
 
     def _phase_end(self, step: int, stop_at: int | None) -> int:
@@ -173,8 +172,7 @@ class Trainer:
 
     def _run_phase(self, end: int, bar) -> None:
         while self.step < end:
-            if self.dist.enabled:  # every rank stops after the same step
-                self._stop_requested = self.dist.any(self._stop_requested)
+            self._stop_requested = self.dist.any(self._stop_requested)  # every rank stops after the same step
             if self._stop_requested:
                 break
             self._train_step(self.step + 1)
@@ -297,7 +295,6 @@ class Trainer:
         if self.config.model.nsp:
             result["nsp_loss"] = nsp / max(sequences, 1)
         self.metrics.log("val", self.step, **result)
-        self.counters.history["last_val"] = result
         return result
 
     # ============================================================ checkpoints
@@ -391,7 +388,7 @@ class Trainer:
             "skipped_updates": c.skipped_updates,
             "tokens_per_second": c.train_tokens / max(c.train_seconds, 1e-9),
             "train_time_s": c.train_seconds,
-            "wall_time_s": c.history.get("wall_seconds", 0.0),
+            "wall_time_s": c.wall_seconds,
             "precision": self.precision.name,
             "device": str(self.device),
             "world_size": self.dist.world_size,
