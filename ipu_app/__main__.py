@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _prepare_data(args) -> int:
@@ -24,6 +25,38 @@ def _export(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .experiments.sweep import SweepRunner, format_plan, format_results, load_sweep
+
+    sweep = load_sweep(args.spec)
+    directory = Path(args.output_dir or Path("runs") / "sweeps" / sweep.name)
+    runner = SweepRunner(sweep, directory, jobs=args.jobs, only=args.only)
+    if args.list:
+        print(format_plan(runner))
+        return 0
+    results = runner.run()
+    print(format_results(results))
+    if runner.stopped:
+        return 130
+    failed = [name for name, r in results.items() if r.status in ("failed", "stale")]
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} runs did not finish (see {directory / 'status.json'} "
+              f"and {directory / 'logs'})", file=sys.stderr)
+        return 1
+    figure = f" --figure {sweep.figure}" if sweep.figure else ""
+    print(f"report: python -m ipu_app report {directory}{figure} --output {directory / 'report'}", file=sys.stderr)
+    return 0
+
+
+def _report(args) -> int:
+    from .experiments.report import build_report
+
+    written = build_report(args.runs_dir, args.figure, args.output, layer=args.layer)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipu_app", description="DynSparse BERT tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=30522)
     p.add_argument("--document-mode", default="blank_lines", choices=["blank_lines", "file"])
     p.set_defaults(func=_prepare_data)
+    sub.add_parser("train", help="train one config (the same as python run_pretraining.py; see train --help)",
+                   add_help=False)
+    p = sub.add_parser("sweep", help="run a grid of training runs from a sweep spec (configs/sweeps/)")
+    p.add_argument("spec", help="a sweep spec YAML path or a name under configs/sweeps (e.g. pareto_cpu)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (CPU threads are split)")
+    p.add_argument("--output-dir", help="the sweep directory (default runs/sweeps/NAME)")
+    p.add_argument("--only", nargs="+", default=[], metavar="RUN", help="run only these runs of the sweep")
+    p.add_argument("--list", action="store_true", help="list the runs and their state; train nothing")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("report", help="tables and a figure from finished run directories (never trains)")
+    p.add_argument("runs_dir", help="a sweep directory or any directory holding run directories")
+    p.add_argument("--figure", help="which paper figure (default: the sweep's 'figure')")
+    p.add_argument("--output", help="output directory (default RUNS_DIR/report)")
+    p.add_argument("--layer", default=None,
+                   help="exploration: the weight whose accumulated pattern is drawn (default layer 2's FFN up)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")
@@ -42,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train.cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "prepare-data" and args.input and not args.output:
         print("error: prepare-data --input needs --output DIR", file=sys.stderr)

@@ -360,6 +360,41 @@ class PatternUpdater:
         self.update_count = int(state["update_count"])
 
 
+EXPLORED_FILE = "explored.safetensors"
+
+
+def save_explored(updater: "PatternUpdater", path) -> None:
+    """Write every layer's ever-active block map (``uint8 [out/b, in/b]``, 1 = active at some point)
+    to a safetensors file, atomically; the block size is in the metadata."""
+    from safetensors.numpy import save
+
+    from ..io import atomic_write_bytes
+
+    tensors, block_sizes = {}, set()
+    for name, layer in updater.layers:
+        tensors[name] = updater.explored_mask(name).numpy().astype(np.uint8)
+        block_sizes.add(layer.pattern.block_size)
+    metadata = {"format": "ipu_app.explored/1", "block_size": ",".join(str(b) for b in sorted(block_sizes))}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_explored(path) -> tuple[dict[str, np.ndarray], int]:
+    """``({layer name: bool block map}, block size)`` from a file written by :func:`save_explored`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            maps = {name: f.get_tensor(name).astype(bool) for name in f.keys()}
+    except (OSError, ValueError) as exc:  # missing, truncated or not safetensors
+        raise UpdaterError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        block_size = int(metadata.get("block_size", "1").split(",")[0])
+    except ValueError:
+        raise UpdaterError(f"{path}: bad block_size metadata {metadata.get('block_size')!r}") from None
+    return maps, block_size
+
+
 def _members(positions: torch.Tensor, subset: torch.Tensor, size: int) -> torch.Tensor:
     """``positions in subset`` for block positions in ``[0, size)``, via a lookup table (O(k), unlike isin)."""
     table = torch.zeros(size, dtype=torch.bool, device=positions.device)

@@ -46,7 +46,7 @@ def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
     if s.mode == "dynamic" and s.regrowth == "gradient":
         dense_gradient_steps = len(UpdateSchedule.evenly_spaced(steps, s.num_updates))
     extra = rigl_dense_gradient_flops(layers, hidden, config.data.seq_len) * dense_gradient_steps * batch
-    return {"non_embedding_flops_per_sequence": per_sequence,
+    return {"non_embedding_flops_per_sequence": per_sequence, "non_embedding_nonzero_params": active,
             "total_training_flops": per_sequence * steps * batch + extra,
             "dense_gradient_steps": dense_gradient_steps}
 

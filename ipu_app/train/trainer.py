@@ -33,7 +33,7 @@ from ..model.sparse_linear import sparse_linears
 from ..sparse.init import derive_seed
 from ..sparse.regularize import group_lasso_
 from ..sparse.schedule import UpdateSchedule
-from ..sparse.updater import PatternUpdater
+from ..sparse.updater import EXPLORED_FILE, PatternUpdater, save_explored
 from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLogger, NullLogger
@@ -360,6 +360,8 @@ class Trainer:
             from ..data.tokenizer import copy_tokenizer
 
             self.model.save(self.run_dir / "model")
+            if self.updater is not None:
+                save_explored(self.updater, self.run_dir / EXPLORED_FILE)
             copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
             atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
         self.metrics.close()
@@ -379,6 +381,7 @@ class Trainer:
             "final_val_mlm_accuracy": val["mlm_accuracy"],
             "final_train_loss": c.last_train_loss,
             "non_embedding_flops_per_sequence": flops["non_embedding_flops_per_sequence"],
+            "non_embedding_nonzero_params": flops["non_embedding_nonzero_params"],
             "total_non_embedding_flops": flops["total_training_flops"],
             "sparsity": self.config.effective_sparsity,
             "block_size": self.config.sparsity.block_size,

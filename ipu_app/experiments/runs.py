@@ -1,0 +1,341 @@
+"""Finished run directories as report inputs, and the numbers the paper's figures are made of.
+
+A report reads only what training wrote: ``config.yaml`` (the resolved config), ``summary.json``
+(final numbers), ``metrics.jsonl`` (curves) and ``explored.safetensors`` (exploration maps). It
+never imports the model or trains anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import yaml
+
+
+class ReportError(ValueError):
+    """Run directories that cannot make the asked-for report; one actionable line."""
+
+
+@dataclass
+class Run:
+    """One finished training run."""
+
+    name: str
+    path: Path
+    config: dict
+    summary: dict
+    _metrics: list[dict] | None = field(default=None, repr=False)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key (``sparsity.ratio``)."""
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def mode(self) -> str:
+        return self.get("sparsity.mode", "dense")
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.summary.get("sparsity", 0.0 if self.mode == "dense" else self.get("sparsity.ratio", 0.0)))
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    @property
+    def size(self) -> str:
+        return str(self.get("model.size", "?"))
+
+    @property
+    def block_size(self) -> int:
+        return int(self.get("sparsity.block_size", 1)) if self.mode != "dense" else 1
+
+    @property
+    def loss(self) -> float:
+        return float(self.summary["final_val_mlm_loss"])
+
+    @property
+    def flops(self) -> float:
+        return float(self.summary["non_embedding_flops_per_sequence"])
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.summary["learning_rate"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.get("seed", 0))
+
+    @property
+    def method(self) -> str:
+        """``dense``, ``static``, ``random`` or ``rigl`` (DynSparse regrowth)."""
+        if self.mode != "dynamic":
+            return self.mode
+        return "rigl" if self.get("sparsity.regrowth") == "gradient" else "random"
+
+    def metrics(self, kind: str | None = None) -> list[dict]:
+        if self._metrics is None:
+            path = self.path / "metrics.jsonl"
+            records = []
+            if path.is_file():
+                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError:
+                        raise ReportError(f"{path} line {number} is not JSON; the run's metrics are damaged") from None
+            self._metrics = records
+        return [r for r in self._metrics if kind is None or r.get("kind") == kind]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} is not a JSON object")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ReportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} is not a YAML mapping")
+    return data
+
+
+REQUIRED_SUMMARY = ("final_val_mlm_loss", "non_embedding_flops_per_sequence", "learning_rate")
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Run directories under ``root``: a sweep's ``runs/*``, or any directory (to depth 3) holding a
+    ``config.yaml`` next to ``metrics.jsonl`` or ``summary.json``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a directory; give a sweep directory or a directory of run directories")
+    found = []
+
+    def is_run(p: Path) -> bool:
+        return (p / "config.yaml").is_file() and ((p / "summary.json").is_file() or (p / "metrics.jsonl").is_file())
+
+    def walk(p: Path, depth: int) -> None:
+        if is_run(p):
+            found.append(p)
+            return
+        if depth == 0:
+            return
+        for child in sorted(p.iterdir()):
+            if child.is_dir() and child.name not in ("checkpoints", "tensorboard", "model", "tokenizer", "attempts"):
+                walk(child, depth - 1)
+
+    walk(root, 3)
+    return found
+
+
+def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) -> tuple[list[Run], list[str]]:
+    """The finished runs under ``root`` and the names of unfinished ones (no ``summary.json``)."""
+    runs, unfinished = [], []
+    for path in find_run_dirs(root):
+        if not (path / "summary.json").is_file():
+            unfinished.append(path.name)
+            continue
+        summary = _read_json(path / "summary.json")
+        missing = [k for k in REQUIRED_SUMMARY if summary.get(k) is None]
+        if missing:
+            raise ReportError(f"{path / 'summary.json'} lacks {missing[0]!r}; was it written by this version?")
+        runs.append(Run(name=path.name, path=path, config=_read_yaml(path / "config.yaml"), summary=summary))
+    if unfinished:
+        warn(f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished[:5])}"
+             + (" ..." if len(unfinished) > 5 else ""))
+    return runs, unfinished
+
+
+# ------------------------------------------------------------------------------ aggregation
+@dataclass
+class Point:
+    """Runs that differ only by seed, averaged."""
+
+    key: tuple
+    runs: list[Run]
+
+    @property
+    def losses(self) -> list[float]:
+        return [r.loss for r in self.runs]
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.losses, ddof=1)) if len(self.runs) > 1 else 0.0
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    def mean(self, value: Callable[[Run], float | None]) -> float | None:
+        values = [v for v in (value(r) for r in self.runs) if v is not None and math.isfinite(v)]
+        return float(np.mean(values)) if values else None
+
+
+def group(runs: Iterable[Run], key: Callable[[Run], tuple]) -> list[Point]:
+    """Average over seeds: one Point per distinct ``key`` (in first-seen order)."""
+    points: dict[tuple, Point] = {}
+    for run in runs:
+        k = key(run)
+        points.setdefault(k, Point(k, [])).runs.append(run)
+    return list(points.values())
+
+
+def best_over_lr(runs: Iterable[Run], key: Callable[[Run], tuple]) -> list[Point]:
+    """Per ``key``, the learning rate with the lowest seed-mean loss (the paper's tables report the
+    best learning rate of each setting)."""
+    by_lr = group(runs, lambda r: (key(r), round(r.learning_rate, 12)))
+    best: dict[tuple, Point] = {}
+    for point in by_lr:
+        k = point.key[0]
+        if k not in best or point.loss < best[k].loss:
+            best[k] = Point(k, point.runs)
+    return list(best.values())
+
+
+# ------------------------------------------------------------------------ dense-family curve
+@dataclass
+class DenseCurve:
+    """The dense family's MLM loss against non-embedding FLOPs, piecewise linear in log FLOPs."""
+
+    flops: np.ndarray
+    loss: np.ndarray
+    names: list[str]
+
+    @classmethod
+    def from_points(cls, points: list[tuple[float, float, str]]) -> "DenseCurve | None":
+        """``points``: (FLOPs, loss, name) per dense size; None with fewer than two sizes."""
+        points = sorted(points)
+        if len(points) < 2:
+            return None
+        flops, loss, names = zip(*points)
+        return cls(np.array(flops, dtype=float), np.array(loss, dtype=float), list(names))
+
+    def matched_loss(self, flops: float) -> float | None:
+        """The dense loss at ``flops``, interpolated linearly in log FLOPs between adjacent sizes
+        (None outside the family's range)."""
+        x = math.log(flops)
+        xs = np.log(self.flops)
+        if x < xs[0] - 1e-12 or x > xs[-1] + 1e-12:
+            return None
+        return float(np.interp(x, xs, self.loss))
+
+    def matched_flops(self, loss: float) -> float | None:
+        """The FLOPs at which the interpolated dense curve reaches ``loss`` (the first crossing
+        from the small end; None when no segment brackets it)."""
+        xs = np.log(self.flops)
+        for i in range(len(xs) - 1):
+            lo, hi = self.loss[i], self.loss[i + 1]
+            if min(lo, hi) - 1e-12 <= loss <= max(lo, hi) + 1e-12:
+                if hi == lo:
+                    return float(self.flops[i])
+                t = (loss - lo) / (hi - lo)
+                return float(math.exp(xs[i] + t * (xs[i + 1] - xs[i])))
+        return None
+
+    def reduction_factor(self, flops: float, loss: float) -> float | None:
+        """``FLOPs_sparse / FLOPs_dense`` at equal loss (the paper's Fig. 8): below 1, the run needs
+        fewer FLOPs than the dense family for its loss."""
+        dense = self.matched_flops(loss)
+        return None if dense is None else flops / dense
+
+
+def dense_curve(runs: Iterable[Run]) -> DenseCurve | None:
+    """The dense family of ``runs``: per model size, the best learning rate's seed-mean loss."""
+    dense = best_over_lr([r for r in runs if r.mode == "dense"], key=lambda r: (r.size,))
+    return DenseCurve.from_points([(p.first.flops, p.loss, p.first.size) for p in dense])
+
+
+# ------------------------------------------------------------------- learning-rate analysis
+@dataclass
+class LrFit:
+    """A polynomial fit of loss against ln(learning rate) and its minimum in the swept range."""
+
+    coefficients: np.ndarray  # highest power first, in x = ln(lr)
+    lr_min: float
+    lr_max: float
+    optimum_lr: float
+    optimum_loss: float
+    at_edge: bool  # the fitted minimum is an end of the swept range: the optimum may lie outside
+
+    def __call__(self, lr):
+        return np.polyval(self.coefficients, np.log(lr))
+
+
+def fit_lr_curve(lrs: Iterable[float], losses: Iterable[float]) -> LrFit | None:
+    """Cubic fit of loss vs ln(lr) (the paper's Fig. 12 method); quadratic with three learning rates;
+    None with fewer. The optimum is the fitted curve's minimum over the swept range."""
+    lrs, losses = np.asarray(list(lrs), dtype=float), np.asarray(list(losses), dtype=float)
+    if len(np.unique(lrs)) < 3:
+        return None
+    degree = 3 if len(np.unique(lrs)) >= 4 else 2
+    x = np.log(lrs)
+    coefficients = np.polyfit(x, losses, degree)
+    lo, hi = float(x.min()), float(x.max())
+    candidates = [lo, hi]
+    second = np.polyder(coefficients, 2)
+    for root in np.roots(np.polyder(coefficients)):
+        if abs(root.imag) < 1e-9 and lo <= root.real <= hi and np.polyval(second, root.real) > 0:
+            candidates.append(float(root.real))
+    values = [float(np.polyval(coefficients, c)) for c in candidates]
+    best = int(np.argmin(values))
+    return LrFit(coefficients, math.exp(lo), math.exp(hi), math.exp(candidates[best]), values[best], at_edge=best < 2)
+
+
+def fit_power_law(ns: Iterable[float], lrs: Iterable[float]) -> tuple[float, float] | None:
+    """``(slope, intercept)`` of ``ln lr = slope · ln N + intercept`` (the paper's Fig. 13); None
+    with fewer than two distinct N."""
+    ns, lrs = np.asarray(list(ns), dtype=float), np.asarray(list(lrs), dtype=float)
+    if len(np.unique(ns)) < 2:
+        return None
+    slope, intercept = np.polyfit(np.log(ns), np.log(lrs), 1)
+    return float(slope), float(intercept)
+
+
+# ------------------------------------------------------------------------------- exploration
+def dof_curve(run: Run) -> list[tuple[int, float]]:
+    """Mean explored degrees of freedom over steps: the pattern density at step 0, then the value
+    logged at every pattern update, then the final value at the last step."""
+    curve = [(0, run.density)]
+    for record in run.metrics("update"):
+        if record.get("mean_explored_dof") is not None:
+            curve.append((int(record["step"]), float(record["mean_explored_dof"])))
+    final = run.summary.get("mean_explored_dof")
+    steps = int(run.summary.get("steps", curve[-1][0]))
+    if final is not None and steps > curve[-1][0]:
+        curve.append((steps, float(final)))
+    return curve
+
+
+def recently_grown_ratio(run: Run) -> float | None:
+    """Mean over updates and layers of the fraction of pruned blocks grown at the previous update
+    (the paper's "ratio of removed, new weights", Fig. 5)."""
+    values = [layer["pruned_recently_grown"] for record in run.metrics("update") for layer in record.get("layers", [])
+              if layer.get("pruned_recently_grown") is not None and math.isfinite(layer["pruned_recently_grown"])]
+    return float(np.mean(values)) if values else None

@@ -1,0 +1,496 @@
+"""``python -m ipu_app sweep SPEC.yaml``: a grid of training runs in one directory.
+
+A sweep spec is YAML::
+
+    figure: pareto            # the report it feeds (python -m ipu_app report --figure)
+    set:                      # overrides for every run (dotted config keys)
+      training.steps: 400
+      training.batch_size: 32
+    grid:                     # a list of grids; each is the product of its list-valued keys
+      - config: [bert_tiny_dense, bert_mini_dense]
+      - config: bert_mini_sparse
+        sparsity.block_size: [1, 16]
+        seed: [0, 1]
+
+``config`` names a config (or a list); every other key is a dotted config key (``seed`` and
+``backend`` are top-level keys). A list value is an axis; wrap a list-valued setting in a second
+list (``sparsity.modules: [[query, key]]``). ``label`` replaces the config name in run names.
+A run is named after its config (or label) and every grid key besides ``config``:
+``bert_mini_sparse,block_size=16,seed=1``.
+
+Runs live in ``SWEEP_DIR/runs/NAME`` and are trained by ``python -m ipu_app train`` in
+subprocesses (``--jobs`` at a time, the CPU threads split between them), output in
+``SWEEP_DIR/logs/NAME.log``. Starting a sweep again skips finished runs (``summary.json``),
+resumes interrupted ones from their checkpoint, restarts runs that died before their first
+checkpoint (the partial directory is moved to ``SWEEP_DIR/attempts/``), and refuses to touch a
+run whose saved config differs from the spec (``stale``). A failed run is recorded in
+``SWEEP_DIR/status.json`` with its last error line; the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, RunConfig, load_config
+from ..io import atomic_write_bytes
+
+SPEC_KEYS = ("figure", "description", "set", "grid")
+SWEEP_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "sweeps"
+
+
+class SweepError(ValueError):
+    """A sweep spec or sweep directory that cannot be used; one actionable line."""
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: its name, config and overrides."""
+
+    name: str
+    config: str
+    overrides: dict[str, Any]
+    steps: int | None = None
+    seed: int | None = None
+
+    def override_args(self) -> list[str]:
+        return [f"{key}={_yaml_scalar(value)}" for key, value in self.overrides.items()]
+
+    def resolve(self) -> RunConfig:
+        try:
+            config = load_config(self.config, self.override_args(), steps=self.steps, seed=self.seed)
+        except ConfigError as exc:
+            raise SweepError(f"run {self.name}: {exc}") from None
+        config.name = self.name
+        return config
+
+    def command(self, run_dir: Path, resume: bool) -> list[str]:
+        base = [sys.executable, "-m", "ipu_app", "train", "--no-progress"]
+        if resume:
+            return base + ["--resume", str(run_dir)]
+        cmd = base + ["--config", self.config, "--output-dir", str(run_dir)]
+        if self.steps is not None:
+            cmd += ["--steps", str(self.steps)]
+        if self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
+        for item in self.override_args():
+            cmd += ["--set", item]
+        cmd += ["--set", f"name={self.name}"]
+        return cmd
+
+
+@dataclass
+class Sweep:
+    name: str
+    figure: str | None
+    runs: list[RunSpec]
+    text: str = ""
+    description: str = ""
+
+
+# ------------------------------------------------------------------------------ spec parsing
+def resolve_spec_path(name_or_path: str | Path) -> Path:
+    """A spec path, or a name under ``configs/sweeps``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (SWEEP_DIR / f"{name_or_path}.yaml", SWEEP_DIR / str(name_or_path)):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
+    raise SweepError(f"no sweep spec {name_or_path!r}; give a YAML path or one of: {known}")
+
+
+def load_sweep(name_or_path: str | Path) -> Sweep:
+    """Parse and expand a sweep spec; every run's config is loaded and validated here."""
+    path = resolve_spec_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SweepError(f"{path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path} must be a YAML mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise SweepError(f"{path}: unknown key {unknown[0]!r}; a sweep spec has {', '.join(SPEC_KEYS)}")
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        raise SweepError(f"{path}: 'set' must map dotted config keys to values")
+    grids = raw.get("grid")
+    if isinstance(grids, dict):
+        grids = [grids]
+    if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise SweepError(f"{path}: 'grid' must be a list of mappings, each with a 'config' key")
+    runs = []
+    for index, grid in enumerate(grids):
+        runs.extend(expand_grid(grid, common, where=f"{path} grid entry {index + 1}"))
+    seen: dict[str, RunSpec] = {}
+    for run in runs:
+        if run.name in seen:
+            raise SweepError(f"{path}: two runs are both named {run.name!r}; add a distinguishing key or 'label'")
+        seen[run.name] = run
+    for run in runs:
+        run.resolve()  # every config error before anything starts
+    return Sweep(name=path.stem, figure=raw.get("figure"), runs=runs, text=text,
+                 description=str(raw.get("description") or ""))
+
+
+def expand_grid(grid: dict, common: dict, where: str = "grid") -> list[RunSpec]:
+    """The runs of one grid entry: the product of its list-valued keys, in spec order."""
+    if "config" not in grid:
+        raise SweepError(f"{where}: every grid entry needs 'config' (a config name or a list of them)")
+    label = grid.get("label")
+    keys = [k for k in grid if k != "label"]
+    axes = [grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]
+    for key, values in zip(keys, axes):
+        if not values:
+            raise SweepError(f"{where}: {key!r} has an empty list of values")
+    shown = [k for k in keys if k != "config"]
+    runs = []
+    for combo in itertools.product(*axes):
+        chosen = dict(zip(keys, combo))
+        config = chosen.pop("config")
+        if not isinstance(config, str):
+            raise SweepError(f"{where}: config must be a name or a list of names, got {config!r}")
+        values = {**common, **chosen}
+        for key in values:
+            if not isinstance(key, str) or not key:
+                raise SweepError(f"{where}: {key!r} is not a dotted config key")
+        steps = values.pop("training.steps", None)
+        seed = values.pop("seed", None)
+        name = ",".join([str(label or config)] + [f"{_short(k, shown)}={_fmt(chosen[k])}" for k in shown])
+        runs.append(RunSpec(name=name, config=config, overrides=values, steps=steps, seed=seed))
+    return runs
+
+
+def _short(key: str, keys: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    same = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    return leaf if len(same) == 1 else key
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text[:-4].strip() if text.endswith("\n...") or text.endswith(" ...") else text
+
+
+# --------------------------------------------------------------------------- run directories
+def run_state(run_dir: Path) -> str:
+    """``new`` | ``finished`` | ``resumable`` (has a checkpoint) | ``partial`` (died before one)."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return "new"
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    if any((run_dir / "checkpoints").glob("step_*")):
+        return "resumable"
+    return "partial"
+
+
+def config_difference(run_dir: Path, expected: RunConfig) -> str | None:
+    """The first config key where a run's saved config differs from ``expected`` (None: same)."""
+    from ..train.cli import load_run_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        saved = load_run_config(run_dir)
+    except ConfigError as exc:
+        return f"config.yaml ({exc})"
+    return _first_difference(saved.to_dict(), expected.to_dict())
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix.rstrip('.')} (saved {a!r}, spec {b!r})"
+
+
+# --------------------------------------------------------------------------------- execution
+@dataclass
+class RunResult:
+    name: str
+    status: str  # finished | skipped | failed | stale | interrupted | pending
+    seconds: float = 0.0
+    rc: int | None = None
+    error: str | None = None
+    final_val_mlm_loss: float | None = None
+    attempts: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "name"}
+
+
+@dataclass
+class _Running:
+    spec: RunSpec
+    process: subprocess.Popen
+    log: Any
+    started: float
+    resumed: bool
+
+
+@dataclass
+class SweepRunner:
+    """Runs the sweep's runs in subprocesses, ``jobs`` at a time, into ``directory``."""
+
+    sweep: Sweep
+    directory: Path
+    jobs: int = 1
+    only: list[str] = field(default_factory=list)
+    echo: Any = print
+    results: dict[str, RunResult] = field(default_factory=dict)
+    _stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if self.jobs < 1:
+            raise SweepError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.only:
+            names = {r.name for r in self.sweep.runs}
+            missing = [n for n in self.only if n not in names]
+            if missing:
+                raise SweepError(f"--only {missing[0]!r} is not a run of this sweep (see --list)")
+
+    def run_dir(self, run: RunSpec) -> Path:
+        return self.directory / "runs" / run.name
+
+    # --------------------------------------------------------------------------- planning
+    def plan(self) -> list[tuple[RunSpec, str, str | None]]:
+        """Each selected run with its state and, for a stale one, the differing key."""
+        rows = []
+        for run in self.sweep.runs:
+            if self.only and run.name not in self.only:
+                continue
+            run_dir = self.run_dir(run)
+            state = run_state(run_dir)
+            diff = config_difference(run_dir, run.resolve()) if state != "new" else None
+            rows.append((run, "stale" if diff else state, diff))
+        return rows
+
+    # -------------------------------------------------------------------------- execution
+    def run(self) -> dict[str, RunResult]:
+        self._prepare_directory()
+        previous = self._read_status()
+        queue: list[tuple[RunSpec, bool]] = []
+        for run, state, diff in self.plan():
+            attempts = previous.get(run.name, {}).get("attempts", 0)
+            if state == "finished":
+                summary = json.loads((self.run_dir(run) / "summary.json").read_text())
+                self.results[run.name] = RunResult(run.name, "finished", error=None, attempts=attempts,
+                                                   final_val_mlm_loss=summary.get("final_val_mlm_loss"),
+                                                   seconds=summary.get("wall_time_s", 0.0))
+            elif state == "stale":
+                self.results[run.name] = RunResult(
+                    run.name, "stale", attempts=attempts,
+                    error=f"saved config differs from the spec at {diff}; move {self.run_dir(run)} away to re-run it")
+            else:
+                if state == "partial":
+                    self._set_aside(run)
+                self.results[run.name] = RunResult(run.name, "pending", attempts=attempts)
+                queue.append((run, state == "resumable"))
+        done = sum(r.status == "finished" for r in self.results.values())
+        self.echo(f"sweep {self.sweep.name}: {len(self.results)} runs, {done} finished, "
+                  f"{len(queue)} to run, {len(self.results) - done - len(queue)} stale -> {self.directory}")
+        for name, result in self.results.items():
+            if result.status == "stale":
+                self.echo(f"  stale {name}: {result.error}")
+        self._write_status()
+        self._execute(queue)
+        self._write_status()
+        return self.results
+
+    def _execute(self, queue: list[tuple[RunSpec, bool]]) -> None:
+        running: list[_Running] = []
+        total = len(queue)
+        finished = 0
+        env = dict(os.environ)
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        previous_handlers = self._install_signal_handlers(running)
+        try:
+            while queue or running:
+                while queue and len(running) < self.jobs and not self._stop:
+                    spec, resume = queue.pop(0)
+                    running.append(self._start(spec, resume, env))
+                    self.echo(f"[{finished + len(running)}/{total}] {'resume' if resume else 'start '} {spec.name}")
+                if not running:
+                    break
+                time.sleep(0.2)
+                for job in list(running):
+                    rc = job.process.poll()
+                    if rc is None:
+                        continue
+                    running.remove(job)
+                    finished += 1
+                    self._finish(job, rc)
+            for spec, _ in queue:  # stopped before they started
+                self.results[spec.name].status = "interrupted" if self._stop else "pending"
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+
+    def _start(self, spec: RunSpec, resume: bool, env: dict) -> _Running:
+        run_dir = self.run_dir(spec)
+        log_path = self.directory / "logs" / f"{spec.name}.log"
+        log = open(log_path, "a", encoding="utf-8")
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
+                  f"{' '.join(spec.command(run_dir, resume))}\n")
+        log.flush()
+        result = self.results[spec.name]
+        result.attempts += 1
+        result.status = "running"
+        self._write_status()
+        process = subprocess.Popen(spec.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=str(_repo_root()), start_new_session=True)
+        return _Running(spec, process, log, time.perf_counter(), resume)
+
+    def _finish(self, job: _Running, rc: int) -> None:
+        job.log.close()
+        result = self.results[job.spec.name]
+        result.rc = rc
+        result.seconds = time.perf_counter() - job.started
+        summary_path = self.run_dir(job.spec) / "summary.json"
+        if rc == 0 and summary_path.is_file():
+            result.status = "finished"
+            result.error = None
+            result.final_val_mlm_loss = json.loads(summary_path.read_text()).get("final_val_mlm_loss")
+            self.echo(f"  done   {job.spec.name} in {_duration(result.seconds)}: "
+                      f"val MLM {result.final_val_mlm_loss:.4f}")
+        elif self._stop and rc in (130, -signal.SIGINT, -signal.SIGTERM):
+            result.status = "interrupted"
+            self.echo(f"  stopped {job.spec.name} (checkpointed; run the sweep again to resume)")
+        else:
+            result.status = "failed"
+            result.error = _last_error_line(self.directory / "logs" / f"{job.spec.name}.log") or f"exit code {rc}"
+            self.echo(f"  FAILED {job.spec.name} (exit {rc}): {result.error}")
+        self._write_status()
+
+    # ----------------------------------------------------------------------------- helpers
+    def _prepare_directory(self) -> None:
+        try:
+            for sub in ("runs", "logs"):
+                (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SweepError(f"cannot write the sweep directory {self.directory}: {exc.strerror or exc}") from None
+        atomic_write_bytes(self.directory / "sweep.yaml", self.sweep.text.encode())
+
+    def _set_aside(self, run: RunSpec) -> None:
+        """A run that died before its first checkpoint: keep its files, start it afresh."""
+        attempts = self.directory / "attempts"
+        attempts.mkdir(exist_ok=True)
+        index = 1
+        while (attempts / f"{run.name}.{index}").exists():
+            index += 1
+        shutil.move(str(self.run_dir(run)), str(attempts / f"{run.name}.{index}"))
+        self.echo(f"  {run.name} stopped before its first checkpoint; moved to attempts/{run.name}.{index}, restarting")
+
+    def _read_status(self) -> dict:
+        path = self.directory / "status.json"
+        try:
+            return json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_status(self) -> None:
+        payload = {"sweep": self.sweep.name, "figure": self.sweep.figure,
+                   "runs": {name: r.as_dict() | {"status": r.status} for name, r in self.results.items()}}
+        atomic_write_bytes(self.directory / "status.json", (json.dumps(payload, indent=2) + "\n").encode())
+
+    def _install_signal_handlers(self, running: list[_Running]):
+        def stop(signum, frame):
+            if self._stop:  # second signal: stop the children now
+                for job in running:
+                    _signal_group(job.process, signal.SIGKILL)
+                return
+            self._stop = True
+            self.echo("stopping: the running jobs checkpoint and exit; run the sweep again to resume")
+            for job in running:
+                _signal_group(job.process, signal.SIGINT)
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread
+            pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent.parent
+
+
+def _last_error_line(log_path: Path) -> str | None:
+    """The run's own one-line error (``error: ...``), else its last non-empty output line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return None
+    lines = [line for line in lines if line and not line.startswith("===")]
+    for line in reversed(lines):
+        if line.startswith("error:") or "Error" in line.split(":", 1)[0]:
+            return line[:300]
+    return lines[-1][:300] if lines else None
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_plan(runner: SweepRunner) -> str:
+    rows = [f"{'run':<48} {'state':<10} config"]
+    for run, state, diff in runner.plan():
+        rows.append(f"{run.name:<48} {state:<10} {run.config}" + (f"  [{diff}]" if diff else ""))
+    return "\n".join(rows)
+
+
+def format_results(results: dict[str, RunResult]) -> str:
+    rows = [f"{'run':<48} {'status':<11} {'val MLM':>8} {'time':>8}"]
+    for name, r in results.items():
+        loss = f"{r.final_val_mlm_loss:.4f}" if r.final_val_mlm_loss is not None else "-"
+        rows.append(f"{name:<48} {r.status:<11} {loss:>8} {_duration(r.seconds):>8}"
+                    + (f"  {r.error}" if r.status in ("failed", "stale") and r.error else ""))
+    return "\n".join(rows)
+

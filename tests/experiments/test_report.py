@@ -1,0 +1,336 @@
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ipu_app.__main__ import main as app_main
+from ipu_app.experiments.report import FIGURES, build_report
+from ipu_app.experiments.runs import (
+    DenseCurve,
+    ReportError,
+    fit_lr_curve,
+    fit_power_law,
+    load_runs,
+)
+
+from .conftest import make_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path):
+    assert path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------- the numbers
+def test_matched_dense_and_reduction_factor_reproduce_the_paper():
+    # Table 1 and Table A.8: dense Mini/Small/Medium, losses and FLOPs from the paper.
+    curve = DenseCurve.from_points([(2.617e9, 2.606, "mini"), (1.0066e10, 2.310, "small"), (2.013e10, 2.115, "medium")])
+    assert curve.matched_loss(8.33e9) == pytest.approx(2.351, abs=1.5e-3)  # "Matched (dense) 2.350"
+    assert curve.reduction_factor(8.33e9, 2.160) == pytest.approx(0.486, abs=2e-3)  # B = 1
+    assert curve.reduction_factor(8.33e9, 2.272) == pytest.approx(0.723, abs=2e-3)  # B = 4
+    assert curve.reduction_factor(8.33e9, 2.295) == pytest.approx(0.785, abs=2e-3)  # B = 8
+    assert curve.reduction_factor(8.33e9, 2.311) == pytest.approx(0.832, abs=2e-3)  # B = 16
+    medium = DenseCurve.from_points([(2.617e9, 2.614, "mini"), (1.0066e10, 2.310, "small")])
+    assert medium.matched_loss(2.738e9) == pytest.approx(2.603, abs=1e-3)
+    # Exactly at a family member, and outside the family's range.
+    assert curve.matched_loss(1.0066e10) == pytest.approx(2.310)
+    assert curve.matched_loss(1e9) is None and curve.matched_loss(1e11) is None
+    assert curve.reduction_factor(8.33e9, 2.0) is None  # better than the largest dense model: no crossing
+    assert DenseCurve.from_points([(1e9, 3.0, "tiny")]) is None
+
+
+def test_interpolation_is_linear_in_log_flops():
+    curve = DenseCurve.from_points([(1e9, 3.0, "a"), (1e11, 2.0, "b")])
+    assert curve.matched_loss(1e10) == pytest.approx(2.5)  # the geometric midpoint
+    assert curve.matched_flops(2.5) == pytest.approx(1e10)
+    assert curve.reduction_factor(1e9, 2.5) == pytest.approx(0.1)
+
+
+def test_cubic_fit_finds_the_minimum():
+    lrs = 1e-3 * 2.0 ** np.arange(-3, 3)
+    losses = 2.0 + 0.1 * (np.log(lrs) - math.log(7e-4)) ** 2
+    fit = fit_lr_curve(lrs, losses)
+    assert len(fit.coefficients) == 4 and not fit.at_edge
+    assert fit.optimum_lr == pytest.approx(7e-4, rel=1e-6) and fit.optimum_loss == pytest.approx(2.0)
+    # An asymmetric (genuinely cubic) curve: the fitted minimum is the curve's, not the best sample.
+    x = np.log(lrs)
+    x0 = math.log(1.3e-3)
+    cubic = 2.0 + 0.2 * (x - x0) ** 2 + 0.05 * (x - x0) ** 3
+    fit = fit_lr_curve(lrs, cubic)
+    assert fit.optimum_lr == pytest.approx(1.3e-3, rel=1e-6)
+    # Loss still falling at the largest learning rate: the optimum is flagged as at the edge.
+    fit = fit_lr_curve(lrs, 3.0 - 0.1 * np.log(lrs / lrs[0]))
+    assert fit.at_edge and fit.optimum_lr == pytest.approx(lrs[-1])
+    # Three learning rates: a quadratic; two: nothing to fit.
+    fit = fit_lr_curve(lrs[:3], 2.0 + (np.log(lrs[:3]) - np.log(lrs[1])) ** 2)
+    assert len(fit.coefficients) == 3 and fit.optimum_lr == pytest.approx(lrs[1])
+    assert fit_lr_curve(lrs[:2], [2.0, 2.1]) is None
+
+
+def test_power_law_fit():
+    ns = np.array([4e5, 3e6, 1.2e7, 2.5e7])
+    slope, intercept = fit_power_law(ns, np.exp(-0.44 * np.log(ns) - 0.47))
+    assert slope == pytest.approx(-0.44) and intercept == pytest.approx(-0.47)
+    assert fit_power_law([1e6, 1e6], [1e-3, 2e-3]) is None
+
+
+# ------------------------------------------------------------------------------------ pareto
+def pareto_runs(root):
+    make_run(root, "bert_tiny_dense", "bert_tiny_dense", 3.0)
+    make_run(root, "bert_mini_dense", "bert_mini_dense", 2.6)
+    make_run(root, "bert_small_dense", "bert_small_dense", 2.3)
+    make_run(root, "bert_mini_static", "bert_mini_static", 2.97)
+    for seed, loss in ((0, 2.75), (1, 2.77)):
+        make_run(root, f"bert_mini_sparse,seed={seed}", "bert_mini_sparse", loss, seed=seed)
+    make_run(root, "bert_mini_sparse_b16", "bert_mini_sparse_b16", 2.9)
+    make_run(root, "bert_tiny_sparse", "bert_tiny_sparse", 3.4)  # below the dense family's FLOPs
+
+
+def test_pareto_report(runs_root, tmp_path):
+    pareto_runs(runs_root)
+    out = tmp_path / "report"
+    written = build_report(runs_root.parent, "pareto", out)
+    assert {p.name for p in written} == {"pareto.png", "pareto.csv", "pareto.md", "pareto_block_size.csv",
+                                          "pareto_block_size.md"}
+    assert_png(out / "pareto.png")
+    rows = {(r["setting"], r["model"], r["block_size"]): r for r in read_csv(out / "pareto.csv")}
+    assert len(rows) == 7
+    tiny = 6 * 12 * 2 * 128**2 * 128 + 12 * 2 * 128**2 * 128
+    mini = 6 * 12 * 4 * 256**2 * 128 + 12 * 4 * 128**2 * 256
+    mini_sparse_flops = float(rows["DynSparse", "mini", "1"]["flops_per_sequence"])
+    assert mini_sparse_flops == pytest.approx(6 * 0.1 * 12 * 4 * 256**2 * 128 + 12 * 4 * 128**2 * 256)
+    t = math.log(mini_sparse_flops / tiny) / math.log(mini / tiny)
+    matched = 3.0 + t * (2.6 - 3.0)
+    r = rows["DynSparse", "mini", "1"]
+    assert float(r["val_mlm_loss"]) == pytest.approx(2.76)  # the mean of two seeds
+    assert float(r["std"]) == pytest.approx(np.std([2.75, 2.77], ddof=1), rel=1e-4) and r["seeds"] == "2"
+    assert float(r["matched_dense_loss"]) == pytest.approx(matched, rel=1e-5)
+    dense_flops = math.exp(math.log(tiny) + (3.0 - 2.76) / 0.4 * math.log(mini / tiny))
+    assert float(r["flops_reduction_factor"]) == pytest.approx(mini_sparse_flops / dense_flops, rel=1e-4)
+    assert r["pareto_better"] == "True"
+    assert rows["static", "mini", "1"]["pareto_better"] == "False"
+    assert float(rows["static", "mini", "1"]["flops_reduction_factor"]) > 1
+    # Outside the dense range: no matched value, no factor.
+    assert rows["DynSparse", "tiny", "1"]["matched_dense_loss"] == "" and \
+        rows["DynSparse", "tiny", "1"]["flops_reduction_factor"] == ""
+    # Dense rows carry no comparison with themselves.
+    assert rows["dense", "small", ""]["matched_dense_loss"] == ""
+    blocks = read_csv(out / "pareto_block_size.csv")
+    assert [(b["model"], b["block_size"]) for b in blocks] == [("mini", "1"), ("mini", "16"), ("tiny", "1")]
+    md = (out / "pareto.md").read_text()
+    assert "| DynSparse | mini | 1 |" in md and "linear in log FLOPs" in md
+
+
+def test_pareto_takes_the_best_learning_rate(runs_root, tmp_path):
+    make_run(runs_root, "tiny_a", "bert_tiny_dense", 3.2, lr=1e-3)
+    make_run(runs_root, "tiny_b", "bert_tiny_dense", 3.0, lr=2e-3)
+    make_run(runs_root, "mini", "bert_mini_dense", 2.6)
+    build_report(runs_root, "pareto", tmp_path / "r")
+    rows = read_csv(tmp_path / "r" / "pareto.csv")
+    tiny = [r for r in rows if r["model"] == "tiny"]
+    assert len(tiny) == 1 and float(tiny[0]["val_mlm_loss"]) == 3.0 and float(tiny[0]["learning_rate"]) == 2e-3
+
+
+def test_sparsity_report(runs_root, tmp_path):
+    make_run(runs_root, "tiny", "bert_tiny_dense", 3.0)
+    make_run(runs_root, "mini", "bert_mini_dense", 2.6)
+    for s, loss in ((0.5, 2.62), (0.75, 2.68), (0.9, 2.75)):
+        make_run(runs_root, f"mini_s{s}", "bert_mini_sparse", loss, overrides=(f"sparsity.ratio={s}",))
+    build_report(runs_root, "sparsity", tmp_path / "r")
+    assert_png(tmp_path / "r" / "sparsity.png")
+    rows = [r for r in read_csv(tmp_path / "r" / "sparsity.csv") if r["setting"] == "DynSparse"]
+    assert [float(r["sparsity"]) for r in rows] == [0.5, 0.75, 0.9]
+    assert all(r["flops_reduction_factor"] for r in rows)
+    assert float(rows[0]["flops_per_sequence"]) > float(rows[2]["flops_per_sequence"])
+
+
+# ----------------------------------------------------------------- pr × n and exploration
+def update_records(steps, dofs, recent):
+    return [{"kind": "update", "step": s, "mean_explored_dof": d, "pruned_blocks": 10,
+             "layers": [{"name": "x", "pruned_recently_grown": r}, {"name": "y", "pruned_recently_grown": float("nan")}]}
+            for s, d, r in zip(steps, dofs, recent)]
+
+
+def test_prune_ratio_updates_report(runs_root, tmp_path):
+    for pr, n, loss, dof in ((0.25, 160, 2.44, 0.5), (0.5, 160, 2.41, 0.8), (0.5, 80, 2.43, 0.6),
+                             (0.5, 40, 2.47, 0.4)):
+        make_run(runs_root, f"pr{pr}_n{n}", "bert_medium_sparse", loss,
+                 overrides=(f"sparsity.pruning_ratio={pr}", f"sparsity.num_updates={n}"),
+                 summary={"mean_explored_dof": dof}, metrics=update_records([10, 20], [0.2, dof], [0.0, 0.1]))
+    build_report(runs_root, "prune_ratio_updates", tmp_path / "r")
+    assert_png(tmp_path / "r" / "prune_ratio_updates.png")
+    rows = read_csv(tmp_path / "r" / "prune_ratio_updates.csv")
+    got = {(float(r["pruning_ratio"]), int(r["num_updates"])): r for r in rows}
+    assert float(got[0.5, 160]["pr_x_n"]) == 80 and float(got[0.25, 160]["pr_x_n"]) == 40
+    assert float(got[0.5, 160]["explored_dof"]) == 0.8
+    assert float(got[0.5, 160]["pruned_recently_grown"]) == pytest.approx(0.05)  # NaN layers are left out
+    assert [int(r["num_updates"]) for r in rows] == [40, 80, 160, 160]
+
+
+def test_exploration_report(runs_root, tmp_path):
+    rng = np.random.default_rng(0)
+    layer = "bert.encoder.layer.1.intermediate.dense"
+    maps = {}
+    for method, final in (("static", 0.1), ("random", 0.6), ("rigl", 0.25)):
+        m = rng.random((64, 16)) < final
+        maps[method] = {layer: m, "bert.encoder.layer.0.intermediate.dense": m}
+    make_run(runs_root, "static", "bert_mini_static", 3.0, summary={"mean_explored_dof": 0.1, "steps": 100},
+             explored=maps["static"])
+    make_run(runs_root, "random", "bert_mini_sparse", 2.8, explored=maps["random"],
+             summary={"mean_explored_dof": 0.6, "steps": 100, "pattern_updates": 2},
+             metrics=update_records([30, 60], [0.3, 0.6], [0.0, 0.1]))
+    make_run(runs_root, "rigl", "bert_mini_sparse_rigl", 2.9, explored=maps["rigl"],
+             summary={"mean_explored_dof": 0.25, "steps": 100, "pattern_updates": 2},
+             metrics=update_records([30, 60], [0.2, 0.25], [0.0, 0.0]))
+    written = build_report(runs_root, "exploration", tmp_path / "r")
+    assert_png(tmp_path / "r" / "exploration.png")
+    assert_png(tmp_path / "r" / "exploration_pattern.png")
+    assert tmp_path / "r" / "exploration_pattern.png" in written
+    rows = {r["run"]: r for r in read_csv(tmp_path / "r" / "exploration.csv")}
+    assert float(rows["random"]["initial_dof"]) == pytest.approx(0.1)
+    assert float(rows["random"]["final_explored_dof"]) == 0.6
+    assert float(rows["static"]["final_explored_dof"]) == 0.1 and rows["static"]["method"] == "static"
+    assert rows["rigl"]["method"] == "DynSparse (RigL)"
+    assert float(rows["random"]["layer_explored_dof"]) == pytest.approx(maps["random"][layer].mean())
+    # Another weight by suffix; an ambiguous suffix is an error.
+    build_report(runs_root, "exploration", tmp_path / "r2", layer="layer.0.intermediate.dense")
+    with pytest.raises(ReportError, match="matches 2 sparse weights"):
+        build_report(runs_root, "exploration", tmp_path / "r3", layer="intermediate.dense")
+
+
+# ---------------------------------------------------------------- categorical and LR figures
+def test_block_metric_report(runs_root, tmp_path):
+    losses = {"l1": (2.603, 2.610, 2.615), "l2": (2.62, 2.63, 2.625), "linf": (2.65, 2.66, 2.64)}
+    for metric, values in losses.items():
+        for seed, loss in enumerate(values):
+            make_run(runs_root, f"{metric}_{seed}", "bert_medium_sparse_b16", loss, seed=seed,
+                     overrides=(f"sparsity.block_metric={metric}",))
+    build_report(runs_root, "block_metric", tmp_path / "r")
+    assert_png(tmp_path / "r" / "block_metric.png")
+    rows = read_csv(tmp_path / "r" / "block_metric.csv")
+    assert [r["block_metric"] for r in rows] == ["l1", "l2", "linf"]  # sorted by loss
+    assert float(rows[0]["val_mlm_loss"]) == pytest.approx(np.mean(losses["l1"]))
+    assert float(rows[2]["std"]) == pytest.approx(np.std(losses["linf"], ddof=1), rel=1e-4)
+    assert rows[0]["seeds"] == "3" and rows[0]["block_size"] == "16"
+
+
+def test_group_lasso_report(runs_root, tmp_path):
+    for c, loss in ((0.01, 2.52), (0.03, 2.51), (0.1, 2.515)):
+        make_run(runs_root, f"wd{c}", "bert_medium_sparse_b16", loss, overrides=(f"optimizer.weight_decay={c}",))
+    for c, loss in ((0.01, 2.60), (0.03, 2.59), (0.1, 2.62)):
+        make_run(runs_root, f"gl{c}", "bert_medium_sparse_b16", loss,
+                 overrides=(f"sparsity.group_lasso={c}", "optimizer.weight_decay=0"))
+    build_report(runs_root, "group_lasso", tmp_path / "r")
+    assert_png(tmp_path / "r" / "group_lasso.png")
+    rows = read_csv(tmp_path / "r" / "group_lasso.csv")
+    assert [(r["regulariser"], float(r["coefficient"])) for r in rows] == [
+        ("group lasso", 0.01), ("group lasso", 0.03), ("group lasso", 0.1),
+        ("weight decay", 0.01), ("weight decay", 0.03), ("weight decay", 0.1)]
+    best = [(r["regulariser"], float(r["coefficient"])) for r in rows if r["best"] == "True"]
+    assert best == [("group lasso", 0.03), ("weight decay", 0.03)]
+
+
+def test_init_and_zero_vs_frozen_reports(runs_root, tmp_path):
+    for init, base in (("trunc_normal", 2.65), ("glorot", 2.70)):
+        for lr, bump in ((8e-4, 0.03), (1.6e-3, 0.0), (3.2e-3, 0.02)):
+            make_run(runs_root, f"{init}_{lr}", "bert_medium_static", base + bump, lr=lr,
+                     overrides=(f"sparsity.init={init}",))
+    build_report(runs_root, "init", tmp_path / "r")
+    assert_png(tmp_path / "r" / "init.png")
+    rows = read_csv(tmp_path / "r" / "init.csv")
+    assert len(rows) == 6
+    assert [(r["init"], float(r["learning_rate"])) for r in rows if r["best"] == "True"] == [
+        ("glorot", 1.6e-3), ("trunc_normal", 1.6e-3)]
+
+    root = tmp_path / "zf"
+    root.mkdir()
+    for inactive in ("zero", "frozen"):
+        for s, loss in ((0.5, 2.49), (0.9, 2.83)):
+            for lr, bump in ((1e-3, 0.0), (2e-3, 0.05 if inactive == "zero" else -0.01)):
+                make_run(root, f"{inactive}_{s}_{lr}", "bert_small_static", loss + bump, lr=lr,
+                         overrides=(f"sparsity.ratio={s}", f"sparsity.inactive={inactive}", "backend=reference"))
+    build_report(root, "zero_vs_frozen", tmp_path / "r")
+    rows = read_csv(tmp_path / "r" / "zero_vs_frozen.csv")
+    got = {(r["inactive"], float(r["sparsity"])): r for r in rows}
+    assert len(got) == 4
+    assert float(got["zero", 0.9]["learning_rate"]) == 1e-3 and float(got["frozen", 0.9]["learning_rate"]) == 2e-3
+    assert float(got["frozen", 0.5]["val_mlm_loss"]) == pytest.approx(2.48)
+    assert float(got["zero", 0.5]["trainable_fraction"]) == pytest.approx(0.5)
+
+
+def test_learning_rate_report_recovers_the_law(runs_root, tmp_path):
+    # Each size's loss is a parabola in ln(lr) around exp(-0.5 ln N + 1): the report's fitted optima
+    # and law must give back slope -0.5 and intercept 1.
+    for size in ("mini", "small", "medium"):
+        from ipu_app.model.sizes import MODEL_SIZES
+        layers, hidden = MODEL_SIZES[size]
+        n = 12 * layers * hidden**2
+        best = math.exp(-0.5 * math.log(n) + 1.0)
+        for k in range(-2, 3):
+            lr = best * 2.0 ** (k + 0.3)
+            make_run(runs_root, f"{size}_{k}", f"bert_{size}_dense", 2.5 + 0.05 * math.log(lr / best) ** 2, lr=lr)
+    make_run(runs_root, "tiny_only_two_a", "bert_tiny_dense", 3.0, lr=1e-3)
+    make_run(runs_root, "tiny_only_two_b", "bert_tiny_dense", 3.1, lr=2e-3)
+    build_report(runs_root, "learning_rate", tmp_path / "r")
+    assert_png(tmp_path / "r" / "learning_rate.png")
+    rows = {r["model"]: r for r in read_csv(tmp_path / "r" / "learning_rate.csv")}
+    n_small = 12 * 4 * 512**2
+    assert float(rows["small"]["fitted_optimum_lr"]) == pytest.approx(math.exp(-0.5 * math.log(n_small) + 1), rel=1e-4)
+    assert rows["small"]["fit"] == "cubic" and rows["tiny"]["fit"] == "too few learning rates"
+    assert float(rows["small"]["eq3_lr"]) == pytest.approx(math.exp(-0.44 * math.log(n_small) - 0.47))
+    law = read_csv(tmp_path / "r" / "learning_rate_law.csv")
+    assert len(law) == 1 and law[0]["setting"] == "dense" and law[0]["sizes"] == "mini small medium"
+    assert float(law[0]["slope"]) == pytest.approx(-0.5, abs=1e-4)
+    assert float(law[0]["intercept"]) == pytest.approx(1.0, abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_report_errors(runs_root, tmp_path, capsys):
+    with pytest.raises(ReportError, match="no finished runs"):
+        build_report(runs_root, "pareto")
+    with pytest.raises(ReportError, match="not a directory"):
+        build_report(tmp_path / "missing", "pareto")
+    make_run(runs_root, "mini_sparse", "bert_mini_sparse", 2.8)
+    with pytest.raises(ReportError, match="unknown figure 'paretto'"):
+        build_report(runs_root, "paretto")
+    with pytest.raises(ReportError, match="give --figure"):
+        build_report(runs_root)
+    with pytest.raises(ReportError, match="needs dense runs"):
+        build_report(runs_root, "pareto")
+    # An unfinished run is skipped with a warning; a damaged summary is one line.
+    unfinished = runs_root / "half"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((runs_root / "mini_sparse" / "config.yaml").read_text())
+    (unfinished / "metrics.jsonl").write_text("")
+    warnings = []
+    runs, skipped = load_runs(runs_root, warnings.append)
+    assert [r.name for r in runs] == ["mini_sparse"] and skipped == ["half"] and "half" in warnings[0]
+    (runs_root / "mini_sparse" / "summary.json").write_text(json.dumps({"final_val_mlm_loss": 2.0}))
+    with pytest.raises(ReportError, match="lacks 'non_embedding_flops_per_sequence'"):
+        build_report(runs_root, "exploration")
+    (runs_root / "mini_sparse" / "summary.json").write_text("{not json")
+    code = app_main(["report", str(runs_root), "--figure", "exploration", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: cannot read") and err.count("\n") == 1
+
+
+def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):
+    pareto_runs(runs_root)
+    (runs_root.parent / "sweep.yaml").write_text("figure: pareto\ngrid: []\n")
+    code = app_main(["report", str(runs_root.parent)])
+    out = capsys.readouterr().out
+    assert code == 0 and (runs_root.parent / "report" / "pareto.png").is_file()
+    assert str(runs_root.parent / "report" / "pareto.csv") in out
+
+
+def test_every_figure_is_registered():
+    assert set(FIGURES) == {"pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init",
+                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate"}
