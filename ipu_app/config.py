@@ -24,6 +24,7 @@ import yaml
 
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse.flops import non_embedding_params
+from .sparse.freeze import FREEZE_MODES
 from .sparse.init import VALUE_INITS
 from .sparse.pattern import SUPPORTED_BLOCK_SIZES
 from .sparse.schedule import PRUNING_SCHEDULES
@@ -62,6 +63,9 @@ class SparsitySection:
     modules: list[str] = field(default_factory=lambda: list(SPARSE_MODULES))
     inactive: str = "zero"  # zero | frozen (untrained non-zero values)
     group_lasso: float = 0.0  # Eq. 2 coefficient on the sparse values (0 = off)
+    # Fig. 1b (dense mode only): a random fraction `ratio` of each weight in `modules` is untrained
+    # in the first half (early: unfreeze at T/2) or the second half (late: freeze at T/2).
+    freeze: str = "none"  # none | early | late
 
 
 @dataclass
@@ -183,6 +187,11 @@ class RunConfig:
                f"sparsity.block_size={s.block_size} does not divide the hidden size {hidden} of BERT-{m.size}")
         _check(0.0 <= s.pruning_ratio <= 1.0, f"sparsity.pruning_ratio must be in [0, 1], got {s.pruning_ratio}")
         _check(s.group_lasso >= 0.0, f"sparsity.group_lasso must be >= 0, got {s.group_lasso}")
+        _choice("sparsity.freeze", s.freeze, FREEZE_MODES)
+        _check(s.freeze == "none" or s.mode == "dense",
+               f"sparsity.freeze={s.freeze} needs sparsity.mode=dense (a random fraction sparsity.ratio of each "
+               "dense weight is untrained for half the run)")
+        _check(s.freeze == "none" or s.ratio > 0, "sparsity.freeze needs sparsity.ratio > 0 (the untrained fraction)")
         _check(s.inactive == "zero" or self.backend == "reference",
                "sparsity.inactive=frozen needs backend=reference")
         _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")

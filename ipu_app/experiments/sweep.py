@@ -30,6 +30,7 @@ run whose saved config differs from the spec (``stale``). A failed run is record
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import os
 import shutil
@@ -184,11 +185,15 @@ def _short(key: str, keys: list[str]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A value as it appears in a run (directory) name: short and filesystem-safe."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
         return "+".join(_fmt(v) for v in value)
-    return str(value)
+    text = str(value)
+    if "/" in text:  # a path: its last component
+        text = Path(text.rstrip("/")).name or "root"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -266,6 +271,7 @@ class SweepRunner:
     echo: Any = print
     results: dict[str, RunResult] = field(default_factory=dict)
     _stop: bool = False
+    _previous: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -296,7 +302,7 @@ class SweepRunner:
     # -------------------------------------------------------------------------- execution
     def run(self) -> dict[str, RunResult]:
         self._prepare_directory()
-        previous = self._read_status()
+        previous = self._previous = self._read_status()
         queue: list[tuple[RunSpec, bool]] = []
         for run, state, diff in self.plan():
             attempts = previous.get(run.name, {}).get("attempts", 0)
@@ -417,8 +423,15 @@ class SweepRunner:
             return {}
 
     def _write_status(self) -> None:
-        payload = {"sweep": self.sweep.name, "figure": self.sweep.figure,
-                   "runs": {name: r.as_dict() | {"status": r.status} for name, r in self.results.items()}}
+        # Runs left out by --only keep their earlier entries.
+        runs = {}
+        for spec in self.sweep.runs:
+            if spec.name in self.results:
+                r = self.results[spec.name]
+                runs[spec.name] = r.as_dict() | {"status": r.status}
+            elif spec.name in self._previous:
+                runs[spec.name] = self._previous[spec.name]
+        payload = {"sweep": self.sweep.name, "figure": self.sweep.figure, "runs": runs}
         atomic_write_bytes(self.directory / "status.json", (json.dumps(payload, indent=2) + "\n").encode())
 
     def _install_signal_handlers(self, running: list[_Running]):

@@ -31,6 +31,7 @@ from ..io import atomic_write_bytes
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
 from ..sparse.init import derive_seed
+from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
 from ..sparse.schedule import UpdateSchedule
 from ..sparse.updater import EXPLORED_FILE, PatternUpdater, save_explored
@@ -124,6 +125,13 @@ class Trainer:
                 seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
             )
         self.sparse_layers = sparse_linears(self.model)
+        self.freezer = None
+        if s.freeze != "none":
+            from ..model.sizes import SPARSE_MODULES
+
+            paths = {SPARSE_MODULES[m] for m in s.modules}
+            self.freezer = PartialFreezer(freezable_linears(self.model.bert.encoder, paths, "bert.encoder."),
+                                          s.freeze, s.ratio, t.steps, config.seed)
         self.step = 0
         self.window = _Window()
         self.counters = _Counters()
@@ -221,6 +229,8 @@ class Trainer:
             tokens += batch["input_ids"].numel()
         if self.scaler:
             self.scaler.unscale_(optimizer)
+        if self.freezer is not None:
+            self.freezer.before_optimizer_step(step)
         max_norm = self.config.optimizer.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         finite = math.isfinite(grad_norm)
@@ -230,6 +240,8 @@ class Trainer:
             self.scaler.update()
         elif finite:
             optimizer.step()
+        if self.freezer is not None:
+            self.freezer.after_optimizer_step(step)
         if finite and self.config.sparsity.group_lasso > 0:
             for _, layer in self.sparse_layers:
                 group_lasso_(layer.values, lr, self.config.sparsity.group_lasso)
@@ -305,6 +317,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "updater": self.updater.state_dict() if self.updater is not None else None,
+            "freezer": self.freezer.state_dict() if self.freezer is not None else None,
             "data": self.batches.state_dict(),
             "rng": self.dist.all_gather_object(rng_state()),  # one entry per rank
             "window": vars(self.window).copy(),
@@ -335,6 +348,8 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             if self.updater is not None:
                 self.updater.load_state_dict(state["updater"])
+            if self.freezer is not None:
+                self.freezer.load_state_dict(state["freezer"])
             self.batches.load_state_dict(state["data"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import yaml
+
+from ipu_app.__main__ import main as app_main
+from ipu_app.experiments.sweep import SweepError, SweepRunner, load_sweep, run_state
+
+SHIPPED = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "sweeps").glob("*.yaml"))
+
+
+def write_spec(tmp_path, spec, name="grid"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False) if isinstance(spec, dict) else spec)
+    return path
+
+
+def test_grid_expansion_and_names(tmp_path):
+    spec = write_spec(tmp_path, {
+        "figure": "prune_ratio_updates",
+        "set": {"training.steps": 400, "training.batch_size": 32},
+        "grid": [
+            {"config": ["bert_tiny_dense", "bert_mini_dense"]},
+            {"config": "bert_mini_sparse", "sparsity.pruning_ratio": [0.25, 0.5], "sparsity.num_updates": [40, 80],
+             "seed": [0, 1]},
+            {"config": "bert_mini_sparse", "label": "attn_only", "sparsity.modules": [["query", "key"]]},
+        ]})
+    sweep = load_sweep(spec)
+    assert sweep.name == "grid" and sweep.figure == "prune_ratio_updates"
+    names = [r.name for r in sweep.runs]
+    assert len(names) == 2 + 8 + 1
+    assert names[:3] == ["bert_tiny_dense", "bert_mini_dense", "bert_mini_sparse,pruning_ratio=0.25,num_updates=40,seed=0"]
+    assert names[-1] == "attn_only,modules=query+key"
+    run = sweep.runs[3]
+    config = run.resolve()
+    assert config.training.steps == 400 and config.seed == 1 and config.sparsity.pruning_ratio == 0.25
+    assert config.name == run.name
+    assert sweep.runs[-1].resolve().sparsity.modules == ["query", "key"]
+    command = run.command(tmp_path / "r", resume=False)
+    assert command[-2:] == ["--set", f"name={run.name}"] and "--steps" in command and "--seed" in command
+    assert sweep.runs[0].command(tmp_path / "r", resume=True)[-2:] == ["--resume", str(tmp_path / "r")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("grid: [", "is not valid YAML"),
+    ("- 1\n- 2\n", "must be a YAML mapping"),
+    ({"grid": [{"config": "bert_tiny_dense"}], "figures": "pareto"}, "unknown key 'figures'"),
+    ({"grid": [{"sparsity.ratio": 0.5}]}, "needs 'config'"),
+    ({"grid": []}, "'grid' must be a list"),
+    ({"grid": [{"config": "bert_tiny_dense", "seed": []}]}, "'seed' has an empty list"),
+    ({"grid": [{"config": ["bert_tiny_dense", "bert_tiny_dense"]}]}, "two runs are both named 'bert_tiny_dense'"),
+    ({"grid": [{"config": "bert_tiny_sparse", "sparsity.ratio": [0.5, 1.5]}]},
+     "run bert_tiny_sparse,ratio=1.5: sparsity.ratio must be in [0, 1)"),
+    ({"grid": [{"config": "bert_tiny_sparse", "sparsity.rato": 0.5}]}, "did you mean"),
+])
+def test_bad_specs_are_one_line(tmp_path, spec, message):
+    with pytest.raises(SweepError, match=__import__("re").escape(message)) as info:
+        load_sweep(write_spec(tmp_path, spec))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_spec_name_lists_the_shipped_ones():
+    with pytest.raises(SweepError, match="pareto_cpu"):
+        load_sweep("no_such_sweep")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_specs_load(path):
+    sweep = load_sweep(path)
+    assert sweep.runs and sweep.figure is not None
+    from ipu_app.experiments.report import FIGURES
+    assert sweep.figure in FIGURES
+
+
+def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsys):
+    spec = write_spec(tmp_path, {
+        "figure": "pareto",
+        "set": {"training.steps": 4, "training.batch_size": 4, "training.micro_batch_size": 4, "sparsity.num_updates": 2,
+                "data.validation_sequences": 8,
+                "training.checkpoint_every": 2, "training.precision": "fp32", "data.dir": str(data_dir)},
+        "grid": [{"config": ["bert_tiny_dense", "bert_tiny_sparse"]},
+                 {"config": "bert_tiny_static", "label": "broken", "data.dir": str(tmp_path / "no_data")}],
+    })
+    out = tmp_path / "sweep"
+    code = app_main(["sweep", str(spec), "--jobs", "2", "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 of 3 runs did not finish" in captured.err
+    status = json.loads((out / "status.json").read_text())["runs"]
+    assert status["bert_tiny_dense"]["status"] == "finished" and status["bert_tiny_sparse"]["status"] == "finished"
+    broken = "broken,dir=no_data"  # a path value is named by its last component
+    assert status[broken]["status"] == "failed" and status[broken]["rc"] == 1
+    assert "prepare-data" in status[broken]["error"] or "manifest" in status[broken]["error"]
+    assert (out / "runs" / "bert_tiny_sparse" / "summary.json").is_file()
+    assert (out / "runs" / "bert_tiny_sparse" / "explored.safetensors").is_file()
+    assert (out / "sweep.yaml").read_text() == spec.read_text()
+    assert (out / "logs" / f"{broken}.log").is_file()
+
+    # Again: finished runs are skipped (no new attempt); the failed one is tried again.
+    code = app_main(["sweep", str(spec), "--output-dir", str(out), "--only", broken])
+    status = json.loads((out / "status.json").read_text())["runs"]
+    assert code == 1 and status[broken]["attempts"] == 2
+    code = app_main(["sweep", str(spec), "--output-dir", str(out), "--only", "bert_tiny_dense"])
+    status = json.loads((out / "status.json").read_text())["runs"]
+    assert code == 0 and status["bert_tiny_dense"]["attempts"] == 1 and status["bert_tiny_dense"]["status"] == "finished"
+
+    # The report reads the sweep's runs (two finished; the failed one left no summary).
+    code = app_main(["report", str(out), "--figure", "exploration"])
+    assert code == 0 and (out / "report" / "exploration.png").is_file()
+
+    # A run that died before its first checkpoint is set aside and restarted; one with a checkpoint resumes.
+    sparse = out / "runs" / "bert_tiny_sparse"
+    (sparse / "summary.json").unlink()
+    assert run_state(sparse) == "resumable"
+    runner = SweepRunner(load_sweep(spec), out, only=["bert_tiny_sparse"], echo=lambda m: None)
+    assert runner.plan()[0][1] == "resumable"
+    results = runner.run()
+    assert results["bert_tiny_sparse"].status == "finished"
+    log = (out / "logs" / "bert_tiny_sparse.log").read_text()
+    assert "resume: " in log and "--resume" in log
+
+    # A spec whose config no longer matches a run directory: stale, untouched, non-zero exit.
+    changed = spec.read_text().replace("training.steps: 4", "training.steps: 6")
+    spec.write_text(changed)
+    before = (out / "runs" / "bert_tiny_dense" / "summary.json").read_text()
+    code = app_main(["sweep", str(spec), "--output-dir", str(out), "--only", "bert_tiny_dense"])
+    captured = capsys.readouterr()
+    assert code == 1 and "stale" in captured.out and "training.steps (saved 4, spec 6)" in captured.out
+    assert (out / "runs" / "bert_tiny_dense" / "summary.json").read_text() == before
+
+
+def test_partial_run_is_set_aside(tmp_path):
+    spec = write_spec(tmp_path, {"grid": [{"config": "bert_tiny_dense"}], "figure": "pareto"})
+    out = tmp_path / "sweep"
+    partial = out / "runs" / "bert_tiny_dense"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("")
+    assert run_state(partial) == "partial"
+    runner = SweepRunner(load_sweep(spec), out, echo=lambda m: None)
+    runner._execute = lambda queue: None  # plan and set aside only; train nothing
+    runner.run()
+    assert not partial.exists() and (out / "attempts" / "bert_tiny_dense.1" / "metrics.jsonl").is_file()
+    with pytest.raises(SweepError, match="--only 'nope' is not a run"):
+        SweepRunner(load_sweep(spec), out, only=["nope"])
+    with pytest.raises(SweepError, match="--jobs must be >= 1"):
+        SweepRunner(load_sweep(spec), out, jobs=0)
