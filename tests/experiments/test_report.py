@@ -334,3 +334,21 @@ def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):
 def test_every_figure_is_registered():
     assert set(FIGURES) == {"pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init",
                             "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate"}
+
+
+def test_freeze_unfreeze_report(runs_root, tmp_path):
+    def curve(final):
+        return [{"kind": "train", "step": s, "loss": final + 3.0 * (1 - s / 100)} for s in range(10, 101, 10)]
+
+    for freeze, lr, final in (("none", 1e-3, 2.3), ("early", 1e-3, 2.5), ("early", 2e-3, 2.44), ("late", 1e-3, 2.41),
+                              ("late", 2e-3, 2.6)):
+        make_run(runs_root, f"{freeze}_{lr}", "bert_small_dense", final - 0.7, lr=lr,
+                 overrides=(f"sparsity.freeze={freeze}", "training.steps=100", "training.warmup_steps=5"),
+                 summary={"final_train_loss": final}, metrics=curve(final))
+    build_report(runs_root, "freeze_unfreeze", tmp_path / "r")
+    assert_png(tmp_path / "r" / "freeze_unfreeze.png")
+    rows = read_csv(tmp_path / "r" / "freeze_unfreeze.csv")
+    best = {r["freeze"]: (float(r["learning_rate"]), float(r["final_train_loss"])) for r in rows if r["best"] == "True"}
+    assert best == {"dense": (1e-3, 2.3), "early untrained (unfreeze)": (2e-3, 2.44),
+                    "late untrained (freeze)": (1e-3, 2.41)}
+    assert len(rows) == 5
