@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sweep)
     p = sub.add_parser("report", help="tables and a figure from finished run directories (never trains)")
     p.add_argument("runs_dir", help="a sweep directory or any directory holding run directories")
-    p.add_argument("--figure", help="which paper figure (default: the sweep's 'figure')")
+    p.add_argument("--figure", help="pareto, sparsity, prune_ratio_updates, block_metric, group_lasso, init, "
+                                    "zero_vs_frozen, freeze_unfreeze, exploration or learning_rate "
+                                    "(default: the sweep's 'figure')")
     p.add_argument("--output", help="output directory (default RUNS_DIR/report)")
     p.add_argument("--layer", default=None,
                    help="exploration: the weight whose accumulated pattern is drawn (default layer 2's FFN up)")

@@ -533,7 +533,7 @@ def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -
     ax.legend(fontsize=8)
     out.figure("exploration", fig)
     if maps:
-        fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4.6), squeeze=False, constrained_layout=True)
         for ax, (run, name, explored, block) in zip(axes[0], maps.values()):
             ax.imshow(explored, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
             ax.set_title(f"{METHOD_LABELS[run.method]}, s={run.sparsity:g}\nDOF {explored.mean():.3f}", fontsize=9)

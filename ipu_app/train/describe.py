@@ -67,6 +67,9 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "gradient_accumulation": config.accumulation_steps(world_size),
         "world_size": world_size,
         "pattern_updates": updates,
+        "freeze": (None if s.freeze == "none" else
+                   {"mode": s.freeze, "fraction": s.ratio, "switch_step": t.steps // 2,
+                    "untrained_steps": f"1..{t.steps // 2}" if s.freeze == "early" else f"{t.steps // 2 + 1}..{t.steps}"}),
         "steps_between_updates": t.steps / s.num_updates if updates else None,
         "total_params": sum(p.numel() for p in params),
         "trainable_nonzero_params": sum(p.numel() for p in params if p.requires_grad),
@@ -90,6 +93,8 @@ def format_description(info: dict) -> str:
         f"{info['gradient_accumulation']} accumulation x {info['world_size']} processes",
         f"pattern updates                  {info['pattern_updates']}"
         + (f" (every {info['steps_between_updates']:.1f} steps)" if info["pattern_updates"] else ""),
+        *([f"untrained subset                 {info['freeze']['fraction']:g} of each encoder weight, steps "
+           f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
         f"total params                     {info['total_params']:,}",
         f"trainable non-zero params        {info['trainable_nonzero_params']:,}",
         f"non-embedding params (dense)     {info['non_embedding_params']:,}",

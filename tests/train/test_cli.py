@@ -126,3 +126,13 @@ def test_entry_point_script(tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "run_pretraining.py"), "--help"],
                                capture_output=True, text=True).stdout
     assert "--describe" in help_text and "--resume" in help_text
+
+
+def test_describe_freeze(capsys):
+    code, out, _ = run_cli(capsys, "--config", "bert_mini_dense", "--steps", "400", "--set", "sparsity.freeze=early",
+                           "--describe", "--json")
+    assert code == 0
+    assert json.loads(out)["freeze"] == {"mode": "early", "fraction": 0.9, "switch_step": 200,
+                                         "untrained_steps": "1..200"}
+    code, _, err = run_cli(capsys, "--config", "bert_mini_static", "--set", "sparsity.freeze=late", "--describe")
+    assert code == 1 and "sparsity.freeze=late needs sparsity.mode=dense" in err and err.count("\n") == 1
