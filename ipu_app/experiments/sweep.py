@@ -274,7 +274,7 @@ class SweepRunner:
     _previous: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory)
+        self.directory = Path(self.directory).resolve()
         if self.jobs < 1:
             raise SweepError(f"--jobs must be >= 1, got {self.jobs}")
         if self.only:
@@ -336,6 +336,9 @@ class SweepRunner:
         total = len(queue)
         finished = 0
         env = dict(os.environ)
+        # Runs see the sweep's working directory (relative paths in specs mean what they say) and
+        # import this package even when it is not installed.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_repo_root()), env.get("PYTHONPATH")]))
         if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         previous_handlers = self._install_signal_handlers(running)
@@ -372,7 +375,7 @@ class SweepRunner:
         result.status = "running"
         self._write_status()
         process = subprocess.Popen(spec.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, cwd=str(_repo_root()), start_new_session=True)
+                                   env=env, start_new_session=True)
         return _Running(spec, process, log, time.perf_counter(), resume)
 
     def _finish(self, job: _Running, rc: int) -> None:

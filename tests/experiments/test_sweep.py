@@ -143,3 +143,11 @@ def test_partial_run_is_set_aside(tmp_path):
         SweepRunner(load_sweep(spec), out, only=["nope"])
     with pytest.raises(SweepError, match="--jobs must be >= 1"):
         SweepRunner(load_sweep(spec), out, jobs=0)
+
+
+def test_relative_sweep_dir_is_made_absolute(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, {"grid": [{"config": "bert_tiny_dense"}], "figure": "pareto"})
+    monkeypatch.chdir(tmp_path)
+    runner = SweepRunner(load_sweep(spec), "rel/sweep")
+    assert runner.directory == tmp_path / "rel" / "sweep"  # runs start in this directory, not elsewhere
+    assert runner.run_dir(runner.sweep.runs[0]).is_absolute()
