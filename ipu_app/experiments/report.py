@@ -136,6 +136,18 @@ def _plain_log_axis(axis) -> None:
     axis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
+def _style(ax, xlabel: str, ylabel: str, title: str | None = None, *, xlog: bool = False, legend: int = 8) -> None:
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend)
+
+
 def _require(runs: list[Run], what: str, figure: str, test: Callable[[Run], bool] = lambda r: True) -> list[Run]:
     chosen = [r for r in runs if test(r)]
     if not chosen:
@@ -349,6 +361,18 @@ def report_block_metric(runs: list[Run], out: Output) -> None:
                  "Block metric for magnitude pruning (Fig. 7)")
 
 
+def _errorbar_figure(out: Output, stem: str, series: list[tuple[str, list[float], list]], xlabel: str,
+                     title: str) -> None:
+    """One log-x panel of seed-mean loss (± std) per series of (label, x values, points)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xs, points in series:
+        ax.errorbar([x if x > 0 else float("nan") for x in xs], [p.loss for p in points],
+                    yerr=[p.std for p in points], marker="o", capsize=3, label=label)
+    _style(ax, xlabel, "validation MLM loss", title, xlog=True)
+    out.figure(stem, fig)
+
+
 def _lr_curves(ax, runs: list[Run], key: Callable[[Run], str]) -> None:
     for name, points in _series(runs, key=lambda r: (key(r),), x=lambda r: r.learning_rate):
         pts = group([q for p in points for q in p.runs], key=lambda r: (round(r.learning_rate, 12),))
@@ -396,19 +420,9 @@ def report_group_lasso(runs: list[Run], out: Output) -> None:
                   best=p.loss == best[(r.size, regulariser(r))])
     table.rows.sort(key=lambda row: (row["model"], row["regulariser"], row["coefficient"]))
     out.table("group_lasso", table)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (size, reg), pts in _series(runs, lambda r: (r.size, regulariser(r)), coefficient):
-        xs = [coefficient(p.first) for p in pts]
-        ax.errorbar([x if x > 0 else float("nan") for x in xs], [p.loss for p in pts], yerr=[p.std for p in pts],
-                    marker="o", capsize=3, label=f"{reg} ({size})")
-    ax.set_xscale("log")
-    ax.set_xlabel("regularisation coefficient")
-    ax.set_ylabel("validation MLM loss")
-    ax.set_title("Group lasso vs weight decay (Fig. 6)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    out.figure("group_lasso", fig)
+    series = [(f"{reg} ({size})", [coefficient(p.first) for p in pts], pts)
+              for (size, reg), pts in _series(runs, lambda r: (r.size, regulariser(r)), coefficient)]
+    _errorbar_figure(out, "group_lasso", series, "regularisation coefficient", "Group lasso vs weight decay (Fig. 6)")
 
 
 def report_init(runs: list[Run], out: Output) -> None:
@@ -437,18 +451,10 @@ def report_zero_vs_frozen(runs: list[Run], out: Output) -> None:
     table.notes.append("zero: inactive weights are 0; frozen: inactive weights keep their untrained initial values "
                        "(Fig. 1a, Table A.9); best learning rate per setting")
     out.table("zero_vs_frozen", table)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (size, mode), pts in _series(runs, lambda r: (r.size, inactive(r)), lambda r: r.density):
-        ax.errorbar([p.first.density for p in pts], [p.loss for p in pts], yerr=[p.std for p in pts], marker="o",
-                    capsize=3, label=f"{'untrained (frozen)' if mode == 'frozen' else 'zero'} ({size})")
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of trainable parameters (1 − s)")
-    ax.set_ylabel("validation MLM loss")
-    ax.set_title("Zero vs untrained inactive weights (Fig. 1a)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    out.figure("zero_vs_frozen", fig)
+    series = [(f"{'untrained (frozen)' if mode == 'frozen' else 'zero'} ({size})", [p.first.density for p in pts], pts)
+              for (size, mode), pts in _series(runs, lambda r: (r.size, inactive(r)), lambda r: r.density)]
+    _errorbar_figure(out, "zero_vs_frozen", series, "fraction of trainable parameters (1 − s)",
+                     "Zero vs untrained inactive weights (Fig. 1a)")
 
 
 def report_freeze_unfreeze(runs: list[Run], out: Output) -> None:
@@ -603,12 +609,8 @@ def report_learning_rate(runs: list[Run], out: Output) -> None:
             grid = np.exp(np.linspace(math.log(fit.lr_min), math.log(fit.lr_max), 100))
             axes[0].plot(grid, fit(grid), "-", color=color, alpha=0.7)
             axes[0].plot([fit.optimum_lr], [fit.optimum_loss], "v", color="k", markersize=8)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("learning rate")
-    axes[0].set_ylabel("validation MLM loss")
-    axes[0].set_title("LR sweeps with cubic fits; ▼ fitted optimum (Fig. 12)")
-    axes[0].grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _style(axes[0], "learning rate", "validation MLM loss", "LR sweeps with cubic fits; ▼ fitted optimum (Fig. 12)",
+           xlog=True, legend=7)
     for i, (fam, ((slope, intercept), items)) in enumerate(law_lines.items()):
         color = colors[i % len(colors)]
         ns = np.array(sorted(i_[0] for i_ in items), dtype=float)
@@ -619,13 +621,9 @@ def report_learning_rate(runs: list[Run], out: Output) -> None:
         if row["eq3_lr"] and row["nonzero_params"]:
             axes[1].plot([row["nonzero_params"]], [row["eq3_lr"]], "x", color="gray")
     axes[1].plot([], [], "x", color="gray", label="paper: dense law × Eq. 3")
-    axes[1].set_xscale("log")
     axes[1].set_yscale("log")
-    axes[1].set_xlabel("non-embedding non-zero parameters N")
-    axes[1].set_ylabel("optimal learning rate")
-    axes[1].set_title("Learning-rate scaling law (Fig. 13)")
-    axes[1].grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7)
+    _style(axes[1], "non-embedding non-zero parameters N", "optimal learning rate",
+           "Learning-rate scaling law (Fig. 13)", xlog=True, legend=7)
     out.figure("learning_rate", fig)
 
 
