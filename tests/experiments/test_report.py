@@ -10,6 +10,7 @@ from ipu_app.experiments.report import FIGURES, build_report
 from ipu_app.experiments.runs import (
     DenseCurve,
     ReportError,
+    dof_curve,
     fit_lr_curve,
     fit_power_law,
     load_runs,
@@ -194,6 +195,9 @@ def test_exploration_report(runs_root, tmp_path):
     assert_png(tmp_path / "r" / "exploration.png")
     assert_png(tmp_path / "r" / "exploration_pattern.png")
     assert tmp_path / "r" / "exploration_pattern.png" in written
+    runs = {r.name: r for r in load_runs(runs_root)[0]}
+    assert dof_curve(runs["random"]) == [(0, pytest.approx(0.1)), (30, 0.3), (60, 0.6), (100, 0.6)]
+    assert dof_curve(runs["static"]) == [(0, pytest.approx(0.1)), (100, 0.1)]  # flat at 1 - s
     rows = {r["run"]: r for r in read_csv(tmp_path / "r" / "exploration.csv")}
     assert float(rows["random"]["initial_dof"]) == pytest.approx(0.1)
     assert float(rows["random"]["final_explored_dof"]) == 0.6

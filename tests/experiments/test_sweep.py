@@ -151,3 +151,38 @@ def test_relative_sweep_dir_is_made_absolute(tmp_path, monkeypatch):
     runner = SweepRunner(load_sweep(spec), "rel/sweep")
     assert runner.directory == tmp_path / "rel" / "sweep"  # runs start in this directory, not elsewhere
     assert runner.run_dir(runner.sweep.runs[0]).is_absolute()
+
+
+def test_ctrl_c_checkpoints_and_the_next_start_resumes(tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, {
+        "figure": "pareto",
+        "set": {"training.steps": 400, "training.batch_size": 2, "training.micro_batch_size": 2,
+                "data.validation_sequences": 4, "training.checkpoint_every": 1000, "training.precision": "fp32",
+                "data.dir": str(data_dir)},
+        "grid": [{"config": "bert_tiny_dense"}],
+    })
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ipu_app", "sweep", str(spec), "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "runs" / "bert_tiny_dense" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"train"') >= 1):  # training has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "stopped bert_tiny_dense (checkpointed" in output
+    status = json.loads((out / "status.json").read_text())["runs"]["bert_tiny_dense"]
+    assert status["status"] == "interrupted"
+    assert run_state(out / "runs" / "bert_tiny_dense") == "resumable"
+    # The next start resumes from the checkpoint the signal wrote (shortened so the test is quick).
+    runner = SweepRunner(load_sweep(spec), out, echo=lambda m: None)
+    assert runner.plan()[0][1] == "resumable"
+    assert os.path.isdir(out / "runs" / "bert_tiny_dense" / "checkpoints")
