@@ -197,13 +197,9 @@ def _draw_pareto(ax, runs: list[Run], curve: DenseCurve | None, label: Callable[
                     marker="o", linestyle="--", capsize=3, label=name)
         for p in points:
             ax.annotate(p.first.size, (p.first.flops, p.loss), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_axis(ax.yaxis)
-    ax.set_xlabel("non-embedding FLOPs per sequence")
-    ax.set_ylabel("validation MLM loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "non-embedding FLOPs per sequence", "validation MLM loss", xlog=True)
 
 
 def report_pareto(runs: list[Run], out: Output) -> None:
@@ -263,10 +259,7 @@ def report_sparsity(runs: list[Run], out: Output) -> None:
     for (method, size), points in _series(runs, lambda r: (r.method, r.size), lambda r: r.sparsity):
         axes[1].errorbar([p.first.sparsity for p in points], [p.loss for p in points], yerr=[p.std for p in points],
                          marker="o", capsize=3, label=f"{METHOD_LABELS[method]} {size}")
-    axes[1].set_xlabel("sparsity s")
-    axes[1].set_ylabel("validation MLM loss")
-    axes[1].grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    _style(axes[1], "sparsity s", "validation MLM loss")
     out.figure("sparsity", fig)
 
 
@@ -379,11 +372,7 @@ def _lr_curves(ax, runs: list[Run], key: Callable[[Run], str]) -> None:
         pts.sort(key=lambda p: p.first.learning_rate)
         ax.errorbar([p.first.learning_rate for p in pts], [p.loss for p in pts], yerr=[p.std for p in pts], marker="o",
                     capsize=3, label=name[0])
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation MLM loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "learning rate", "validation MLM loss", xlog=True)
 
 
 def _per_lr_table(runs: list[Run], key_name: str, key: Callable[[Run], Any]) -> Table:
@@ -483,11 +472,7 @@ def report_freeze_unfreeze(runs: list[Run], out: Output) -> None:
     ax.axvline(steps / 2, color="k", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     _plain_log_axis(ax.yaxis)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (MLM + NSP)")
-    ax.set_title("When to sparsify: freeze vs unfreeze at T/2 (Fig. 1b)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "step", "training loss (MLM + NSP)", "When to sparsify: freeze vs unfreeze at T/2 (Fig. 1b)")
     out.figure("freeze_unfreeze", fig)
 
 
@@ -531,12 +516,8 @@ def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -
         ax.plot([c[0] for c in curve], [c[1] for c in curve], drawstyle="steps-post",
                 label=f"{METHOD_LABELS[run.method]}, s={run.sparsity:g}" + (f", b={run.block_size}" if run.block_size > 1
                                                                             else ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("explored degrees of freedom")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Explored degrees of freedom (Fig. 11, left)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "step", "explored degrees of freedom", "Explored degrees of freedom (Fig. 11, left)")
     out.figure("exploration", fig)
     if maps:
         fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4.6), squeeze=False, constrained_layout=True)
