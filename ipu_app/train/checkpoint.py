@@ -102,8 +102,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
         raise CheckpointError(f"checkpoint {path} is corrupt ({state_file.name}: {str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
-    if config is not None and state.get("config") != config:
-        key = first_difference(state.get("config"), config)
+    if config is not None and _with_defaults(state.get("config")) != config:
+        key = first_difference(_with_defaults(state.get("config")), config)
         raise CheckpointError(f"checkpoint {path} was written by a different config ({key})")
     try:
         tensors = load_file(str(weights))
@@ -125,6 +125,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not load: {str(exc).splitlines()[0]}") from None
     return state
+
+
+def _with_defaults(saved):
+    """A saved config read through today's schema: keys added since it was written take their
+    defaults (so older checkpoints still resume); one that cannot be read is compared as it is."""
+    from ..config import ConfigError, from_dict
+
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return from_dict(saved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved
 
 
 def first_difference(a, b, prefix: str = "") -> str:

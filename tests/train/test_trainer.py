@@ -233,3 +233,18 @@ def test_freeze_config_errors(data_dir):
         small_config(data_dir, "bert_tiny_sparse", "sparsity.freeze=late")
     with pytest.raises(ConfigError, match="sparsity.freeze='sometimes' is not valid"):
         small_config(data_dir, "bert_tiny_dense", "sparsity.freeze=sometimes")
+
+
+def test_checkpoint_from_before_a_new_config_key_still_resumes(data_dir, tmp_path):
+    config = small_config(data_dir)
+    assert new_trainer(config, tmp_path / "run").train(stop_at=4) is None
+    state_file = tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["sparsity"]["freeze"]  # as written before the key existed
+    torch.save(state, state_file)
+    resumed = new_trainer(config, tmp_path / "run", resume=True)
+    assert resumed.step == 4
+    state["config"]["sparsity"]["ratio"] = 0.8  # a real difference is still refused
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"sparsity.ratio: 0.8 in the checkpoint, 0.9 now"):
+        new_trainer(config, tmp_path / "run", resume=True)
