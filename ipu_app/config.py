@@ -105,12 +105,36 @@ class DataSection:
 
 
 @dataclass
+class IpuSection:
+    """Graphcore IPU execution (``backend: ipu``); see ``ipu_app/ipu``."""
+
+    replication_factor: int = 1  # replicas over all poprun instances
+    device_iterations: int = 1
+    layers_per_ipu: list[int] = field(default_factory=lambda: [-1])  # encoder layers per IPU; -1: the rest, evenly
+    matmul_proportion: list[float] = field(default_factory=lambda: [0.6])  # available memory proportion per IPU
+    recompute_checkpoint_every_layer: bool = True
+    enable_half_partials: bool = False
+    stochastic_rounding: bool = True
+    optimizer_state_offchip: bool = False
+    replicated_tensor_sharding: bool = False
+    executable_cache_dir: str | None = None
+    offline_target: bool = False  # compile only, no IPU attached
+    instances: int = 1  # poprun host processes
+    hosts: list[str] = field(default_factory=list)
+    num_ilds: int = 1  # IPU-Link domains (IPU-POD64 = 1)
+    vipu_server_host: str | None = None
+    vipu_partition: str | None = None
+    tcp_if_include: str = "eth0"  # network interface (or CIDR) for MPI between hosts
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     sparsity: SparsitySection = field(default_factory=SparsitySection)
     training: TrainingSection = field(default_factory=TrainingSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     data: DataSection = field(default_factory=DataSection)
+    ipu: IpuSection = field(default_factory=IpuSection)
     backend: str = "reference"
     seed: int = 0
     name: str = ""  # the config's name (set when loaded)
@@ -448,8 +472,12 @@ def _coerce(key: str, value: Any, annotation) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option) or (str,)
+            try:
+                return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+            except ConfigError:
+                pass
         if option is int and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
             return int(value)  # 1e4 in YAML
     names = " or ".join(_type_name(o) for o in options)
@@ -460,5 +488,6 @@ def _type_name(option) -> str:
     if option is type(None):
         return "null"
     if typing.get_origin(option) is list:
-        return "a list of names"
+        (item,) = typing.get_args(option) or (str,)
+        return {int: "a list of integers", float: "a list of numbers"}.get(item, "a list of names")
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(option, str(option))
