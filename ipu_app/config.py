@@ -182,7 +182,7 @@ class RunConfig:
             init=self.sparsity.init,
             sparse_modules=list(self.sparsity.modules),
             inactive=self.sparsity.inactive,
-            backend=self.backend,
+            backend="reference" if self.backend == "ipu" else self.backend,  # IPU: the masked path in the graph
             seed=self.seed,
         )
 
@@ -199,7 +199,7 @@ class RunConfig:
         _choice("training.precision", t.precision, PRECISIONS)
         for module in s.modules:
             _choice("sparsity.modules entry", module, SPARSE_MODULES)
-        _choice("backend", self.backend, BACKEND_NAMES)
+        _choice("backend", self.backend, (*BACKEND_NAMES, "ipu"))
         hidden = MODEL_SIZES[m.size][1]
         _check(m.dropout is None or 0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(m.max_position_embeddings >= d.seq_len,
@@ -216,7 +216,7 @@ class RunConfig:
                f"sparsity.freeze={s.freeze} needs sparsity.mode=dense (a random fraction sparsity.ratio of each "
                "dense weight is untrained for half the run)")
         _check(s.freeze == "none" or s.ratio > 0, "sparsity.freeze needs sparsity.ratio > 0 (the untrained fraction)")
-        _check(s.inactive == "zero" or self.backend == "reference",
+        _check(s.inactive == "zero" or self.backend in ("reference", "ipu"),
                "sparsity.inactive=frozen needs backend=reference")
         _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
         if s.mode == "dynamic":

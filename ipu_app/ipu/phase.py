@@ -38,13 +38,14 @@ class IpuStateError(RuntimeError):
     """The device state read back does not look like this model's; one actionable line."""
 
 
-def pattern_buffer_names(model: nn.Module) -> list[str]:
-    """The ``named_buffers()`` names a pattern update rewrites (for ``updatableNamedBuffers``)."""
+def pattern_buffer_names(model: nn.Module, prefix: str = "") -> list[str]:
+    """The ``named_buffers()`` names a pattern update rewrites (for ``updatableNamedBuffers``);
+    ``prefix`` is the model's name inside the module the executor wraps (e.g. ``model.``)."""
     names = []
     for layer_name, layer in sparse_linears(model):
         for buffer in PATTERN_BUFFERS:
             if getattr(layer, buffer, None) is not None:
-                names.append(f"{layer_name}.{buffer}")
+                names.append(f"{prefix}{layer_name}.{buffer}")
     return names
 
 
@@ -63,23 +64,24 @@ class IpuPatternSync:
     """Runs scheduled pattern updates of a PopTorch training executor between its calls."""
 
     def __init__(self, executor, optimizer, updater: PatternUpdater, model: nn.Module,
-                 dense_gradient: Callable[[nn.Module, int], None] | None = None) -> None:
+                 dense_gradient: Callable[[nn.Module, int], None] | None = None, prefix: str = "") -> None:
         self.executor = executor
         self.optimizer = optimizer  # a poptorch.optim optimizer
         self.updater = updater
         self.model = model
         self.dense_gradient = dense_gradient  # RigL: runs a host forward/backward recording dense grads
-        self.buffer_names = pattern_buffer_names(model)
+        self.prefix = prefix  # the model's name inside the executor's module: PopART names carry it
+        self.buffer_names = pattern_buffer_names(model, prefix)
 
     def moment_keys(self, ipu_state: dict) -> dict[str, list[str]]:
         """Per sparse layer, the PopART names of its values' moments present in ``ipu_state``."""
         keys = {}
         for name, _ in sparse_linears(self.model):
-            wanted = [f"{prefix}{name}.values" for prefix in MOMENT_PREFIXES]
+            wanted = [f"{moment}{self.prefix}{name}.values" for moment in MOMENT_PREFIXES]
             found = [k for k in wanted if k in ipu_state]
             if not found:
                 sample = ", ".join(sorted(ipu_state)[:3]) or "nothing"
-                raise IpuStateError(f"the optimizer state read from the IPU has no moments for {name}.values "
+                raise IpuStateError(f"the optimizer state read from the IPU has no moments for {self.prefix}{name}.values "
                                     f"(expected {wanted[0]}; it holds {sample}, ...); use poptorch.optim.AdamW")
             keys[name] = found
         return keys

@@ -113,8 +113,10 @@ def _is_user_error(exc: Exception) -> bool:
     from .checkpoint import CheckpointError
     from .distributed import PatternMismatchError
 
+    from ..ipu import IpuUnavailable
+
     return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError,
-                            PatternMismatchError, OSError))
+                            PatternMismatchError, IpuUnavailable, OSError))
 
 
 def _main(args) -> int:
@@ -136,6 +138,12 @@ def _main(args) -> int:
             info = describe(config, world_size=ctx.world_size)
             print(json.dumps(info) if args.json else format_description(info))
         return 0
+    if config.backend == "ipu":  # before any run directory exists: no SDK is one line, nothing written
+        from ..ipu import import_poptorch
+        from ..ipu.trainer import check_ipu_config
+
+        check_ipu_config(config)
+        import_poptorch()
     if args.resume and (run_dir / "summary.json").is_file():
         if ctx.is_main:
             print(f"{run_dir} finished already (summary.json); nothing to resume", file=sys.stderr)
@@ -159,7 +167,13 @@ def _train(args, ctx, config: RunConfig, run_dir: Path) -> int:
         atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
     ctx.barrier()
     try:
-        trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, dist=ctx)
+        if config.backend == "ipu":
+            from ..ipu.trainer import IpuTrainer, import_popdist
+
+            trainer = IpuTrainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+                                 popdist=import_popdist())
+        else:
+            trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, dist=ctx)
     except BaseException:
         if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
             _remove_new_run_dir(run_dir, created)

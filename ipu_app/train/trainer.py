@@ -111,7 +111,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = self.make_optimizer()
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
         s = config.sparsity
@@ -193,7 +193,7 @@ class Trainer:
         t = self.config.training
         if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
             if self._last_step_finite:
-                stats = self.updater.step(step)
+                stats = self.update_pattern(step)
                 check_patterns_consistent(self.dist, self.sparse_layers, step)
                 self.counters.pattern_updates += 1
                 self.metrics.log("update", step, **_update_record(stats))
@@ -204,6 +204,14 @@ class Trainer:
             self.validate()
         if step % t.checkpoint_every == 0 and step < self.total_steps:
             self.save_checkpoint()
+
+    # ============================================================ backend hooks
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.config)
+
+    def update_pattern(self, step: int):
+        """The scheduled pattern update after step ``step`` (an accelerator also moves state here)."""
+        return self.updater.step(step)
 
     # ================================================================ one step
     def _train_step(self, step: int) -> None:

@@ -1,0 +1,145 @@
+"""``backend: ipu``: the phased trainer with each optimizer step run by a PopTorch executor.
+
+Everything but the step is the CPU/GPU trainer's (data, schedule, metrics, checkpoints, resume,
+signals). One executor call is one optimizer step: ``micro_batch_size x gradient accumulation x
+local replicas`` sequences (``ipu.device_iterations`` must be 1, so phases end exactly where the
+pattern is updated). After the call the learning-rate schedule steps on the host and is pushed with
+``setOptimizer`` (no recompilation). At a phase boundary :class:`IpuPatternSync` moves weights and
+moments to the host, runs the shared updater, and writes them back with the pattern buffers.
+Validation and checkpoints read the weights from the device first; validation runs on the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..config import ConfigError, RunConfig
+from ..train.optim import parameter_groups
+from ..train.precision import resolve_precision
+from ..train.trainer import Trainer
+from . import import_poptorch
+from .model import IpuPretrainingModel, parallelize, static_batch
+from .options import build_options, plan
+from .phase import IpuPatternSync, pattern_buffer_names
+
+
+def import_popdist():
+    """The SDK's ``popdist`` module under ``poprun`` (None when not installed or not under poprun)."""
+    try:
+        import popdist
+        import popdist.poptorch  # noqa: F401
+    except ImportError:
+        return None
+    return popdist if popdist.isPopdistEnvSet() else None
+
+
+def check_ipu_config(config: RunConfig) -> None:
+    """What an IPU run needs beyond the generic checks (one line each)."""
+    plan(config)
+    if config.ipu.device_iterations != 1:
+        raise ConfigError("backend: ipu runs one optimizer step per executor call; set ipu.device_iterations=1 "
+                          "(phases end at pattern updates)")
+    if config.sparsity.freeze != "none":
+        raise ConfigError("sparsity.freeze is not supported with backend: ipu (it edits weights every step)")
+    if config.sparsity.group_lasso > 0:
+        raise ConfigError("sparsity.group_lasso is not supported with backend: ipu (it edits weights every step)")
+
+
+class IpuTrainer(Trainer):
+    def __init__(self, config: RunConfig, run_dir, *, poptorch=None, popdist=None, **kwargs) -> None:
+        check_ipu_config(config)
+        self.poptorch = poptorch if poptorch is not None else import_poptorch()
+        self.plan = plan(config)
+        super().__init__(config, run_dir, device="cpu", **kwargs)
+        self.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
+        self.half = config.training.precision in ("auto", "fp16")
+        self.replicas_here = self.plan.replication_factor // config.ipu.instances
+        self.micro_per_call = self.plan.gradient_accumulation * self.replicas_here
+        self.wrapper = IpuPretrainingModel(self.model, self.poptorch)
+        self.hooks = parallelize(self.wrapper, self.plan.placement, self.poptorch,
+                                 recompute_every_layer=config.ipu.recompute_checkpoint_every_layer)
+        if self.half:
+            self.wrapper.half()
+        # The executor wraps ``self.wrapper``: PopART names of the model's tensors start with "model.".
+        options = build_options(config, self.poptorch, pattern_buffer_names(self.model, "model."), popdist=popdist)
+        self.executor = self.poptorch.trainingModel(self.wrapper, options=options, optimizer=self.optimizer)
+        self.sync = (IpuPatternSync(self.executor, self.optimizer, self.updater, self.model,
+                                    dense_gradient=self._host_dense_gradient, prefix="model.")
+                     if self.updater is not None else None)
+        self._last_batch = None
+
+    # --------------------------------------------------------------- backend hooks
+    def make_optimizer(self):
+        o = self.config.optimizer
+        loss_scaling = o.loss_scale if isinstance(o.loss_scale, float) else None
+        return self.poptorch.optim.AdamW(
+            parameter_groups(self.model, o.weight_decay), lr=self.config.learning_rate, betas=(o.beta1, o.beta2),
+            eps=o.eps, weight_decay=o.weight_decay, loss_scaling=loss_scaling,
+            max_grad_norm=o.max_grad_norm or None, bias_correction=True,
+            accum_type=torch.float32, first_order_momentum_accum_type=torch.float32,
+            second_order_momentum_accum_type=torch.float32)
+
+    def update_pattern(self, step: int):
+        return self.sync.step(step)
+
+    # -------------------------------------------------------------------- one step
+    def _call_batch(self) -> dict:
+        micro = [static_batch(next(self.batches), self.config.data.max_predictions) for _ in range(self.micro_per_call)]
+        batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
+        self._last_batch = micro[-1]
+        return batch
+
+    def _train_step(self, step: int) -> None:
+        started = time.perf_counter()
+        batch = self._call_batch()
+        lr = self.scheduler.get_last_lr()[0]
+        loss, mlm, nsp, correct, masked = (torch.as_tensor(t).double().sum() for t in self.executor(**batch))
+        calls = self.micro_per_call  # outputs are summed over the micro-batches of the call
+        self.scheduler.step()
+        self.executor.setOptimizer(self.optimizer)  # the new learning rate, without recompiling
+        finite = bool(torch.isfinite(loss))
+        self.step = step
+        self._last_lr = lr
+        self._last_step_finite = finite
+        if not finite:
+            self.counters.skipped_steps += 1
+            self.metrics_log_skip(step, float("nan"))
+        seconds = time.perf_counter() - started
+        tokens = batch["input_ids"].numel()
+        self.counters.train_seconds += seconds
+        self.counters.train_tokens += tokens
+        self.counters.last_train_loss = float(loss) / calls
+        self.window.add(steps=1, loss=float(loss) / calls, mlm_loss=float(mlm) / calls, nsp_loss=float(nsp) / calls,
+                        correct=int(correct), masked=int(masked), grad_norm=0.0, seconds=seconds, tokens=tokens)
+
+    def _host_dense_gradient(self, model, step: int) -> None:
+        """RigL: the dense gradient of the step's last micro-batch, on the host."""
+        host = model if not self.half else model.float()
+        batch = self._last_batch
+        out = IpuPretrainingModel(host)(**batch)
+        out[0].backward()
+        if self.half:
+            model.half()
+
+    # ------------------------------------------------------- validation, checkpoints
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.executor.copyWeightsToHost()
+        if not self.half:
+            return super().validate()
+        device_model, self.model = self.model, copy.deepcopy(self.model).float()
+        try:
+            return super().validate()
+        finally:
+            self.model = device_model
+
+    def save_checkpoint(self):
+        self.executor.copyWeightsToHost()
+        return super().save_checkpoint()
+
+    def close(self) -> None:
+        super().close()
+        self.executor.destroy()

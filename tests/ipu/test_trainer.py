@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from ipu_app.config import ConfigError, load_config
+from ipu_app.ipu.model import IpuPretrainingModel, static_batch
+from ipu_app.ipu.trainer import IpuTrainer, check_ipu_config
+from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.train.metrics import read_metrics
+from ipu_app.train.trainer import Trainer
+
+from .sim_poptorch import SimPoptorch
+
+
+def small(data_dir, name="bert_tiny_sparse", *extra):
+    return load_config(name, [
+        f"data.dir={data_dir}", "training.steps=6", "training.batch_size=8", "training.micro_batch_size=4",
+        "training.warmup_steps=1", "training.log_every=1", "training.validate_every=3", "training.checkpoint_every=100",
+        "training.precision=fp32", "sparsity.num_updates=3", "data.validation_sequences=8", *extra])
+
+
+def test_static_graph_loss_equals_the_model(data_dir):
+    from ipu_app.data.loader import MaskingConfig, PretrainingDataset, BatchIterator
+    from ipu_app.model.bert import SparseBertForPreTraining
+    config = small(data_dir)
+    dataset = PretrainingDataset(data_dir, "train", MaskingConfig(128, 0.15, 20), seed=0)
+    batch = next(BatchIterator(dataset, 4, 0, 1))
+    torch.manual_seed(0)
+    model = SparseBertForPreTraining(config.model_config(dataset.vocab_size)).eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    with torch.no_grad():
+        loss, mlm, nsp, correct, masked = IpuPretrainingModel(model)(**static_batch(batch, 20))
+    assert float(loss) == pytest.approx(float(expected.loss), rel=1e-5)
+    assert float(mlm) == pytest.approx(float(expected.mlm_loss), rel=1e-5)
+    assert int(masked) == expected.num_masked and int(correct) == int(expected.mlm_correct)
+    with pytest.raises(ValueError, match="more than max_predictions=2"):
+        static_batch(batch, 2)
+
+
+def test_ipu_trainer_matches_the_cpu_trainer(data_dir, tmp_path):
+    config = small(data_dir, "bert_tiny_sparse", "backend=ipu")
+    cpu_config = small(data_dir, "bert_tiny_sparse")
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "ipu").mkdir()
+    cpu = Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
+    sim = SimPoptorch()
+    trainer = IpuTrainer(config, tmp_path / "ipu", poptorch=sim, progress=False, tensorboard=False)
+    assert trainer.micro_per_call == 2 and not trainer.half
+    ipu = trainer.train()
+    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
+    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
+    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
+    assert ipu["final_val_mlm_loss"] == pytest.approx(cpu["final_val_mlm_loss"], rel=1e-4)
+    assert ipu["pattern_updates"] == cpu["pattern_updates"] == 2
+    names = [entry[0] for entry in sim.log]
+    assert names.count("executor()") == 6 and names.count("executor.setOptimizer") == 6
+    assert names.count("executor.copyNamedBuffersToDevice") == 2  # one per pattern update
+    assert names.count("trainingModel") == 1  # compiled once
+    assert ("BeginBlock", ("Heads",), {"ipu_id": 0}) in sim.log
+    # The saved models carry identical patterns.
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "cpu" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ipu" / "model" / "model.safetensors"))
+    rows = [k for k in a if k.endswith("block_rows") or k.endswith("block_cols")]
+    assert rows and all(torch.equal(a[k], b[k]) for k in rows)
+
+
+def test_ipu_config_checks():
+    with pytest.raises(ConfigError, match="device_iterations=1"):
+        check_ipu_config(load_config("bert_tiny_sparse", ["backend=ipu", "ipu.device_iterations=4"]))
+    with pytest.raises(ConfigError, match="group_lasso is not supported"):
+        check_ipu_config(load_config("bert_tiny_sparse", ["backend=ipu", "sparsity.group_lasso=0.1"]))
+
+
+def test_backend_ipu_without_the_sdk_is_one_line(tmp_path, capsys):
+    from ipu_app.train.cli import main
+
+    run = tmp_path / "run"
+    code = main(["--config", "bert_tiny_sparse", "--set", "backend=ipu", "--output-dir", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: backend: ipu needs Graphcore's Poplar SDK") and err.count("\n") == 1
+    assert not run.exists()
+    code = main(["--config", "bert_base_sparse", "--set", "backend=ipu", "--set", "ipu.layers_per_ipu=[0,4,4,4]",
+                 "--describe"])
+    assert code == 0  # describing an IPU config needs no SDK
