@@ -19,6 +19,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
+from ..train.distributed import DistContext
 from ..train.trainer import Trainer
 from . import import_poptorch
 from .model import IpuPretrainingModel, parallelize, static_batch
@@ -36,12 +37,35 @@ def import_popdist():
     return popdist if popdist.isPopdistEnvSet() else None
 
 
+class InstanceContext(DistContext):
+    """``poprun`` instances as the trainer's ranks: each reads its share of every global batch and
+    instance 0 writes the run directory. The replicas are kept in step by the IPUs' own gradient
+    all-reduce, and pattern updates agree because they are seeded and read identical weights, so no
+    host collective is needed; logged training losses are instance 0's replicas'."""
+
+    @property
+    def enabled(self) -> bool:
+        return False  # no torch.distributed process group, no DDP
+
+    def all_gather_object(self, obj) -> list:
+        return [obj] * self.world_size  # checkpoints keep instance 0's RNG state for every instance
+
+    @classmethod
+    def from_popdist(cls, popdist) -> "InstanceContext":
+        if popdist is None:
+            return cls(0, 1, 0)
+        return cls(int(popdist.getInstanceIndex()), int(popdist.getNumInstances()), 0)
+
+
 def check_ipu_config(config: RunConfig) -> None:
     """What an IPU run needs beyond the generic checks (one line each)."""
     plan(config)
     if config.ipu.device_iterations != 1:
         raise ConfigError("backend: ipu runs one optimizer step per executor call; set ipu.device_iterations=1 "
                           "(phases end at pattern updates)")
+    if config.ipu.instances > 1 and config.sparsity.mode == "dynamic" and config.sparsity.regrowth == "gradient":
+        raise ConfigError("RigL with several poprun instances is not supported: each instance would score its own "
+                          "batch; use random regrowth (the paper's choice) or one instance")
     if config.sparsity.freeze != "none":
         raise ConfigError("sparsity.freeze is not supported with backend: ipu (it edits weights every step)")
     if config.sparsity.group_lasso > 0:
@@ -53,6 +77,7 @@ class IpuTrainer(Trainer):
         check_ipu_config(config)
         self.poptorch = poptorch if poptorch is not None else import_poptorch()
         self.plan = plan(config)
+        kwargs.setdefault("dist", InstanceContext.from_popdist(popdist))
         super().__init__(config, run_dir, device="cpu", **kwargs)
         self.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
         self.half = config.training.precision in ("auto", "fp16")
@@ -70,6 +95,12 @@ class IpuTrainer(Trainer):
                                     dense_gradient=self._host_dense_gradient, prefix="model.")
                      if self.updater is not None else None)
         self._last_batch = None
+        if self.dist.world_size > 1:  # the base trainer sliced validation by rank for all-reduced sums
+            from ..data.loader import MaskingConfig, validation_batches
+
+            masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
+            self.validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
+                                                 max_sequences=config.data.validation_sequences)
 
     # --------------------------------------------------------------- backend hooks
     def make_optimizer(self):
@@ -128,6 +159,9 @@ class IpuTrainer(Trainer):
     @torch.no_grad()
     def validate(self) -> dict:
         self.executor.copyWeightsToHost()
+        if not self.dist.is_main:  # instance 0 validates on the whole set; the others go on
+            nan = float("nan")
+            return {"mlm_loss": nan, "mlm_accuracy": nan, "nsp_loss": nan, "sequences": 0}
         if not self.half:
             return super().validate()
         device_model, self.model = self.model, copy.deepcopy(self.model).float()

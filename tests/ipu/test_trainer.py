@@ -83,3 +83,35 @@ def test_backend_ipu_without_the_sdk_is_one_line(tmp_path, capsys):
     code = main(["--config", "bert_base_sparse", "--set", "backend=ipu", "--set", "ipu.layers_per_ipu=[0,4,4,4]",
                  "--describe"])
     assert code == 0  # describing an IPU config needs no SDK
+
+
+def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_path):
+    from ipu_app.ipu.trainer import InstanceContext
+    from .recorder import Recorder
+
+    def popdist_for(index, sim=None):
+        returns = {"popdist.isPopdistEnvSet": True, "popdist.getInstanceIndex": index, "popdist.getNumInstances": 2}
+        if sim is not None:  # popdist.poptorch.Options(ipus_per_replica=...) builds the instance's options
+            returns["popdist.poptorch.Options"] = lambda **kwargs: sim.Options()
+        return Recorder([], "popdist", returns=returns)
+
+    ctx = InstanceContext.from_popdist(popdist_for(1))
+    assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (1, 2, False, False)
+    assert ctx.all_gather_object("rng") == ["rng", "rng"]
+    config = small(data_dir, "bert_tiny_sparse", "backend=ipu", "ipu.instances=2", "ipu.replication_factor=2",
+                   "training.steps=2", "training.validate_every=100", "sparsity.num_updates=2")
+    runs = {}
+    for index in (0, 1):
+        (tmp_path / str(index)).mkdir()
+        sim = SimPoptorch()
+        trainer = IpuTrainer(config, tmp_path / str(index), poptorch=sim, popdist=popdist_for(index, sim), progress=False,
+                             tensorboard=False)
+        assert trainer.micro_per_call == 1  # accumulation 1 x 1 local replica: 8 = 4 micro x 1 x 2 replicas
+        first = trainer._call_batch()["input_ids"]
+        runs[index] = first
+        assert trainer.train() is not None
+    assert not torch.equal(runs[0], runs[1])  # each instance reads its own share of the global batch
+    assert (tmp_path / "0" / "summary.json").is_file() and not any((tmp_path / "1").iterdir())
+    with pytest.raises(ConfigError, match="RigL with several poprun instances"):
+        check_ipu_config(small(data_dir, "bert_tiny_sparse_rigl", "backend=ipu", "ipu.instances=2",
+                               "ipu.replication_factor=2"))
