@@ -1,0 +1,134 @@
+"""The popsparse dynamic block-sparse matmul op (``popart_ops/``) from Python.
+
+* :func:`load_library` loads ``popart_ops/build/libdynsparse.so`` with ctypes; PopTorch needs this
+  before the model is compiled (the library registers the PopART op ``ai.graphcore::DynSparseMatMul``).
+* :func:`dynsparse_matmul` inserts the op into a PopTorch graph with ``poptorch.custom_op``.
+* :class:`DynSparseHost` wraps the library's host helpers: the metainfo/nz buffer sizes that popsparse
+  plans for a layer, and our pattern + values <-> (metainfo, nz) through the popsparse host
+  partitioner, on an offline IPU target (no device needed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import IpuUnavailable
+from ..sparse.pattern import BlockPattern
+from .popsparse import check_dynamic_block, dynamic_coo
+
+LIBRARY_ENV = "IPU_APP_POPART_OPS"
+OP_NAME, OP_DOMAIN, OP_VERSION = "DynSparseMatMul", "ai.graphcore", 1
+
+
+def library_path() -> Path:
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent.parent / "popart_ops" / "build" / "libdynsparse.so"
+
+
+_LIBRARY = None
+
+
+def load_library() -> ctypes.CDLL:
+    """Load the custom-op library once (registers the op with PopART)."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return _LIBRARY
+    path = library_path()
+    if not path.is_file():
+        raise IpuUnavailable(f"the popsparse custom ops are not built ({path} is missing): source the Poplar SDK's "
+                             f"enable.sh and run `make -C popart_ops`, or set {LIBRARY_ENV}")
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as exc:
+        raise IpuUnavailable(f"cannot load {path}: {exc} (built against another SDK? rebuild with make -C popart_ops)") from None
+    i64, p64 = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    pf32, pu16, err = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint16), ctypes.c_char_p
+    head = [i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_char_p]
+    library.ipu_app_dynsparse_sizes.argtypes = head + [p64, p64, err, i64]
+    library.ipu_app_dynsparse_encode.argtypes = head + [p64, p64, pf32, pu16, i64, pf32, i64, err, i64]
+    library.ipu_app_dynsparse_decode.argtypes = head + [pu16, i64, pf32, i64, p64, p64, pf32, err, i64]
+    for fn in (library.ipu_app_dynsparse_sizes, library.ipu_app_dynsparse_encode, library.ipu_app_dynsparse_decode):
+        fn.restype = ctypes.c_int
+    _LIBRARY = library
+    return library
+
+
+def options_string(options: dict) -> str:
+    """popsparse option flags as the op's ``options`` attribute: ``key=value;key=value``."""
+    for key, value in options.items():
+        if any(c in f"{key}{value}" for c in ";="):
+            raise ValueError(f"option {key}={value} may not contain ';' or '='")
+    return ";".join(f"{key}={value}" for key, value in sorted(options.items()))
+
+
+def op_attributes(pattern: BlockPattern, batch_size: int, options: dict) -> dict:
+    """The op's attributes for a layer (all ints but ``options``)."""
+    out_features, in_features = pattern.shape
+    return {"block_size": pattern.block_size, "input_size": in_features, "output_size": out_features,
+            "batch_size": batch_size, "max_non_zero_blocks": pattern.nnz, "options": options_string(options)}
+
+
+def dynsparse_matmul(poptorch, x, metainfo, nz, attributes: dict):
+    """``Y = X · Wᵀ`` by the custom op inside a PopTorch graph (``x``: ``[batch, in]``)."""
+    example = x.new_empty((attributes["batch_size"], attributes["output_size"]))
+    return poptorch.custom_op([x, metainfo, nz], OP_NAME, OP_DOMAIN, OP_VERSION, example_outputs=[example],
+                              attributes=dict(attributes))[0]
+
+
+class DynSparseHost:
+    """Host-side popsparse conversions for one layer shape (needs the built library)."""
+
+    def __init__(self, pattern: BlockPattern, batch_size: int, options: dict, half: bool = True,
+                 library: ctypes.CDLL | None = None) -> None:
+        check_dynamic_block(pattern.block_size, "float16" if half else "float32")
+        self.attributes = op_attributes(pattern, batch_size, options)
+        self.half = int(half)
+        self.library = library or load_library()
+        meta, nz = ctypes.c_int64(), ctypes.c_int64()
+        self._call("sizes", ctypes.byref(meta), ctypes.byref(nz))
+        self.metainfo_size, self.nz_size = meta.value, nz.value
+
+    def _head(self):
+        a = self.attributes
+        return (a["block_size"], a["input_size"], a["output_size"], a["batch_size"], a["max_non_zero_blocks"],
+                self.half, a["options"].encode())
+
+    def _call(self, name: str, *args) -> None:
+        err = ctypes.create_string_buffer(1024)
+        status = getattr(self.library, f"ipu_app_dynsparse_{name}")(*self._head(), *args, err, len(err))
+        if status != 0:
+            raise RuntimeError(f"popsparse {name}: {err.value.decode(errors='replace')}")
+
+    def encode(self, pattern: BlockPattern, values) -> tuple[np.ndarray, np.ndarray]:
+        """``(metainfo uint16 [M], nz float32 [N])`` for the pattern and ``[nnz, b, b]`` values."""
+        coo = dynamic_coo(pattern, values)
+        rows = np.ascontiguousarray(coo.rows, dtype=np.int64)
+        cols = np.ascontiguousarray(coo.cols, dtype=np.int64)
+        vals = np.ascontiguousarray(coo.values, dtype=np.float32)
+        meta = np.zeros(self.metainfo_size, dtype=np.uint16)
+        nz = np.zeros(self.nz_size, dtype=np.float32)
+        self._call("encode", _ptr(rows, ctypes.c_int64), _ptr(cols, ctypes.c_int64), _ptr(vals, ctypes.c_float),
+                   _ptr(meta, ctypes.c_uint16), meta.size, _ptr(nz, ctypes.c_float), nz.size)
+        return meta, nz
+
+    def decode(self, metainfo: np.ndarray, nz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(block rows of W, block cols of W, values [nnz, b, b])`` back from device buffers."""
+        nnz, b = self.attributes["max_non_zero_blocks"], self.attributes["block_size"]
+        meta = np.ascontiguousarray(metainfo, dtype=np.uint16)
+        nzv = np.ascontiguousarray(nz, dtype=np.float32)
+        rows, cols = np.zeros(nnz, dtype=np.int64), np.zeros(nnz, dtype=np.int64)
+        vals = np.zeros(nnz * b * b, dtype=np.float32)
+        self._call("decode", _ptr(meta, ctypes.c_uint16), meta.size, _ptr(nzv, ctypes.c_float), nzv.size,
+                   _ptr(rows, ctypes.c_int64), _ptr(cols, ctypes.c_int64), _ptr(vals, ctypes.c_float))
+        # popsparse's rows/cols index V = Wᵀ in elements; each block of V is Wᵀ's block.
+        return cols // b, rows // b, vals.reshape(nnz, b, b).transpose(0, 2, 1).copy()
+
+
+def _ptr(array: np.ndarray, ctype):
+    return array.ctypes.data_as(ctypes.POINTER(ctype))
