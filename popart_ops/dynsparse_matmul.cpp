@@ -109,23 +109,11 @@ void appendAttrs(popart::OpSerialiserBase &os, const Attrs &a) {
 }
 
 // ------------------------------------------------------------------------------------- ops
-class DynSparseMatMulOp : public popart::Op {
+// What the forward and gradient ops share: the layer attributes and how they are serialised.
+class DynSparseOpBase : public popart::Op {
 public:
-  DynSparseMatMulOp(const popart::OperatorIdentifier &opid, const Attrs &attrs,
-                    const popart::Op::Settings &settings)
+  DynSparseOpBase(const popart::OperatorIdentifier &opid, const Attrs &attrs, const popart::Op::Settings &settings)
       : popart::Op(opid, settings), attrs_(attrs) {}
-
-  std::unique_ptr<popart::Op> clone() const final { return std::make_unique<DynSparseMatMulOp>(*this); }
-
-  void setup() final {
-    if (inInfo(0).rank() != 2 || inInfo(0).dim(0) != attrs_.batchSize || inInfo(0).dim(1) != attrs_.inputSize) {
-      throw popart::error("DynSparseMatMul: x must be [batch_size, input_size] = [{}, {}]", attrs_.batchSize,
-                          attrs_.inputSize);
-    }
-    outInfo(0) = {inInfo(0).dataType(), {attrs_.batchSize, attrs_.outputSize}};
-  }
-
-  std::vector<std::unique_ptr<popart::Op>> getGradOps() final;
 
   void appendAttributes(popart::OpSerialiserBase &os) const override {
     popart::Op::appendAttributes(os);
@@ -143,10 +131,30 @@ private:
   Attrs attrs_;
 };
 
-class DynSparseMatMulGradOp : public popart::Op {
+class DynSparseMatMulOp : public DynSparseOpBase {
+public:
+  DynSparseMatMulOp(const popart::OperatorIdentifier &opid, const Attrs &attrs,
+                    const popart::Op::Settings &settings)
+      : DynSparseOpBase(opid, attrs, settings) {}
+
+  std::unique_ptr<popart::Op> clone() const final { return std::make_unique<DynSparseMatMulOp>(*this); }
+
+  void setup() final {
+    const auto &a = attrs();
+    if (inInfo(0).rank() != 2 || inInfo(0).dim(0) != a.batchSize || inInfo(0).dim(1) != a.inputSize) {
+      throw popart::error("DynSparseMatMul: x must be [batch_size, input_size] = [{}, {}]", a.batchSize,
+                          a.inputSize);
+    }
+    outInfo(0) = {inInfo(0).dataType(), {a.batchSize, a.outputSize}};
+  }
+
+  std::vector<std::unique_ptr<popart::Op>> getGradOps() final;
+};
+
+class DynSparseMatMulGradOp : public DynSparseOpBase {
 public:
   explicit DynSparseMatMulGradOp(const DynSparseMatMulOp &fwd)
-      : popart::Op(DynSparseMatMulGradId, fwd.settings), attrs_(fwd.attrs()) {}
+      : DynSparseOpBase(DynSparseMatMulGradId, fwd.attrs(), fwd.settings) {}
 
   std::unique_ptr<popart::Op> clone() const final { return std::make_unique<DynSparseMatMulGradOp>(*this); }
 
@@ -167,20 +175,6 @@ public:
     static const std::map<int, int> out = {{0, 0}, {1, 2}};
     return out;
   }
-  void appendAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendAttributes(os);
-    appendAttrs(os, attrs_);
-  }
-  void appendOutlineAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendOutlineAttributes(os);
-    appendAttrs(os, attrs_);
-  }
-  float getSubgraphValue() const final { return getHighSubgraphValue(); }
-  bool requiresRandomSeed() const override { return false; }
-  const Attrs &attrs() const { return attrs_; }
-
-private:
-  Attrs attrs_;
 };
 
 std::vector<std::unique_ptr<popart::Op>> DynSparseMatMulOp::getGradOps() {
@@ -297,6 +291,15 @@ Attrs hostAttrs(int64_t blockSize, int64_t inputSize, int64_t outputSize, int64_
   return a;
 }
 
+// The popsparse host partitioner for a layer, on an offline IPU target (no device needed).
+popsparse::dynamic::Partitioner<float> hostPartitioner(int64_t blockSize, int64_t inputSize, int64_t outputSize,
+                                                       int64_t batchSize, int64_t nnz, int half, const char *options) {
+  const auto a = hostAttrs(blockSize, inputSize, outputSize, batchSize, nnz, options);
+  const auto target = poplar::Target::createIPUTarget(1, "ipu2");
+  return popsparse::dynamic::Partitioner<float>(fcParams(a), half ? poplar::HALF : poplar::FLOAT, target,
+                                                parseOptions(a.options), planningCache());
+}
+
 int fail(const std::exception &e, char *err, int64_t errLen) {
   if (err && errLen > 0) {
     std::strncpy(err, e.what(), static_cast<std::size_t>(errLen - 1));
@@ -335,11 +338,7 @@ int ipu_app_dynsparse_encode(int64_t blockSize, int64_t inputSize, int64_t outpu
                              const float *values, uint16_t *metaInfo, int64_t metaInfoSize, float *nz,
                              int64_t nzSize, char *err, int64_t errLen) {
   try {
-    const auto a = ipu_app::hostAttrs(blockSize, inputSize, outputSize, batchSize, nnz, options);
-    auto target = poplar::Target::createIPUTarget(1, "ipu2");
-    popsparse::dynamic::Partitioner<float> partitioner(ipu_app::fcParams(a), half ? poplar::HALF : poplar::FLOAT,
-                                                       target, ipu_app::parseOptions(a.options),
-                                                       ipu_app::planningCache());
+    auto partitioner = ipu_app::hostPartitioner(blockSize, inputSize, outputSize, batchSize, nnz, half, options);
     const std::size_t b = static_cast<std::size_t>(blockSize);
     std::vector<float> nzValues(values, values + nnz * blockSize * blockSize);
     std::vector<std::size_t> rowIndices(rows, rows + nnz), colIndices(cols, cols + nnz);
@@ -367,11 +366,7 @@ int ipu_app_dynsparse_decode(int64_t blockSize, int64_t inputSize, int64_t outpu
                              int64_t metaInfoSize, const float *nz, int64_t nzSize, int64_t *rows, int64_t *cols,
                              float *values, char *err, int64_t errLen) {
   try {
-    const auto a = ipu_app::hostAttrs(blockSize, inputSize, outputSize, batchSize, nnz, options);
-    auto target = poplar::Target::createIPUTarget(1, "ipu2");
-    popsparse::dynamic::Partitioner<float> partitioner(ipu_app::fcParams(a), half ? poplar::HALF : poplar::FLOAT,
-                                                       target, ipu_app::parseOptions(a.options),
-                                                       ipu_app::planningCache());
+    auto partitioner = ipu_app::hostPartitioner(blockSize, inputSize, outputSize, batchSize, nnz, half, options);
     popsparse::dynamic::SparsityDataImpl<float> data;
     data.metaInfo.assign(metaInfo, metaInfo + metaInfoSize);
     data.nzValues.assign(nz, nz + nzSize);
