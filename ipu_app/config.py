@@ -119,6 +119,9 @@ class IpuSection:
     replicated_tensor_sharding: bool = False
     executable_cache_dir: str | None = None
     offline_target: bool = False  # compile only, no IPU attached
+    sparse_op: str = "masked"  # masked (values scattered into a dense weight) | popsparse (the custom op)
+    sparse_available_memory: float = 0.9  # popsparse availableMemoryProportion
+    meta_info_bucket_oversize: float = 0.2  # popsparse metaInfoBucketOversizeProportion
     instances: int = 1  # poprun host processes
     hosts: list[str] = field(default_factory=list)
     num_ilds: int = 1  # IPU-Link domains (IPU-POD64 = 1)

@@ -132,3 +132,85 @@ class DynSparseHost:
 
 def _ptr(array: np.ndarray, ctype):
     return array.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+class PopsparseLayers:
+    """Runs every SparseLinear of a model through ``DynSparseMatMul`` inside the IPU graph.
+
+    ``values`` stays the trainable parameter (so the optimizer state, the updater, checkpoints and
+    export are unchanged); two buffers per layer carry the pattern to the device in popsparse's form:
+    ``popsparse_metainfo`` (the partitioner's uint16 metainfo, as float16 bits) and
+    ``popsparse_nz_index`` (int32: for each nz slot, the index of its value in ``values`` flattened,
+    or the extra zero slot for bucket padding). In the graph ``nz = [values, 0][nz_index]`` -- a
+    gather whose gradient scatters dNz back onto ``values``. After a pattern update :meth:`refresh`
+    recomputes both buffers on the host; their shapes never change, so uploading them with
+    ``copyNamedBuffersToDevice`` needs no recompilation. Off the IPU (host validation, RigL's host
+    pass) a layer runs its ordinary backend op.
+    """
+
+    BUFFERS = ("popsparse_metainfo", "popsparse_nz_index")
+
+    def __init__(self, model, poptorch, tokens: int, options: dict, half: bool, library=None) -> None:
+        from ..model.sparse_linear import sparse_linears
+
+        self.poptorch = poptorch
+        self.layers = sparse_linears(model)
+        self.hosts = {}
+        for name, layer in self.layers:
+            if layer.frozen is not None:
+                raise ValueError(f"{name}: ipu.sparse_op=popsparse needs sparsity.inactive=zero (frozen inactive "
+                                 "weights need the dense weight: use ipu.sparse_op=masked)")
+            if layer.nnz * layer.block_size ** 2 >= 2 ** 24:
+                raise ValueError(f"{name}: {layer.nnz * layer.block_size ** 2} non-zeros are too many to index "
+                                 "through float32 (2^24)")
+            self.hosts[name] = DynSparseHost(layer.pattern, tokens, options, half, library)
+            metainfo, index = self._encode(name, layer)
+            # Not persistent: derived from the pattern, so checkpoints and exports stay backend-neutral.
+            layer.register_buffer("popsparse_metainfo", metainfo, persistent=False)
+            layer.register_buffer("popsparse_nz_index", index, persistent=False)
+            layer.op_override = self.forward
+
+    def _encode(self, name: str, layer) -> tuple:
+        import torch
+
+        size = layer.nnz * layer.block_size ** 2
+        ids = torch.arange(1, size + 1, dtype=torch.float32).reshape(layer.nnz, layer.block_size, layer.block_size)
+        metainfo, nz = self.hosts[name].encode(layer.pattern, ids)
+        index = np.rint(nz).astype(np.int64) - 1
+        index[index < 0] = size  # padding reads the appended zero
+        return torch.from_numpy(metainfo.view(np.float16).copy()), torch.from_numpy(index.astype(np.int32))
+
+    def stash(self) -> list:
+        """The metainfo bits, to put back with :meth:`unstash` after a dtype cast of the whole model
+        (``model.float()`` would turn the float16-carried bits into numbers)."""
+        return [layer.popsparse_metainfo.clone() for _, layer in self.layers]
+
+    def unstash(self, saved: list) -> None:
+        for (_, layer), bits in zip(self.layers, saved):
+            layer.popsparse_metainfo = bits
+
+    def refresh(self) -> None:
+        """Re-derive every layer's metainfo and nz order from its (updated) pattern, in place."""
+        for name, layer in self.layers:
+            metainfo, index = self._encode(name, layer)
+            layer.popsparse_metainfo.copy_(metainfo)
+            layer.popsparse_nz_index.copy_(index)
+
+    def forward(self, layer, x):
+        import torch
+
+        if not self.poptorch.isRunningOnIpu():
+            return layer.backend_forward(x)
+        flat = torch.cat([layer.values.reshape(-1), layer.values.new_zeros(1)])
+        nz = flat.index_select(0, layer.popsparse_nz_index)
+        y = dynsparse_matmul(self.poptorch, x.reshape(-1, layer.in_features), layer.popsparse_metainfo, nz,
+                             self.hosts_attributes(layer))
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def hosts_attributes(self, layer) -> dict:
+        for name, candidate in self.layers:
+            if candidate is layer:
+                return self.hosts[name].attributes
+        raise KeyError("not a layer of this model")

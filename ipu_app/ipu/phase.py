@@ -12,7 +12,8 @@ Between two executor calls the trainer, on an update step,
 4. ``optimizer.load_state_dict(...)`` -- marks the edited moments (and the weights) to be written to
    the device before the next call;
 5. ``executor.copyNamedBuffersToDevice()`` -- uploads the pattern buffers (``block_rows``,
-   ``block_cols``, and ``frozen`` for untrained inactive weights), declared updatable with
+   ``block_cols``, ``frozen`` for untrained inactive weights, the popsparse metainfo and nz order
+   when the custom op runs the layers), declared updatable with
    ``Options.updatableNamedBuffers`` when the executor was built.
 
 Every tensor keeps its shape, so nothing is recompiled; a shape change would be a bug and stops the
@@ -31,7 +32,7 @@ from ..model.sparse_linear import sparse_linears
 from ..sparse.updater import PatternUpdater, UpdateStats
 
 MOMENT_PREFIXES = ("Accl1___", "Accl2___")  # PopART names of the first and second moments
-PATTERN_BUFFERS = ("block_rows", "block_cols", "frozen")
+PATTERN_BUFFERS = ("block_rows", "block_cols", "frozen", "popsparse_metainfo", "popsparse_nz_index")
 
 
 class IpuStateError(RuntimeError):
@@ -64,7 +65,8 @@ class IpuPatternSync:
     """Runs scheduled pattern updates of a PopTorch training executor between its calls."""
 
     def __init__(self, executor, optimizer, updater: PatternUpdater, model: nn.Module,
-                 dense_gradient: Callable[[nn.Module, int], None] | None = None, prefix: str = "") -> None:
+                 dense_gradient: Callable[[nn.Module, int], None] | None = None, prefix: str = "",
+                 on_pattern_change: Callable[[], None] | None = None) -> None:
         self.executor = executor
         self.optimizer = optimizer  # a poptorch.optim optimizer
         self.updater = updater
@@ -72,6 +74,7 @@ class IpuPatternSync:
         self.dense_gradient = dense_gradient  # RigL: runs a host forward/backward recording dense grads
         self.prefix = prefix  # the model's name inside the executor's module: PopART names carry it
         self.buffer_names = pattern_buffer_names(model, prefix)
+        self.on_pattern_change = on_pattern_change  # e.g. re-derive popsparse metainfo from the new patterns
 
     def moment_keys(self, ipu_state: dict) -> dict[str, list[str]]:
         """Per sparse layer, the PopART names of its values' moments present in ``ipu_state``."""
@@ -121,6 +124,8 @@ class IpuPatternSync:
             raise IpuStateError("optimizer.state_dict() has no 'ipu_state': is the optimizer a poptorch.optim one "
                                 "attached to a compiled training model?")
         stats = self._edit(step, state["ipu_state"])  # moments are edited in place inside ``state``
+        if self.on_pattern_change is not None:
+            self.on_pattern_change()
         after = _shapes(self.model)
         changed = [n for n in before if before[n] != after.get(n)]
         if changed:

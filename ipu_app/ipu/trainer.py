@@ -66,23 +66,51 @@ def check_ipu_config(config: RunConfig) -> None:
     if config.ipu.instances > 1 and config.sparsity.mode == "dynamic" and config.sparsity.regrowth == "gradient":
         raise ConfigError("RigL with several poprun instances is not supported: each instance would score its own "
                           "batch; use random regrowth (the paper's choice) or one instance")
+    if config.ipu.sparse_op not in ("masked", "popsparse"):
+        raise ConfigError(f"ipu.sparse_op={config.ipu.sparse_op!r} is not valid; use one of ['masked', 'popsparse']")
+    if config.ipu.sparse_op == "popsparse" and config.sparsity.mode != "dense":
+        from .popsparse import PopsparseError, check_dynamic_block, sparse_matmul_options
+
+        if config.sparsity.inactive != "zero":
+            raise ConfigError("ipu.sparse_op=popsparse needs sparsity.inactive=zero; use ipu.sparse_op=masked")
+        try:
+            check_dynamic_block(config.sparsity.block_size, "float16" if _half(config) else "float32")
+            sparse_matmul_options(partials="half" if config.ipu.enable_half_partials else "float",
+                                  block_size=config.sparsity.block_size)
+        except PopsparseError as exc:
+            raise ConfigError(str(exc)) from None
     if config.sparsity.freeze != "none":
         raise ConfigError("sparsity.freeze is not supported with backend: ipu (it edits weights every step)")
     if config.sparsity.group_lasso > 0:
         raise ConfigError("sparsity.group_lasso is not supported with backend: ipu (it edits weights every step)")
 
 
+def _half(config: RunConfig) -> bool:
+    return config.training.precision in ("auto", "fp16")
+
+
 class IpuTrainer(Trainer):
-    def __init__(self, config: RunConfig, run_dir, *, poptorch=None, popdist=None, **kwargs) -> None:
+    def __init__(self, config: RunConfig, run_dir, *, poptorch=None, popdist=None, popsparse_library=None,
+                 **kwargs) -> None:
         check_ipu_config(config)
         self.poptorch = poptorch if poptorch is not None else import_poptorch()
         self.plan = plan(config)
         kwargs.setdefault("dist", InstanceContext.from_popdist(popdist))
         super().__init__(config, run_dir, device="cpu", **kwargs)
         self.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
-        self.half = config.training.precision in ("auto", "fp16")
+        self.half = _half(config)
         self.replicas_here = self.plan.replication_factor // config.ipu.instances
         self.micro_per_call = self.plan.gradient_accumulation * self.replicas_here
+        self.popsparse = None
+        if config.ipu.sparse_op == "popsparse" and self.sparse_layers:
+            from .custom_ops import PopsparseLayers
+            from .popsparse import sparse_matmul_options
+
+            options = sparse_matmul_options(config.ipu.sparse_available_memory, config.ipu.meta_info_bucket_oversize,
+                                            "half" if config.ipu.enable_half_partials else "float",
+                                            config.sparsity.block_size)
+            self.popsparse = PopsparseLayers(self.model, self.poptorch, config.micro_batch_size * config.data.seq_len,
+                                             options, self.half, library=popsparse_library)
         self.wrapper = IpuPretrainingModel(self.model, self.poptorch)
         self.hooks = parallelize(self.wrapper, self.plan.placement, self.poptorch,
                                  recompute_every_layer=config.ipu.recompute_checkpoint_every_layer)
@@ -92,7 +120,8 @@ class IpuTrainer(Trainer):
         options = build_options(config, self.poptorch, pattern_buffer_names(self.model, "model."), popdist=popdist)
         self.executor = self.poptorch.trainingModel(self.wrapper, options=options, optimizer=self.optimizer)
         self.sync = (IpuPatternSync(self.executor, self.optimizer, self.updater, self.model,
-                                    dense_gradient=self._host_dense_gradient, prefix="model.")
+                                    dense_gradient=self._host_dense_gradient, prefix="model.",
+                                    on_pattern_change=self.popsparse.refresh if self.popsparse else None)
                      if self.updater is not None else None)
         self._last_batch = None
         if self.dist.world_size > 1:  # the base trainer sliced validation by rank for all-reduced sums
@@ -148,12 +177,14 @@ class IpuTrainer(Trainer):
 
     def _host_dense_gradient(self, model, step: int) -> None:
         """RigL: the dense gradient of the step's last micro-batch, on the host."""
+        saved = self.popsparse.stash() if self.popsparse else None
         host = model if not self.half else model.float()
-        batch = self._last_batch
-        out = IpuPretrainingModel(host)(**batch)
+        out = IpuPretrainingModel(host)(**self._last_batch)
         out[0].backward()
         if self.half:
             model.half()
+        if saved is not None:
+            self.popsparse.unstash(saved)
 
     # ------------------------------------------------------- validation, checkpoints
     @torch.no_grad()

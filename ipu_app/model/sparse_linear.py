@@ -66,6 +66,9 @@ class SparseLinear(nn.Module):
         # RigL: when set, backward accumulates the dense weight gradient here (fp32).
         self.record_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
+        # An accelerator's own op for this layer, ``fn(layer, x) -> y`` (the IPU popsparse op); it
+        # falls back to the backend op itself where it cannot run (e.g. on the host).
+        self.op_override = None
 
     # --------------------------------------------------------------- pattern
     @property
@@ -96,6 +99,11 @@ class SparseLinear(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op_override is not None:
+            return self.op_override(self, x)
+        return self.backend_forward(x)
+
+    def backend_forward(self, x: torch.Tensor) -> torch.Tensor:
         op = ops.get_backend(self.backend)
         if self.frozen is not None:
             y = op(x, self.values, self.pattern, self.bias, frozen=self.frozen)

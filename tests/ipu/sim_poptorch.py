@@ -70,14 +70,21 @@ class _Optim:
 
 
 class Executor:
-    def __init__(self, module, options, optimizer, log):
-        self.module, self.options, self.optimizer, self.log = module, options, optimizer, log
+    def __init__(self, module, options, optimizer, log, sim):
+        self.module, self.options, self.optimizer, self.log, self.sim = module, options, optimizer, log, sim
         optimizer.names = {p: n for n, p in module.named_parameters()}
         self.buffer_names = {n for n, _ in module.named_buffers()}
         assert set(options.updatable or []) <= self.buffer_names, "updatable buffers must be named_buffers()"
 
     def __call__(self, **batch):
         self.log.append(("executor()", (), {}))
+        self.sim.on_ipu = True
+        try:
+            return self._run(**batch)
+        finally:
+            self.sim.on_ipu = False
+
+    def _run(self, **batch):
         accumulation = self.options.Training.accumulation
         n = batch["input_ids"].shape[0] // accumulation
         self.module.train()
@@ -100,6 +107,7 @@ class Executor:
 class SimPoptorch:
     def __init__(self):
         self.log = []
+        self.on_ipu = False
         self.optim = _Optim()
         self.ReductionType = Recorder(self.log, "ReductionType")
         self.OutputMode = Recorder(self.log, "OutputMode")
@@ -123,4 +131,16 @@ class SimPoptorch:
 
     def trainingModel(self, module, options=None, optimizer=None):
         self.log.append(("trainingModel", (), {}))
-        return Executor(module, options, optimizer, self.log)
+        return Executor(module, options, optimizer, self.log, self)
+
+    def isRunningOnIpu(self):
+        return self.on_ipu
+
+    def custom_op(self, inputs, name, domain, domain_version, example_outputs, attributes=None):
+        from .fake_library import emulate_op
+
+        assert (name, domain, domain_version) == ("DynSparseMatMul", "ai.graphcore", 1)
+        self.log.append(("custom_op", (name,), {}))
+        y = emulate_op(inputs, attributes)
+        assert y.shape == example_outputs[0].shape
+        return [y]

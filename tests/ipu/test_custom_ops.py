@@ -1,5 +1,3 @@
-import ctypes
-
 import numpy as np
 import pytest
 import torch
@@ -9,43 +7,8 @@ from ipu_app.ipu import custom_ops
 from ipu_app.ipu.custom_ops import DynSparseHost, dynsparse_matmul, load_library, op_attributes, options_string
 from ipu_app.sparse.init import random_pattern
 
+from .fake_library import FakeLibrary
 from .recorder import Recorder, calls
-
-
-class FakeLibrary:
-    """Stands in for libdynsparse.so's C functions: a trivial 'partitioner' (metainfo = the block
-    corners, nz = the blocks in order, then padding) that exercises the ctypes plumbing and the
-    W <-> Wᵀ conventions of the Python side."""
-
-    def __init__(self, fail=None):
-        self.fail = fail
-
-    def _err(self, err, message):
-        ctypes.memmove(err, message.encode() + b"\0", len(message) + 1)
-        return 1
-
-    def ipu_app_dynsparse_sizes(self, b, i, o, batch, nnz, half, opts, meta, nz, err, errlen):
-        if self.fail:
-            return self._err(err, self.fail)
-        meta._obj.value, nz._obj.value = 2 * nnz + 3, nnz * b * b + 5
-        return 0
-
-    def ipu_app_dynsparse_encode(self, b, i, o, batch, nnz, half, opts, rows, cols, values, meta, msize, nz, nsize,
-                                 err, errlen):
-        r = np.ctypeslib.as_array(rows, (nnz,))
-        c = np.ctypeslib.as_array(cols, (nnz,))
-        m = np.ctypeslib.as_array(meta, (msize,))
-        m[:nnz], m[nnz:2 * nnz] = r, c
-        np.ctypeslib.as_array(nz, (nsize,))[:nnz * b * b] = np.ctypeslib.as_array(values, (nnz * b * b,))
-        return 0
-
-    def ipu_app_dynsparse_decode(self, b, i, o, batch, nnz, half, opts, meta, msize, nz, nsize, rows, cols, values,
-                                 err, errlen):
-        m = np.ctypeslib.as_array(meta, (msize,))
-        np.ctypeslib.as_array(rows, (nnz,))[:] = m[:nnz]
-        np.ctypeslib.as_array(cols, (nnz,))[:] = m[nnz:2 * nnz]
-        np.ctypeslib.as_array(values, (nnz * b * b,))[:] = np.ctypeslib.as_array(nz, (nsize,))[:nnz * b * b]
-        return 0
 
 
 @pytest.mark.parametrize("block", [4, 16])

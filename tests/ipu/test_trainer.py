@@ -115,3 +115,41 @@ def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_pa
     with pytest.raises(ConfigError, match="RigL with several poprun instances"):
         check_ipu_config(small(data_dir, "bert_tiny_sparse_rigl", "backend=ipu", "ipu.instances=2",
                                "ipu.replication_factor=2"))
+
+
+def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
+    from .fake_library import FakeLibrary
+
+    extra = ("sparsity.block_size=4",)
+    cpu_config = small(data_dir, "bert_tiny_sparse", *extra)
+    config = small(data_dir, "bert_tiny_sparse", *extra, "backend=ipu", "ipu.sparse_op=popsparse")
+    for name in ("cpu", "ipu"):
+        (tmp_path / name).mkdir()
+    cpu = Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
+    sim = SimPoptorch()
+    trainer = IpuTrainer(config, tmp_path / "ipu", poptorch=sim, popsparse_library=FakeLibrary(), progress=False,
+                         tensorboard=False)
+    layer = sparse_linears(trainer.model)[0][1]
+    assert layer.popsparse_metainfo.dtype == torch.float16 and layer.popsparse_nz_index.dtype == torch.int32
+    before = layer.popsparse_nz_index.clone()
+    updatable = trainer.executor.options.updatable
+    assert sum(n.endswith("popsparse_metainfo") for n in updatable) == 12
+    assert all(n.startswith("model.bert.encoder.layer.") for n in updatable)
+    ipu = trainer.train()
+    names = [entry[0] for entry in sim.log]
+    assert names.count("custom_op") == 12 * 2 * 6  # every sparse layer, every micro-batch, every step
+    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
+    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
+    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
+    assert ipu["final_val_mlm_loss"] == pytest.approx(cpu["final_val_mlm_loss"], rel=1e-4)
+    assert not torch.equal(layer.popsparse_nz_index, before)  # re-derived after the pattern updates
+    # The checkpoint and the exported model carry no popsparse buffers (they are derived).
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "ipu" / "model" / "model.safetensors"))
+    assert not any("popsparse" in k for k in saved)
+    with pytest.raises(ConfigError, match="needs sparsity.inactive=zero"):
+        check_ipu_config(small(data_dir, "bert_tiny_sparse", "backend=ipu", "ipu.sparse_op=popsparse",
+                               "sparsity.inactive=frozen"))
+    with pytest.raises(ConfigError, match="half partials with 1x1"):
+        check_ipu_config(small(data_dir, "bert_tiny_sparse", "backend=ipu", "ipu.sparse_op=popsparse",
+                               "ipu.enable_half_partials=true"))
