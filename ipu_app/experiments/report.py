@@ -158,18 +158,20 @@ def _require(runs: list[Run], what: str, figure: str, test: Callable[[Run], bool
 # ------------------------------------------------------------------------------------ pareto
 def _pareto_table(runs: list[Run], curve: DenseCurve | None, sparse_test: Callable[[Run], bool]) -> Table:
     table = Table(["setting", "model", "block_size", "sparsity", "learning_rate", "seeds", "flops_per_sequence",
-                   "val_mlm_loss", "std", "matched_dense_loss", "flops_reduction_factor", "pareto_better"])
+                   "val_mlm_loss", "std", "matched_dense_loss", "flops_reduction_factor", "reduction_bound",
+                   "pareto_better"])
     for point in best_over_lr(runs, key=lambda r: (r.method, r.size, r.block_size, round(r.sparsity, 6))):
         r = point.first
-        matched = reduction = better = None
+        matched = reduction = better = bound = None
         if curve is not None and sparse_test(r):
             matched = curve.matched_loss(r.flops)
             reduction = curve.reduction_factor(r.flops, point.loss)
+            bound = curve.reduction_bound(r.flops, point.loss)
             better = None if matched is None else point.loss < matched
         table.add(setting=METHOD_LABELS[r.method], model=r.size, block_size=r.block_size if r.mode != "dense" else None,
                   sparsity=r.sparsity, learning_rate=r.learning_rate, seeds=point.seeds, flops_per_sequence=r.flops,
                   val_mlm_loss=point.loss, std=point.std if point.seeds > 1 else None, matched_dense_loss=matched,
-                  flops_reduction_factor=reduction, pareto_better=better)
+                  flops_reduction_factor=reduction, reduction_bound=bound, pareto_better=better)
     table.rows.sort(key=lambda row: (row["setting"] != "dense", row["setting"], row["flops_per_sequence"],
                                      row["block_size"] or 0))
     if curve is None:
@@ -178,7 +180,9 @@ def _pareto_table(runs: list[Run], curve: DenseCurve | None, sparse_test: Callab
         table.notes.append("matched dense loss: the dense family's loss at the run's FLOPs, linear in log FLOPs "
                            f"between adjacent sizes ({', '.join(curve.names)}); reduction factor: the run's FLOPs ÷ the "
                            "dense FLOPs reaching the run's loss (< 1: fewer FLOPs than dense)")
-        table.notes.append("– : outside the dense family's range (no interpolation)")
+        table.notes.append("– : outside the dense family's range (no interpolation); reduction_bound: a loss below "
+                           "the largest dense model's needs more dense FLOPs than it has, so the factor is below "
+                           "run FLOPs ÷ its FLOPs (and above run FLOPs ÷ the smallest's for a loss above the smallest's)")
     return table
 
 

@@ -259,6 +259,18 @@ class DenseCurve:
                 return float(math.exp(xs[i] + t * (xs[i + 1] - xs[i])))
         return None
 
+    def reduction_bound(self, flops: float, loss: float) -> str | None:
+        """When ``loss`` lies outside the family's losses, the side the factor is on: below the
+        largest model's loss it is ``< FLOPs / FLOPs_largest``, above the smallest's ``> FLOPs /
+        FLOPs_smallest`` (None inside the range, where :meth:`reduction_factor` is exact)."""
+        if self.matched_flops(loss) is not None:
+            return None
+        if loss < self.loss.min() and self.loss[-1] == self.loss.min():
+            return f"< {flops / self.flops[-1]:.3g}"
+        if loss > self.loss.max() and self.loss[0] == self.loss.max():
+            return f"> {flops / self.flops[0]:.3g}"
+        return None
+
     def reduction_factor(self, flops: float, loss: float) -> float | None:
         """``FLOPs_sparse / FLOPs_dense`` at equal loss (the paper's Fig. 8): below 1, the run needs
         fewer FLOPs than the dense family for its loss."""

@@ -45,6 +45,9 @@ def test_matched_dense_and_reduction_factor_reproduce_the_paper():
     assert curve.matched_loss(1.0066e10) == pytest.approx(2.310)
     assert curve.matched_loss(1e9) is None and curve.matched_loss(1e11) is None
     assert curve.reduction_factor(8.33e9, 2.0) is None  # better than the largest dense model: no crossing
+    assert curve.reduction_bound(8.33e9, 2.0) == f"< {8.33e9 / 2.013e10:.3g}"  # ... but the factor is below this
+    assert curve.reduction_bound(8.33e9, 2.7) == f"> {8.33e9 / 2.617e9:.3g}"
+    assert curve.reduction_bound(8.33e9, 2.2) is None
     assert DenseCurve.from_points([(1e9, 3.0, "tiny")]) is None
 
 
