@@ -189,8 +189,8 @@ def _pareto_table(runs: list[Run], curve: DenseCurve | None, sparse_test: Callab
 def _draw_pareto(ax, runs: list[Run], curve: DenseCurve | None, label: Callable[[Run], str]) -> None:
     if curve is not None:
         ax.plot(curve.flops, curve.loss, "k-o", label="dense family", zorder=3)
-        for f, l, n in zip(curve.flops, curve.loss, curve.names):
-            ax.annotate(n, (f, l), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for f, loss, n in zip(curve.flops, curve.loss, curve.names):
+            ax.annotate(n, (f, loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
     series: dict[str, list] = {}
     for point in best_over_lr([r for r in runs if r.mode != "dense"],
                               key=lambda r: (label(r), r.size, round(r.sparsity, 6))):

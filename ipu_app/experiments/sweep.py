@@ -30,9 +30,9 @@ run whose saved config differs from the spec (``stale``). A failed run is record
 from __future__ import annotations
 
 import itertools
-import re
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import IpuUnavailable
 from ..sparse.pattern import BlockPattern
+from . import IpuUnavailable
 from .popsparse import check_dynamic_block, dynamic_coo
 
 LIBRARY_ENV = "IPU_APP_POPART_OPS"

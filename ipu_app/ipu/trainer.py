@@ -17,9 +17,9 @@ import time
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..train.distributed import DistContext
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
-from ..train.distributed import DistContext
 from ..train.trainer import Trainer
 from . import import_poptorch
 from .model import IpuPretrainingModel, parallelize, static_batch

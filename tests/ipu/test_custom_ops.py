@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ipu_app.ipu import IpuUnavailable
-from ipu_app.ipu import custom_ops
+from ipu_app.ipu import IpuUnavailable, custom_ops
 from ipu_app.ipu.custom_ops import DynSparseHost, dynsparse_matmul, load_library, op_attributes, options_string
 from ipu_app.sparse.init import random_pattern
 

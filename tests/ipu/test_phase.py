@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
+from ipu_app.ipu.phase import IpuPatternSync, IpuStateError, pattern_buffer_names
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
 from ipu_app.model.sparse_linear import sparse_linears
-from ipu_app.ipu.phase import IpuPatternSync, IpuStateError, pattern_buffer_names
 from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import PatternUpdater
 

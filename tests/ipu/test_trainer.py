@@ -19,7 +19,7 @@ def small(data_dir, name="bert_tiny_sparse", *extra):
 
 
 def test_static_graph_loss_equals_the_model(data_dir):
-    from ipu_app.data.loader import MaskingConfig, PretrainingDataset, BatchIterator
+    from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset
     from ipu_app.model.bert import SparseBertForPreTraining
     config = small(data_dir)
     dataset = PretrainingDataset(data_dir, "train", MaskingConfig(128, 0.15, 20), seed=0)
@@ -87,6 +87,7 @@ def test_backend_ipu_without_the_sdk_is_one_line(tmp_path, capsys):
 
 def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_path):
     from ipu_app.ipu.trainer import InstanceContext
+
     from .recorder import Recorder
 
     def popdist_for(index, sim=None):
