@@ -119,7 +119,8 @@ class IpuSection:
     replicated_tensor_sharding: bool = False
     executable_cache_dir: str | None = None
     offline_target: bool = False  # compile only, no IPU attached
-    sparse_op: str = "masked"  # masked (values scattered into a dense weight) | popsparse (the custom op)
+    # masked (values scattered into a dense weight) | popsparse (dynamic custom op) | popsparse_static
+    sparse_op: str = "masked"
     sparse_available_memory: float = 0.9  # popsparse availableMemoryProportion
     meta_info_bucket_oversize: float = 0.2  # popsparse metaInfoBucketOversizeProportion
     instances: int = 1  # poprun host processes

@@ -214,3 +214,46 @@ class PopsparseLayers:
             if candidate is layer:
                 return self.hosts[name].attributes
         raise KeyError("not a layer of this model")
+
+
+STATIC_OP_NAME = "StaticBsMatMul"
+
+
+class StaticPopsparseLayers:
+    """``ipu.sparse_op: popsparse_static`` (static sparsity only): every SparseLinear runs
+    ``StaticBsMatMul`` with its block mask compiled into the graph. ``values`` stay the parameter; the
+    graph reorders them into the op's weight layout (blocks of Wᵀ row-major in mask order) with a
+    fixed gather and a transpose, so gradients reach ``values`` directly. A pattern change would need
+    a new executable, hence static sparsity only."""
+
+    def __init__(self, model, poptorch, tokens: int, dtype: str) -> None:
+        import torch
+
+        from ..model.sparse_linear import sparse_linears
+        from .popsparse import static_bsmatmul
+
+        self.poptorch = poptorch
+        self.layers = sparse_linears(model)
+        self.attributes = {}
+        for name, layer in self.layers:
+            if layer.frozen is not None:
+                raise ValueError(f"{name}: ipu.sparse_op=popsparse_static needs sparsity.inactive=zero")
+            op = static_bsmatmul(layer.pattern, layer.values.detach(), tokens, dtype)
+            layer.register_buffer("popsparse_static_order", torch.from_numpy(op.order.astype(np.int32)),
+                                  persistent=False)
+            self.attributes[id(layer)] = op.attributes
+            layer.op_override = self.forward
+
+    def forward(self, layer, x):
+        if not self.poptorch.isRunningOnIpu():
+            return layer.backend_forward(x)
+        b = layer.block_size
+        w = layer.values.index_select(0, layer.popsparse_static_order).transpose(1, 2).reshape(layer.nnz, b * b)
+        x2 = x.reshape(-1, layer.in_features)
+        attributes = self.attributes[id(layer)]
+        example = x2.new_empty((x2.shape[0], layer.out_features))
+        y = self.poptorch.custom_op([x2, w], STATIC_OP_NAME, OP_DOMAIN, OP_VERSION, example_outputs=[example],
+                                    attributes=dict(attributes))[0]
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], layer.out_features)

@@ -57,6 +57,9 @@ class InstanceContext(DistContext):
         return cls(int(popdist.getInstanceIndex()), int(popdist.getNumInstances()), 0)
 
 
+SPARSE_OPS = ("masked", "popsparse", "popsparse_static")
+
+
 def check_ipu_config(config: RunConfig) -> None:
     """What an IPU run needs beyond the generic checks (one line each)."""
     plan(config)
@@ -66,8 +69,18 @@ def check_ipu_config(config: RunConfig) -> None:
     if config.ipu.instances > 1 and config.sparsity.mode == "dynamic" and config.sparsity.regrowth == "gradient":
         raise ConfigError("RigL with several poprun instances is not supported: each instance would score its own "
                           "batch; use random regrowth (the paper's choice) or one instance")
-    if config.ipu.sparse_op not in ("masked", "popsparse"):
-        raise ConfigError(f"ipu.sparse_op={config.ipu.sparse_op!r} is not valid; use one of ['masked', 'popsparse']")
+    if config.ipu.sparse_op not in SPARSE_OPS:
+        raise ConfigError(f"ipu.sparse_op={config.ipu.sparse_op!r} is not valid; use one of {list(SPARSE_OPS)}")
+    if config.ipu.sparse_op == "popsparse_static" and config.sparsity.mode != "static":
+        raise ConfigError("ipu.sparse_op=popsparse_static compiles the pattern into the graph and needs "
+                          "sparsity.mode=static; use ipu.sparse_op=popsparse for DynSparse")
+    if config.ipu.sparse_op == "popsparse_static":
+        need = 16 if _half(config) else 8
+        if config.sparsity.block_size % need or (config.micro_batch_size * config.data.seq_len) % 16:
+            raise ConfigError(f"ipu.sparse_op=popsparse_static needs blocks divisible by {need} "
+                              f"({'fp16' if _half(config) else 'fp32'}) and tokens per micro-batch divisible by 16")
+        if config.sparsity.inactive != "zero":
+            raise ConfigError("ipu.sparse_op=popsparse_static needs sparsity.inactive=zero")
     if config.ipu.sparse_op == "popsparse" and config.sparsity.mode != "dense":
         from .popsparse import PopsparseError, check_dynamic_block, sparse_matmul_options
 
@@ -111,6 +124,12 @@ class IpuTrainer(Trainer):
                                             config.sparsity.block_size)
             self.popsparse = PopsparseLayers(self.model, self.poptorch, config.micro_batch_size * config.data.seq_len,
                                              options, self.half, library=popsparse_library)
+        if config.ipu.sparse_op == "popsparse_static" and self.sparse_layers:
+            from .custom_ops import StaticPopsparseLayers
+
+            self.static_popsparse = StaticPopsparseLayers(self.model, self.poptorch,
+                                                          config.micro_batch_size * config.data.seq_len,
+                                                          "float16" if self.half else "float32")
         self.wrapper = IpuPretrainingModel(self.model, self.poptorch)
         self.hooks = parallelize(self.wrapper, self.plan.placement, self.poptorch,
                                  recompute_every_layer=config.ipu.recompute_checkpoint_every_layer)

@@ -53,3 +53,15 @@ def emulate_op(inputs, attributes):
     blocks = nz[:nnz * b * b].reshape(nnz, b, b)
     v = blocks.new_zeros(n_in // b, n_out // b, b, b).index_put((rows, cols), blocks)
     return x @ v.permute(0, 2, 1, 3).reshape(n_in, n_out)
+
+
+def emulate_static_op(inputs, attributes):
+    """What StaticBsMatMul computes from its attributes and weight (differentiable in x and w)."""
+    x, w = inputs
+    m, k, n = attributes["matrix_dims"]
+    _, bk, bn = attributes["block_size"]
+    mask = torch.tensor(attributes["sparsity_mask"]).reshape(k // bk, n // bn)
+    rows, cols = torch.nonzero(mask, as_tuple=True)  # row-major: the weight's order
+    v = w.new_zeros(k // bk, n // bn, bk, bn).index_put((rows, cols), w.reshape(-1, bk, bn))
+    assert x.shape == (m, k)
+    return x @ v.permute(0, 2, 1, 3).reshape(k, n)

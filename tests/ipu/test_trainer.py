@@ -154,3 +154,24 @@ def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="half partials with 1x1"):
         check_ipu_config(small(data_dir, "bert_tiny_sparse", "backend=ipu", "ipu.sparse_op=popsparse",
                                "ipu.enable_half_partials=true"))
+
+
+def test_static_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
+    extra = ("sparsity.block_size=8",)
+    cpu_config = small(data_dir, "bert_tiny_static", *extra)
+    config = small(data_dir, "bert_tiny_static", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static")
+    for name in ("cpu", "ipu"):
+        (tmp_path / name).mkdir()
+    Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
+    sim = SimPoptorch()
+    IpuTrainer(config, tmp_path / "ipu", poptorch=sim, progress=False, tensorboard=False).train()
+    names = [entry[0] for entry in sim.log]
+    assert names.count("custom_op") == 12 * 2 * 6 and names.count("executor.copyNamedBuffersToDevice") == 0
+    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
+    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
+    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
+    with pytest.raises(ConfigError, match="needs sparsity.mode=static"):
+        check_ipu_config(small(data_dir, "bert_tiny_sparse", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static"))
+    with pytest.raises(ConfigError, match="blocks divisible by 16 \\(fp16\\)"):
+        check_ipu_config(small(data_dir, "bert_tiny_static", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static",
+                               "training.precision=fp16"))
