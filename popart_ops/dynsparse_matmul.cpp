@@ -291,13 +291,15 @@ Attrs hostAttrs(int64_t blockSize, int64_t inputSize, int64_t outputSize, int64_
   return a;
 }
 
-// The popsparse host partitioner for a layer, on an offline IPU target (no device needed).
-popsparse::dynamic::Partitioner<float> hostPartitioner(int64_t blockSize, int64_t inputSize, int64_t outputSize,
-                                                       int64_t batchSize, int64_t nnz, int half, const char *options) {
+// The popsparse host partitioner for a layer, on an offline IPU target (no device needed); on the
+// heap because the partitioner is not guaranteed to be movable.
+std::unique_ptr<popsparse::dynamic::Partitioner<float>> hostPartitioner(int64_t blockSize, int64_t inputSize,
+                                                                        int64_t outputSize, int64_t batchSize,
+                                                                        int64_t nnz, int half, const char *options) {
   const auto a = hostAttrs(blockSize, inputSize, outputSize, batchSize, nnz, options);
   const auto target = poplar::Target::createIPUTarget(1, "ipu2");
-  return popsparse::dynamic::Partitioner<float>(fcParams(a), half ? poplar::HALF : poplar::FLOAT, target,
-                                                parseOptions(a.options), planningCache());
+  return std::make_unique<popsparse::dynamic::Partitioner<float>>(fcParams(a), half ? poplar::HALF : poplar::FLOAT,
+                                                                  target, parseOptions(a.options), planningCache());
 }
 
 int fail(const std::exception &e, char *err, int64_t errLen) {
@@ -344,7 +346,7 @@ int ipu_app_dynsparse_encode(int64_t blockSize, int64_t inputSize, int64_t outpu
     std::vector<std::size_t> rowIndices(rows, rows + nnz), colIndices(cols, cols + nnz);
     popsparse::COOMatrix<float> coo(static_cast<std::size_t>(inputSize), static_cast<std::size_t>(outputSize),
                                     nzValues, colIndices, rowIndices, {b, b});
-    auto data = partitioner.createSparsityDataImpl(coo); // throws "Overflow in buckets" when it cannot fit
+    auto data = partitioner->createSparsityDataImpl(coo); // throws "Overflow in buckets" when it cannot fit
     if (static_cast<int64_t>(data.metaInfo.size()) > metaInfoSize || static_cast<int64_t>(data.nzValues.size()) > nzSize) {
       throw std::runtime_error("popsparse produced larger buffers than planned; raise metaInfoBucketOversizeProportion");
     }
@@ -370,7 +372,7 @@ int ipu_app_dynsparse_decode(int64_t blockSize, int64_t inputSize, int64_t outpu
     popsparse::dynamic::SparsityDataImpl<float> data;
     data.metaInfo.assign(metaInfo, metaInfo + metaInfoSize);
     data.nzValues.assign(nz, nz + nzSize);
-    auto coo = partitioner.sparsityDataImplToCOOMatrix(data);
+    auto coo = partitioner->sparsityDataImplToCOOMatrix(data);
     if (static_cast<int64_t>(coo.rowIndices.size()) != nnz) {
       throw std::runtime_error("the device buffers hold a different number of blocks than the layer's nnz");
     }
