@@ -53,6 +53,8 @@ def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
 
 def describe(config: RunConfig, world_size: int = 1) -> dict:
     """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
+    if config.backend == "ipu":  # the batch is split over replicas, not processes
+        world_size = config.ipu.replication_factor
     torch.manual_seed(config.seed)
     model = SparseBertForPreTraining(config.model_config())
     params = list(model.parameters())
@@ -77,7 +79,29 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "non_embedding_nonzero_params": sum(r["active_weights"] for r in rows),
         "layers": rows,
         **run_flops(config, model),
+        "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
     }
+
+
+def _ipu_plan(config: RunConfig) -> dict:
+    from ..ipu.options import plan
+
+    p = plan(config)
+    return {"ipus_per_replica": p.ipus_per_replica, "replication_factor": p.replication_factor,
+            "total_ipus": p.total_ipus, "gradient_accumulation": p.gradient_accumulation,
+            "instances": config.ipu.instances, "sparse_op": config.ipu.sparse_op,
+            "stages": [{"ipu": ipu, "blocks": blocks} for blocks, ipu in p.placement.stages]}
+
+
+def _ipu_lines(ipu: dict | None) -> list[str]:
+    if not ipu:
+        return []
+    stages = "; ".join(f"IPU{s['ipu']}: {s['blocks'][0]}" + (f"..{s['blocks'][-1]}" if len(s["blocks"]) > 1 else "")
+                       for s in ipu["stages"])
+    return [f"IPUs                             {ipu['replication_factor']} replicas x {ipu['ipus_per_replica']} = "
+            f"{ipu['total_ipus']} ({ipu['instances']} instance(s)), accumulation {ipu['gradient_accumulation']}, "
+            f"sparse op {ipu['sparse_op']}",
+            f"pipeline stages                  {stages}"]
 
 
 def format_description(info: dict) -> str:
@@ -90,11 +114,13 @@ def format_description(info: dict) -> str:
         f"learning rate (peak)             {info['learning_rate']:.6g}"
         + ("  (auto: dense law x Eq. 3)" if c["training"]["learning_rate"] == "auto" else ""),
         f"batch                            {info['global_batch_size']} = {info['micro_batch_size']} micro x "
-        f"{info['gradient_accumulation']} accumulation x {info['world_size']} processes",
+        f"{info['gradient_accumulation']} accumulation x {info['world_size']} "
+        f"{'replicas' if info.get('ipu') else 'processes'}",
         f"pattern updates                  {info['pattern_updates']}"
         + (f" (every {info['steps_between_updates']:.1f} steps)" if info["pattern_updates"] else ""),
         *([f"untrained subset                 {info['freeze']['fraction']:g} of each encoder weight, steps "
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
+        *_ipu_lines(info.get("ipu")),
         f"total params                     {info['total_params']:,}",
         f"trainable non-zero params        {info['trainable_nonzero_params']:,}",
         f"non-embedding params (dense)     {info['non_embedding_params']:,}",

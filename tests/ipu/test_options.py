@@ -128,3 +128,17 @@ def test_missing_sdk_is_one_line(monkeypatch):
     with pytest.raises(IpuUnavailable, match="Poplar SDK") as info:
         import_poptorch()
     assert "\n" not in str(info.value) and "poptorch-*.whl" in str(info.value)
+
+
+def test_describe_shows_the_ipu_plan(capsys):
+    import json
+
+    from ipu_app.train.cli import main
+
+    assert main(["--config", "bert_base_sparse_pod16", "--describe", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["gradient_accumulation"] == 16 and info["world_size"] == 4
+    assert info["ipu"]["total_ipus"] == 16 and info["ipu"]["stages"][0] == {"ipu": 0, "blocks": ["Embedding"]}
+    assert main(["--config", "bert_base_sparse_pod16", "--describe"]) == 0
+    text = capsys.readouterr().out
+    assert "8 micro x 16 accumulation x 4 replicas" in text and "IPU1: Encoder0..Encoder3" in text
