@@ -135,10 +135,11 @@ def test_describe_shows_the_ipu_plan(capsys):
 
     from ipu_app.train.cli import main
 
-    assert main(["--config", "bert_base_sparse_pod16", "--describe", "--json"]) == 0
+    assert main(["--config", "bert_medium_sparse_pod16", "--describe", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["gradient_accumulation"] == 16 and info["world_size"] == 4
-    assert info["ipu"]["total_ipus"] == 16 and info["ipu"]["stages"][0] == {"ipu": 0, "blocks": ["Embedding"]}
-    assert main(["--config", "bert_base_sparse_pod16", "--describe"]) == 0
+    assert info["gradient_accumulation"] == 4 and info["world_size"] == 8
+    assert info["ipu"]["total_ipus"] == 16
+    assert info["ipu"]["stages"][0] == {"ipu": 0, "blocks": ["Embedding", "Encoder0", "Encoder1", "Encoder2"]}
+    assert main(["--config", "bert_medium_sparse_pod16", "--describe"]) == 0
     text = capsys.readouterr().out
-    assert "8 micro x 16 accumulation x 4 replicas" in text and "IPU1: Encoder0..Encoder3" in text
+    assert "16 micro x 4 accumulation x 8 replicas" in text and "IPU1: Encoder3..Encoder7" in text
