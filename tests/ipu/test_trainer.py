@@ -18,6 +18,23 @@ def small(data_dir, name="bert_tiny_sparse", *extra):
         "training.precision=fp32", "sparsity.num_updates=3", "data.validation_sequences=8", *extra])
 
 
+def cpu_and_ipu(data_dir, tmp_path, name, extra=(), ipu_extra=(), **ipu_kwargs):
+    """Train ``name`` on the CPU trainer and on the IPU trainer (simulated PopTorch); both summaries,
+    the simulation (its call log) and the IPU trainer. The IPU run's losses must match the CPU's."""
+    for sub in ("cpu", "ipu"):
+        (tmp_path / sub).mkdir()
+    cpu = Trainer(small(data_dir, name, *extra), tmp_path / "cpu", progress=False, tensorboard=False).train()
+    sim = SimPoptorch()
+    trainer = IpuTrainer(small(data_dir, name, *extra, "backend=ipu", *ipu_extra), tmp_path / "ipu", poptorch=sim,
+                         progress=False, tensorboard=False, **ipu_kwargs)
+    ipu = trainer.train()
+    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
+    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
+    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
+    assert ipu["final_val_mlm_loss"] == pytest.approx(cpu["final_val_mlm_loss"], rel=1e-4)
+    return cpu, ipu, sim, trainer
+
+
 def test_static_graph_loss_equals_the_model(data_dir):
     from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset
     from ipu_app.model.bert import SparseBertForPreTraining
@@ -38,19 +55,8 @@ def test_static_graph_loss_equals_the_model(data_dir):
 
 
 def test_ipu_trainer_matches_the_cpu_trainer(data_dir, tmp_path):
-    config = small(data_dir, "bert_tiny_sparse", "backend=ipu")
-    cpu_config = small(data_dir, "bert_tiny_sparse")
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "ipu").mkdir()
-    cpu = Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
-    sim = SimPoptorch()
-    trainer = IpuTrainer(config, tmp_path / "ipu", poptorch=sim, progress=False, tensorboard=False)
+    cpu, ipu, sim, trainer = cpu_and_ipu(data_dir, tmp_path, "bert_tiny_sparse")
     assert trainer.micro_per_call == 2 and not trainer.half
-    ipu = trainer.train()
-    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
-    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
-    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
-    assert ipu["final_val_mlm_loss"] == pytest.approx(cpu["final_val_mlm_loss"], rel=1e-4)
     assert ipu["pattern_updates"] == cpu["pattern_updates"] == 2
     names = [entry[0] for entry in sim.log]
     assert names.count("executor()") == 6 and names.count("executor.setOptimizer") == 6
@@ -121,28 +127,20 @@ def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_pa
 def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
     from .fake_library import FakeLibrary
 
-    extra = ("sparsity.block_size=4",)
-    cpu_config = small(data_dir, "bert_tiny_sparse", *extra)
-    config = small(data_dir, "bert_tiny_sparse", *extra, "backend=ipu", "ipu.sparse_op=popsparse")
-    for name in ("cpu", "ipu"):
-        (tmp_path / name).mkdir()
-    cpu = Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
-    sim = SimPoptorch()
-    trainer = IpuTrainer(config, tmp_path / "ipu", poptorch=sim, popsparse_library=FakeLibrary(), progress=False,
-                         tensorboard=False)
+    cpu, ipu, sim, trainer = cpu_and_ipu(data_dir, tmp_path, "bert_tiny_sparse", ("sparsity.block_size=4",),
+                                         ("ipu.sparse_op=popsparse",), popsparse_library=FakeLibrary())
     layer = sparse_linears(trainer.model)[0][1]
     assert layer.popsparse_metainfo.dtype == torch.float16 and layer.popsparse_nz_index.dtype == torch.int32
-    before = layer.popsparse_nz_index.clone()
     updatable = trainer.executor.options.updatable
     assert sum(n.endswith("popsparse_metainfo") for n in updatable) == 12
     assert all(n.startswith("model.bert.encoder.layer.") for n in updatable)
-    ipu = trainer.train()
+    (tmp_path / "fresh").mkdir()  # the same run, untrained: its nz order before any update
+    fresh = IpuTrainer(small(data_dir, "bert_tiny_sparse", "sparsity.block_size=4", "backend=ipu",
+                             "ipu.sparse_op=popsparse"), tmp_path / "fresh", poptorch=SimPoptorch(),
+                       popsparse_library=FakeLibrary(), progress=False, tensorboard=False)
+    before = sparse_linears(fresh.model)[0][1].popsparse_nz_index
     names = [entry[0] for entry in sim.log]
     assert names.count("custom_op") == 12 * 2 * 6  # every sparse layer, every micro-batch, every step
-    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
-    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
-    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
-    assert ipu["final_val_mlm_loss"] == pytest.approx(cpu["final_val_mlm_loss"], rel=1e-4)
     assert not torch.equal(layer.popsparse_nz_index, before)  # re-derived after the pattern updates
     # The checkpoint and the exported model carry no popsparse buffers (they are derived).
     from safetensors.torch import load_file
@@ -158,18 +156,9 @@ def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
 
 def test_static_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
     extra = ("sparsity.block_size=8",)
-    cpu_config = small(data_dir, "bert_tiny_static", *extra)
-    config = small(data_dir, "bert_tiny_static", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static")
-    for name in ("cpu", "ipu"):
-        (tmp_path / name).mkdir()
-    Trainer(cpu_config, tmp_path / "cpu", progress=False, tensorboard=False).train()
-    sim = SimPoptorch()
-    IpuTrainer(config, tmp_path / "ipu", poptorch=sim, progress=False, tensorboard=False).train()
+    _, _, sim, _ = cpu_and_ipu(data_dir, tmp_path, "bert_tiny_static", extra, ("ipu.sparse_op=popsparse_static",))
     names = [entry[0] for entry in sim.log]
     assert names.count("custom_op") == 12 * 2 * 6 and names.count("executor.copyNamedBuffersToDevice") == 0
-    cpu_losses = [r["loss"] for r in read_metrics(tmp_path / "cpu", "train")]
-    ipu_losses = [r["loss"] for r in read_metrics(tmp_path / "ipu", "train")]
-    assert ipu_losses == pytest.approx(cpu_losses, rel=2e-5)
     with pytest.raises(ConfigError, match="needs sparsity.mode=static"):
         check_ipu_config(small(data_dir, "bert_tiny_sparse", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static"))
     with pytest.raises(ConfigError, match="blocks divisible by 16 \\(fp16\\)"):
