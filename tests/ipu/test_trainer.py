@@ -164,3 +164,19 @@ def test_static_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="blocks divisible by 16 \\(fp16\\)"):
         check_ipu_config(small(data_dir, "bert_tiny_static", *extra, "backend=ipu", "ipu.sparse_op=popsparse_static",
                                "training.precision=fp16"))
+
+
+def test_ipu_run_resumes_exactly(data_dir, tmp_path):
+    config = small(data_dir, "bert_tiny_sparse", "backend=ipu", "training.checkpoint_every=2")
+    for sub in ("full", "part"):
+        (tmp_path / sub).mkdir()
+    IpuTrainer(config, tmp_path / "full", poptorch=SimPoptorch(), progress=False, tensorboard=False).train()
+    sim = SimPoptorch()
+    assert IpuTrainer(config, tmp_path / "part", poptorch=sim, progress=False, tensorboard=False).train(stop_at=3) is None
+    assert [entry[0] for entry in sim.log].count("executor.copyWeightsToHost") >= 2  # before each checkpoint
+    resumed = IpuTrainer(config, tmp_path / "part", resume=True, poptorch=SimPoptorch(), progress=False,
+                         tensorboard=False)
+    assert resumed.step == 3
+    resumed.train()
+    losses = [[r["loss"] for r in read_metrics(tmp_path / sub, "train")] for sub in ("full", "part")]
+    assert losses[0] == losses[1]
