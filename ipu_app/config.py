@@ -328,6 +328,17 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def differing_key(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """``(dotted key, a's value, b's value)`` at the first place (sorted keys) where two nested
+    config dicts differ; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return differing_key(a.get(key), b.get(key), f"{prefix}{key}.")
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():

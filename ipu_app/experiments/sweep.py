@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, differing_key, load_config
 from ..io import atomic_write_bytes
 
 SPEC_KEYS = ("figure", "description", "set", "grid")
@@ -223,17 +223,8 @@ def config_difference(run_dir: Path, expected: RunConfig) -> str | None:
         saved = load_run_config(run_dir)
     except ConfigError as exc:
         return f"config.yaml ({exc})"
-    return _first_difference(saved.to_dict(), expected.to_dict())
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if a == b else f"{prefix.rstrip('.')} (saved {a!r}, spec {b!r})"
+    found = differing_key(saved.to_dict(), expected.to_dict())
+    return None if found is None else f"{found[0]} (saved {found[1]!r}, spec {found[2]!r})"
 
 
 # --------------------------------------------------------------------------------- execution

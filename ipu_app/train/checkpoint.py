@@ -102,9 +102,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
         raise CheckpointError(f"checkpoint {path} is corrupt ({state_file.name}: {str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
-    if config is not None and _with_defaults(state.get("config")) != config:
-        key = first_difference(_with_defaults(state.get("config")), config)
-        raise CheckpointError(f"checkpoint {path} was written by a different config ({key})")
+    saved_config = _with_defaults(state.get("config")) if config is not None else None
+    if config is not None and saved_config != config:
+        raise CheckpointError(f"checkpoint {path} was written by a different config "
+                              f"({first_difference(saved_config, config)})")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -140,13 +141,12 @@ def _with_defaults(saved):
         return saved
 
 
-def first_difference(a, b, prefix: str = "") -> str:
+def first_difference(a, b) -> str:
     """``key: old in the checkpoint, new now`` for the first differing key of two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"
+    from ..config import differing_key
+
+    key, old, new = differing_key(a, b) or ("", a, b)
+    return f"{key}: {old!r} in the checkpoint, {new!r} now"
 
 
 def _untie(tensors: dict) -> dict:

@@ -76,7 +76,6 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "total_params": sum(p.numel() for p in params),
         "trainable_nonzero_params": sum(p.numel() for p in params if p.requires_grad),
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
-        "non_embedding_nonzero_params": sum(r["active_weights"] for r in rows),
         "layers": rows,
         **run_flops(config, model),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
