@@ -87,10 +87,6 @@ def _md_value(value: Any) -> str:
     return str(value)
 
 
-def _loss_text(point) -> str:
-    return f"{point.loss:.4f} ± {point.std:.4f}" if point.seeds > 1 else f"{point.loss:.4f}"
-
-
 # ------------------------------------------------------------------------------------ output
 @dataclass
 class Output:

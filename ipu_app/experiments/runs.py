@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import yaml
 
 
 class ReportError(ValueError):
@@ -85,17 +84,12 @@ class Run:
 
     def metrics(self, kind: str | None = None) -> list[dict]:
         if self._metrics is None:
-            path = self.path / "metrics.jsonl"
-            records = []
-            if path.is_file():
-                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        raise ReportError(f"{path} line {number} is not JSON; the run's metrics are damaged") from None
-            self._metrics = records
+            from ..train.metrics import read_metrics
+
+            try:
+                self._metrics = read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
+            except ValueError as exc:
+                raise ReportError(f"{exc}; the run's metrics are damaged") from None
         return [r for r in self._metrics if kind is None or r.get("kind") == kind]
 
 
@@ -110,12 +104,14 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
+    from ..config import ConfigError, read_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ReportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} is not a YAML mapping")
+        data = read_yaml(path)
+    except ConfigError as exc:
+        raise ReportError(str(exc)) from None
+    if not data:
+        raise ReportError(f"{path} is empty: not a run's config")
     return data
 
 

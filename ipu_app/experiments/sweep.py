@@ -248,7 +248,6 @@ class _Running:
     process: subprocess.Popen
     log: Any
     started: float
-    resumed: bool
 
 
 @dataclass
@@ -367,7 +366,7 @@ class SweepRunner:
         self._write_status()
         process = subprocess.Popen(spec.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
-        return _Running(spec, process, log, time.perf_counter(), resume)
+        return _Running(spec, process, log, time.perf_counter())
 
     def _finish(self, job: _Running, rc: int) -> None:
         job.log.close()

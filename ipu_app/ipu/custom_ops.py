@@ -148,14 +148,12 @@ class PopsparseLayers:
     pass) a layer runs its ordinary backend op.
     """
 
-    BUFFERS = ("popsparse_metainfo", "popsparse_nz_index")
-
     def __init__(self, model, poptorch, tokens: int, options: dict, half: bool, library=None) -> None:
         from ..model.sparse_linear import sparse_linears
 
         self.poptorch = poptorch
         self.layers = sparse_linears(model)
-        self.hosts = {}
+        self.hosts = {}  # id(layer) -> its DynSparseHost
         for name, layer in self.layers:
             if layer.frozen is not None:
                 raise ValueError(f"{name}: ipu.sparse_op=popsparse needs sparsity.inactive=zero (frozen inactive "
@@ -163,19 +161,19 @@ class PopsparseLayers:
             if layer.nnz * layer.block_size ** 2 >= 2 ** 24:
                 raise ValueError(f"{name}: {layer.nnz * layer.block_size ** 2} non-zeros are too many to index "
                                  "through float32 (2^24)")
-            self.hosts[name] = DynSparseHost(layer.pattern, tokens, options, half, library)
-            metainfo, index = self._encode(name, layer)
+            self.hosts[id(layer)] = DynSparseHost(layer.pattern, tokens, options, half, library)
+            metainfo, index = self._encode(layer)
             # Not persistent: derived from the pattern, so checkpoints and exports stay backend-neutral.
             layer.register_buffer("popsparse_metainfo", metainfo, persistent=False)
             layer.register_buffer("popsparse_nz_index", index, persistent=False)
             layer.op_override = self.forward
 
-    def _encode(self, name: str, layer) -> tuple:
+    def _encode(self, layer) -> tuple:
         import torch
 
         size = layer.nnz * layer.block_size ** 2
         ids = torch.arange(1, size + 1, dtype=torch.float32).reshape(layer.nnz, layer.block_size, layer.block_size)
-        metainfo, nz = self.hosts[name].encode(layer.pattern, ids)
+        metainfo, nz = self.hosts[id(layer)].encode(layer.pattern, ids)
         index = np.rint(nz).astype(np.int64) - 1
         index[index < 0] = size  # padding reads the appended zero
         return torch.from_numpy(metainfo.view(np.float16).copy()), torch.from_numpy(index.astype(np.int32))
@@ -191,8 +189,8 @@ class PopsparseLayers:
 
     def refresh(self) -> None:
         """Re-derive every layer's metainfo and nz order from its (updated) pattern, in place."""
-        for name, layer in self.layers:
-            metainfo, index = self._encode(name, layer)
+        for _, layer in self.layers:
+            metainfo, index = self._encode(layer)
             layer.popsparse_metainfo.copy_(metainfo)
             layer.popsparse_nz_index.copy_(index)
 
@@ -204,16 +202,10 @@ class PopsparseLayers:
         flat = torch.cat([layer.values.reshape(-1), layer.values.new_zeros(1)])
         nz = flat.index_select(0, layer.popsparse_nz_index)
         y = dynsparse_matmul(self.poptorch, x.reshape(-1, layer.in_features), layer.popsparse_metainfo, nz,
-                             self.hosts_attributes(layer))
+                             self.hosts[id(layer)].attributes)
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], layer.out_features)
-
-    def hosts_attributes(self, layer) -> dict:
-        for name, candidate in self.layers:
-            if candidate is layer:
-                return self.hosts[name].attributes
-        raise KeyError("not a layer of this model")
 
 
 STATIC_OP_NAME = "StaticBsMatMul"

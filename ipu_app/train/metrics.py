@@ -58,7 +58,14 @@ class NullLogger:
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
-    """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` when given)."""
+    """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` when given); a damaged line is a
+    one-line ValueError naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path} line {number} is not JSON") from None
     return [r for r in records if kind is None or r["kind"] == kind]

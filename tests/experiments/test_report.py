@@ -320,6 +320,11 @@ def test_report_errors(runs_root, tmp_path, capsys):
     warnings = []
     runs, skipped = load_runs(runs_root, warnings.append)
     assert [r.name for r in runs] == ["mini_sparse"] and skipped == ["half"] and "half" in warnings[0]
+    (runs_root / "mini_sparse" / "metrics.jsonl").write_text('{"kind": "update", "step": 1}\n{broken\n')
+    with pytest.raises(ReportError, match=r"metrics.jsonl line 2 is not JSON; the run's metrics are damaged"):
+        build_report(runs_root, "exploration", tmp_path / "m")
+    (runs_root / "mini_sparse" / "metrics.jsonl").write_text("")
+    capsys.readouterr()  # that attempt warned about the unfinished run
     (runs_root / "mini_sparse" / "summary.json").write_text(json.dumps({"final_val_mlm_loss": 2.0}))
     with pytest.raises(ReportError, match="lacks 'non_embedding_flops_per_sequence'"):
         build_report(runs_root, "exploration")
