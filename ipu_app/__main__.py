@@ -81,6 +81,24 @@ def _ipu_command(args) -> int:
     return 0
 
 
+def _build_kernels(args) -> int:
+    from .ops import cpu
+
+    try:
+        path = cpu.build(force=args.force)
+    except cpu.KernelBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _bench(args) -> int:
+    from .experiments import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipu_app", description="DynSparse BERT tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="an IPU config (backend: ipu), e.g. bert_base_sparse_pod64")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_ipu_command)
+    p = sub.add_parser("build-kernels", help="compile the CPU kernels of backend cpu now (else on first use)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached library exists")
+    p.set_defaults(func=_build_kernels)
+    from .experiments.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, _bench)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")

@@ -220,8 +220,6 @@ class RunConfig:
                f"sparsity.freeze={s.freeze} needs sparsity.mode=dense (a random fraction sparsity.ratio of each "
                "dense weight is untrained for half the run)")
         _check(s.freeze == "none" or s.ratio > 0, "sparsity.freeze needs sparsity.ratio > 0 (the untrained fraction)")
-        _check(s.inactive == "zero" or self.backend in ("reference", "ipu"),
-               "sparsity.inactive=frozen needs backend=reference")
         _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
         if s.mode == "dynamic":
             _check(s.num_updates >= 1, f"sparsity.num_updates must be >= 1, got {s.num_updates}")

@@ -2,6 +2,10 @@ import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels are checked in Triton's interpreter on the CPU; it must be on before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings
 
 from ipu_app.data.corpus import embedded_documents

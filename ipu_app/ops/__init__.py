@@ -1,33 +1,116 @@
 """Block-sparse linear backends, all with the signature of ``reference.linear``:
-``linear(x, values, pattern, bias=None, frozen=None) -> y``."""
+``linear(x, values, pattern, bias=None, frozen=None) -> y``.
+
+* ``reference``: scatter into a dense weight + ``F.linear``; the spec the others are tested against.
+* ``cpu``: C kernels for x86 CPUs (AMX bf16, AVX-512 fp32), block sizes that are multiples of 16.
+* ``triton``: Triton GPU kernels, block sizes 16, 32 and 64.
+* ``auto``: per call, the fastest of these that covers the call (see :func:`choose`).
+
+A fast backend hands every call it does not cover (block sizes 1/4/8, a frozen inactive subset, an
+unsupported dtype or device) to ``reference``, so any backend trains any model.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
 
+from ..sparse.pattern import BlockPattern
 from . import reference
 
 SparseLinearOp = Callable[..., torch.Tensor]
 
-_BACKENDS: dict[str, SparseLinearOp] = {"reference": reference.linear}
-BACKEND_NAMES = ("auto", *_BACKENDS)
+_MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton"}
+BACKEND_NAMES = ("auto", *_MODULES)
+
+# ``auto`` uses a fast kernel only up to this density (1 - sparsity): above it dense GEMMs win.
+# Measured with ``python -m ipu_app bench kernels`` (break-even sparsity, see docs/ARCHITECTURE.md).
+AUTO_MAX_DENSITY = 0.5
 
 
 class BackendError(ValueError):
     """A backend name is unknown or the backend cannot run here."""
 
 
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+
+
 def resolve_backend(name: str) -> str:
-    """The concrete backend a name selects (``auto`` picks the fastest available)."""
-    if name == "auto":
-        return "reference"
-    if name not in _BACKENDS:
+    """Check a backend name and that it can run here; returns the name."""
+    if name not in BACKEND_NAMES:
         raise BackendError(f"unknown sparse backend {name!r}; available: {list(BACKEND_NAMES)}")
+    if name == "cpu":
+        from . import cpu
+
+        try:
+            cpu.library()
+        except cpu.KernelBuildError as exc:
+            raise BackendError(str(exc)) from None
+    if name == "triton":
+        from . import triton
+
+        if triton.triton is None:
+            raise BackendError("backend triton needs the triton package (pip install triton); "
+                               "use backend: auto or reference")
     return name
 
 
 def get_backend(name: str) -> SparseLinearOp:
     """The op function of a backend."""
-    return _BACKENDS[resolve_backend(name)]
+    if name == "auto":
+        return auto_linear
+    resolve_backend(name)
+    return _module(name).linear
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _auto_choice(device_type: str, dtype: torch.dtype, block_size: int, density: float, frozen: bool) -> str:
+    if density > AUTO_MAX_DENSITY:
+        return "reference"
+    name = {"cuda": "triton", "cpu": "cpu"}.get(device_type)
+    if name is None or not _module(name).covers(device_type, dtype, block_size, frozen):
+        return "reference"
+    return name
+
+
+def choose(x: torch.Tensor, pattern: BlockPattern, frozen: torch.Tensor | None = None) -> str:
+    """The backend ``auto`` runs this call on: Triton on a GPU, the C kernels on a CPU, each where it
+    covers the call and the pattern is sparse enough to gain; the reference op otherwise."""
+    return _auto_choice(x.device.type, compute_dtype(x), pattern.block_size, pattern.density, frozen is not None)
+
+
+def auto_linear(x, values, pattern, bias=None, frozen=None):
+    """``linear`` on the backend :func:`choose` picks."""
+    return _module(choose(x, pattern, frozen)).linear(x, values, pattern, bias, frozen)
+
+
+def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: int, sparsity: float,
+             frozen: bool = False) -> str:
+    """One line on what runs a model's sparse layers, for the training log."""
+    if name == "auto":
+        chosen = _auto_choice(device.type, dtype, block_size, 1.0 - sparsity, frozen)
+    elif name in ("cpu", "triton"):
+        chosen = name if _module(name).covers(device.type, dtype, block_size, frozen) else "reference"
+    else:
+        chosen = "reference"
+    detail = {"reference": "dense GEMMs on the scattered weight (reference op)",
+              "cpu": "CPU kernels, " + ("AMX" if dtype == torch.bfloat16 else "AVX-512"),
+              "triton": "Triton GPU kernels"}[chosen]
+    why = ""
+    if chosen == "reference" and name != "reference":
+        if name != "auto":
+            why = f"; {name} does not cover this"
+        elif 1.0 - sparsity > AUTO_MAX_DENSITY:
+            why = f"; auto: density {1 - sparsity:.2f} > {AUTO_MAX_DENSITY}"
+        else:
+            why = "; auto: no fast kernel covers this"
+    return (f"sparse layers: {detail} (backend {name}, block size {block_size}, "
+            f"{str(dtype).replace('torch.', '')}{why})")

@@ -15,6 +15,11 @@ class Precision:
     name: str  # fp32 | bf16 | fp16
     device_type: str
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype matrix products run in."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
     def autocast(self):
         if self.name == "fp32":
             return contextlib.nullcontext()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,13 @@ class Trainer:
                 seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
             )
         self.sparse_layers = sparse_linears(self.model)
+        # What runs the sparse layers (the backend, or the reference op where it does not apply).
+        self.kernel_line = None
+        if self.sparse_layers:
+            from .. import ops
+
+            self.kernel_line = ops.describe(config.model_config().backend, self.device, self.precision.dtype,
+                                            s.block_size, s.ratio, frozen=s.inactive == "frozen")
         self.freezer = None
         if s.freeze != "none":
             from ..model.sizes import SPARSE_MODULES
@@ -150,6 +158,8 @@ class Trainer:
         """Train to the end (returns the summary), or until ``stop_at`` steps / a signal
         (writes a checkpoint and returns None)."""
         start = time.perf_counter()
+        if self.kernel_line and self.progress:
+            print(self.kernel_line, file=sys.stderr)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress, desc=self.config.name or "train")
         try:
@@ -417,6 +427,7 @@ class Trainer:
             "wall_time_s": c.wall_seconds,
             "precision": self.precision.name,
             "device": str(self.device),
+            "sparse_kernels": self.kernel_line,
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,
         }

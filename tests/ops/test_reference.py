@@ -69,7 +69,7 @@ def test_low_precision_inputs():
 
 
 def test_backend_registry():
-    assert resolve_backend("auto") == "reference"
+    assert resolve_backend("auto") == "auto" and resolve_backend("reference") == "reference"
     assert get_backend("reference") is reference.linear
     with pytest.raises(BackendError, match="unknown sparse backend 'cuda'"):
         get_backend("cuda")

@@ -1,0 +1,449 @@
+"""``python -m ipu_app bench kernels|train``: measured speed of the sparse kernels and training steps.
+
+``bench kernels`` times forward + both gradients of one sparse linear (``y = x W^T``, ``dX``,
+``dValues``) against the dense product in the same dtype (oneDNN on a CPU, cuBLAS on a GPU), for our
+kernels (``cpu`` / ``triton``) and PyTorch's BSR tensors, over shapes x tokens x sparsity x block
+size. It reports the paper's
+
+    epsilon = (t_sparse / FLOPs_sparse) / (t_dense / FLOPs_dense) = t_sparse / (density * t_dense)
+
+(1 = a sparse FLOP costs what a dense one does; sparse is faster than dense while epsilon < 1/density)
+and the break-even sparsity above which sparse beats dense. ``bench train`` does the same for whole
+training steps of a config: the sparse model on each backend against the same model made dense.
+Both print a table and write CSV, Markdown and a plot. Timings are medians over repeats, taken in
+one process on one machine; compare numbers only within one run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_write_bytes
+
+SHAPES = {  # name: (in_features, out_features)
+    "medium_up": (512, 2048), "medium_down": (2048, 512),
+    "base_up": (768, 3072), "base_down": (3072, 768),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments."""
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def epsilon(t_sparse: float, t_dense: float, density: float) -> float:
+    """The paper's cost of a sparse FLOP relative to a dense one."""
+    return t_sparse / (density * t_dense)
+
+
+def break_even(sparsities: list[float], speedups: list[float]) -> str:
+    """The sparsity above which sparse is faster than dense (linear between measured points)."""
+    points = sorted(zip(sparsities, speedups))
+    if not points:
+        return "n/a"
+    if points[0][1] >= 1.0:
+        return f"<= {points[0][0]:g}"
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if v0 < 1.0 <= v1:
+            return f"{s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0):.3f}"
+    return f"> {points[-1][0]:g}"
+
+
+# ---------------------------------------------------------------------------------------- kernels
+@dataclass
+class KernelRow:
+    shape: str
+    in_features: int
+    out_features: int
+    tokens: int
+    block_size: int
+    sparsity: float
+    dtype: str
+    device: str
+    method: str           # ours: cpu | triton; or torch_bsr
+    dense_ms: float
+    sparse_ms: float      # nan where the method does not run this case
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.sparse_ms
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon(self.sparse_ms, self.dense_ms, 1.0 - self.sparsity)
+
+
+def _dense_step(x, w, gy):
+    return lambda: torch.autograd.grad(F.linear(x, w), (x, w), gy)
+
+
+def _ours_step(op, x, values, pattern, gy):
+    return lambda: torch.autograd.grad(op(x, values, pattern), (x, values), gy)
+
+
+def _bsr_step(x, values, pattern, gy):
+    """PyTorch's BSR tensors: Y = W x^T, dX = W^T dY^T (a second BSR tensor, built once like our
+    metadata) and dValues by ``sampled_addmm`` at the active elements. None where PyTorch has no
+    such kernel for this dtype/device."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "BSR support is in beta state"
+        w = pattern.to_bsr(values.detach())
+        pattern_t, perm = pattern.transposed()
+        w_t = pattern_t.to_bsr(values.detach()[perm].transpose(1, 2).contiguous())
+        mask = torch.sparse_csr_tensor(*_element_csr(pattern, x.dtype), size=pattern.shape, check_invariants=False)
+
+    def step():
+        y = (w @ x.t()).t()
+        dx = (w_t @ gy.t()).t()
+        dv = torch.sparse.sampled_addmm(mask, gy.t(), x)
+        return y, dx, dv
+
+    try:
+        step()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return step
+
+
+def _element_csr(pattern, dtype: torch.dtype):
+    """CSR (row pointers, columns, ones) of the pattern's active elements."""
+    mask = pattern.mask()
+    crow = torch.zeros(pattern.out_features + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = mask.sum(1).cumsum(0)
+    cols = mask.nonzero()[:, 1]
+    return crow, cols, torch.ones(cols.numel(), dtype=dtype, device=mask.device)
+
+
+def bench_kernels(shapes: list[str], tokens: list[int], sparsities: list[float], block_sizes: list[int],
+                  dtype: str, device: torch.device, repeats: int, bsr: bool = True,
+                  progress: Callable[[str], None] | None = None) -> list[KernelRow]:
+    from .. import ops
+    from ..sparse.init import random_pattern
+    from ..sparse.pattern import BlockPattern
+
+    torch_dtype = DTYPES[dtype]
+    ours_name = "triton" if device.type == "cuda" else "cpu"
+    ours = ops.get_backend(ours_name)
+    covers = ops._module(ours_name).covers
+    rows: list[KernelRow] = []
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        n_in, n_out = SHAPES[shape]
+        for T in tokens:
+            x = torch.randn(T, n_in, generator=g).to(device, torch_dtype).requires_grad_()
+            gy = torch.randn(T, n_out, generator=g).to(device, torch_dtype)
+            w = (torch.randn(n_out, n_in, generator=g) * 0.02).to(device, torch_dtype).requires_grad_()
+            dense_ms = 1e3 * median_time(_dense_step(x, w, gy), device, repeats)
+            for b in block_sizes:
+                for s in sparsities:
+                    p = random_pattern(n_out, n_in, b, s, g)
+                    pattern = BlockPattern(n_out, n_in, b, p.rows.to(device), p.cols.to(device))
+                    values = (torch.randn(pattern.nnz, b, b, generator=g) * 0.02).to(device, torch_dtype)
+                    values.requires_grad_()
+                    base = dict(shape=shape, in_features=n_in, out_features=n_out, tokens=T, block_size=b,
+                                sparsity=s, dtype=dtype, device=str(device), dense_ms=dense_ms)
+                    ms = float("nan")
+                    if covers(device.type, torch_dtype, b):
+                        ms = 1e3 * median_time(_ours_step(ours, x, values, pattern, gy), device, repeats)
+                    rows.append(KernelRow(method=ours_name, sparse_ms=ms, **base))
+                    if bsr:
+                        step = _bsr_step(x.detach(), values.detach(), pattern, gy)
+                        ms = float("nan") if step is None else 1e3 * median_time(step, device, repeats)
+                        rows.append(KernelRow(method="torch_bsr", sparse_ms=ms, **base))
+                    if progress:
+                        progress(_row_line(rows[-2] if bsr else rows[-1]))
+    return rows
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "n/a" if v != v else format(v, spec)
+
+
+def _row_line(r: KernelRow) -> str:
+    return (f"{r.shape} T={r.tokens} b={r.block_size} s={r.sparsity:g}: dense {r.dense_ms:.2f} ms, "
+            f"{r.method} {_fmt(r.sparse_ms, '.2f')} ms (x{_fmt(r.speedup, '.2f')}, eps {_fmt(r.epsilon, '.2f')})")
+
+
+def kernel_break_even(rows: list[KernelRow]) -> list[dict]:
+    groups: dict[tuple, list[KernelRow]] = {}
+    for r in rows:
+        groups.setdefault((r.shape, r.tokens, r.block_size, r.method), []).append(r)
+    out = []
+    for (shape, T, b, method), rs in groups.items():
+        ok = [r for r in rs if r.sparse_ms == r.sparse_ms]
+        out.append({"shape": shape, "tokens": T, "block_size": b, "method": method,
+                    "break_even_sparsity": break_even([r.sparsity for r in ok], [r.speedup for r in ok])})
+    return out
+
+
+def kernel_table(rows: list[KernelRow]) -> str:
+    methods = sorted({r.method for r in rows})
+    head = "| shape | tokens | b | s | dense ms | " + " | ".join(
+        f"{m} ms | {m} speedup | {m} eps" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (5 + 3 * len(methods))]
+    cases: dict[tuple, dict[str, KernelRow]] = {}
+    for r in rows:
+        cases.setdefault((r.shape, r.tokens, r.block_size, r.sparsity), {})[r.method] = r
+    for (shape, T, b, s), by in cases.items():
+        first = next(iter(by.values()))
+        cells = []
+        for m in methods:
+            r = by.get(m)
+            cells += ["n/a"] * 3 if r is None else [_fmt(r.sparse_ms, ".2f"), _fmt(r.speedup, ".2f"),
+                                                    _fmt(r.epsilon, ".2f")]
+        lines.append(f"| {shape} | {T} | {b} | {s:g} | {first.dense_ms:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _kernel_dicts(rows: list[KernelRow]) -> list[dict]:
+    return [{**asdict(r), "speedup": r.speedup, "epsilon": r.epsilon} for r in rows]
+
+
+def plot_kernels(rows: list[KernelRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False, sharey=True)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in rows if r.shape == shape]
+        T = max(r.tokens for r in rs)
+        rs = [r for r in rs if r.tokens == T]
+        sparsities = sorted({r.sparsity for r in rs})
+        for method, style in (("cpu", "-o"), ("triton", "-o"), ("torch_bsr", "--x")):
+            for b in sorted({r.block_size for r in rs}):
+                pts = sorted((r.sparsity, r.epsilon) for r in rs
+                             if r.method == method and r.block_size == b and r.epsilon == r.epsilon)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{method} b={b}")
+        ax.plot(sparsities, [1 / (1 - s) for s in sparsities], ":", color="gray", label="break-even (1/density)")
+        ax.axhline(1.2, color="red", lw=0.8, label="eps = 1.2")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_title(f"{shape} ({rs[0].in_features}->{rs[0].out_features}), {T} tokens", fontsize=9)
+    axes[0][0].set_ylabel(f"epsilon (fwd+bwd, {rows[0].dtype}, {rows[0].device})")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ train
+@dataclass
+class TrainRow:
+    variant: str          # dense | sparse/<backend>
+    kernels: str          # what ran the sparse layers
+    step_ms: float
+    tokens_per_second: float
+    flops_per_sequence: float
+    speedup: float = float("nan")   # dense step time / this step time
+    epsilon: float = float("nan")
+
+
+def bench_train(config_name: str, overrides: list[str], backends: list[str], steps: int,
+                progress: Callable[[str], None] | None = None) -> list[TrainRow]:
+    from ..config import load_config
+    from ..train.describe import run_flops
+    from ..train.trainer import Trainer
+
+    base = load_config(config_name, overrides, steps=10_000)
+    if base.sparsity.mode == "dense":
+        raise BenchError(f"config {config_name!r} is dense; bench train compares a sparse config with its "
+                         "dense counterpart (e.g. --config bert_mini_sparse)")
+    variants = [("dense", load_config(config_name, [*overrides, "sparsity.mode=dense", "backend=reference"],
+                                      steps=10_000))]
+    variants += [(f"sparse/{b}", load_config(config_name, [*overrides, f"backend={b}"], steps=10_000))
+                 for b in backends]
+    trainers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for i, (name, config) in enumerate(variants):
+                config.data.validation_sequences = 8
+                run_dir = Path(tmp) / str(i)
+                run_dir.mkdir()
+                trainers.append((name, Trainer(config, run_dir, progress=False, tensorboard=False)))
+            times: dict[str, list[float]] = {name: [] for name, _ in trainers}
+            for _, trainer in trainers:  # warm-up (kernels built, metadata cached)
+                for _ in range(2):
+                    trainer._train_step(trainer.step + 1)
+            for i in range(steps):  # interleaved, so machine noise hits every variant alike
+                for name, trainer in trainers:
+                    start = time.perf_counter()
+                    trainer._train_step(trainer.step + 1)
+                    times[name].append(time.perf_counter() - start)
+                if progress:
+                    progress(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {1e3 * t[-1]:.0f} ms" for n, t in times.items()))
+            rows = []
+            for name, trainer in trainers:
+                t = statistics.median(times[name])
+                tokens = trainer.config.training.batch_size * trainer.config.data.seq_len
+                flops = run_flops(trainer.config, trainer.model)["non_embedding_flops_per_sequence"]
+                rows.append(TrainRow(name, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops))
+        finally:
+            for _, trainer in trainers:
+                trainer.close()
+    dense = rows[0]
+    for r in rows:
+        r.speedup = dense.step_ms / r.step_ms
+        r.epsilon = (r.step_ms / r.flops_per_sequence) / (dense.step_ms / dense.flops_per_sequence)
+    return rows
+
+
+def train_table(rows: list[TrainRow]) -> str:
+    lines = ["| variant | step ms | tokens/s | non-emb. FLOPs/seq | speedup vs dense | eps | kernels |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.variant} | {r.step_ms:.1f} | {r.tokens_per_second:,.0f} | {r.flops_per_sequence:.3g} | "
+                     f"{r.speedup:.2f} | {r.epsilon:.2f} | {r.kernels} |")
+    return "\n".join(lines)
+
+
+def plot_train(rows: list[TrainRow], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.4))
+    bars = ax.bar([r.variant for r in rows], [r.step_ms for r in rows], color="tab:blue")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"x{r.speedup:.2f}\neps {r.epsilon:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_parser(sub, func) -> None:
+    p = sub.add_parser("bench", help="measure the sparse kernels (bench kernels) or training steps (bench train)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    k = bsub.add_parser("kernels", help="forward+backward of one sparse linear vs dense and PyTorch BSR")
+    k.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    k.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384])
+    k.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9, 0.99])
+    k.add_argument("--block-size", nargs="+", type=int, default=[16, 32, 64])
+    k.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    k.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
+    k.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is kept)")
+    k.add_argument("--no-bsr", action="store_true", help="skip PyTorch's BSR tensors")
+    k.add_argument("--output", default="bench_results/kernels", help="directory for kernels.{csv,md,png}")
+    k.set_defaults(func=func)
+    t = bsub.add_parser("train", help="whole training steps of a sparse config on each backend vs dense")
+    t.add_argument("--config", required=True, help="a sparse config, e.g. bert_mini_sparse")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--backends", nargs="+", default=["reference", "auto"])
+    t.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is kept)")
+    t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
+    t.set_defaults(func=func)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {name}: use cpu, cuda or auto")
+    return device
+
+
+def _check_positive(name: str, values: list) -> None:
+    if any(v <= 0 for v in values):
+        raise BenchError(f"{name} must be positive, got {values}")
+
+
+def main(args) -> int:
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    out = Path(args.output)
+    try:
+        if out.exists() and not out.is_dir():
+            raise BenchError(f"--output {out} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        if args.bench_command == "kernels":
+            device = _device(args.device)
+            _check_positive("--tokens", args.tokens)
+            _check_positive("--repeats", [args.repeats])
+            bad_s = [s for s in args.sparsity if not 0.0 <= s < 1.0]
+            if bad_s:
+                raise BenchError(f"--sparsity values must be in [0, 1), got {bad_s}")
+            bad_b = [b for b in args.block_size if b not in (16, 32, 64)]
+            if bad_b:
+                raise BenchError(f"--block-size must be 16, 32 or 64 (the kernels' sizes), got {bad_b}")
+            rows = bench_kernels(args.shapes, args.tokens, args.sparsity, args.block_size, args.dtype, device,
+                                 args.repeats, bsr=not args.no_bsr, progress=say)
+            table, even = kernel_table(rows), kernel_break_even(rows)
+            atomic_write_bytes(out / "kernels.csv", _csv(_kernel_dicts(rows)))
+            atomic_write_bytes(out / "break_even.csv", _csv(even))
+            even_md = "\n".join(["| shape | tokens | b | method | break-even sparsity |", "|---|---|---|---|---|"] + [
+                f"| {e['shape']} | {e['tokens']} | {e['block_size']} | {e['method']} | {e['break_even_sparsity']} |"
+                for e in even])
+            atomic_write_bytes(out / "kernels.md", f"{table}\n\n{even_md}\n".encode())
+            plot_kernels(rows, out / "kernels.png")
+            print(table)
+            print()
+            print(even_md)
+        else:
+            _check_positive("--steps", [args.steps])
+            rows = bench_train(args.config, args.overrides, args.backends, args.steps, progress=say)
+            table = train_table(rows)
+            atomic_write_bytes(out / "train.csv", _csv([asdict(r) for r in rows]))
+            atomic_write_bytes(out / "train.md", (table + "\n").encode())
+            plot_train(rows, f"{args.config}: median training step", out / "train.png")
+            print(table)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    say(f"written to {out}/")
+    return 0
+
+

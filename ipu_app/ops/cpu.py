@@ -1,0 +1,253 @@
+"""Fast block-sparse training on x86 CPUs: C kernels (``csrc/bsmm_cpu.c``) for 16x16 tiles.
+
+bf16 runs on AMX tiles with fp32 accumulation, fp32 on vectorised loops; both are parallel with
+OpenMP. Block sizes that are multiples of 16 are cut into 16x16 tiles. The kernels are compiled on
+first use (``gcc -O3 -march=native -fopenmp``, about a second) into a cache directory keyed by the
+source, the compiler and this CPU, so a cluster sharing a home directory never loads a library built
+for another CPU; ``python -m ipu_app build-kernels`` (run by ``install.sh``) builds it ahead of time.
+
+Whatever these kernels do not cover falls back to ``ops.reference``, per call: block sizes 1/4/8, a
+frozen inactive subset, fp16, bf16 on a CPU without AMX, non-CPU tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ..sparse.pattern import BlockPattern
+from . import reference
+from .meta import KernelMeta, MetaCache, tile_values, untile_values
+
+TILE = 16
+SOURCE = Path(__file__).with_name("csrc") / "bsmm_cpu.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernels could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$IPU_APP_KERNEL_CACHE`` or ``~/.cache/ipu_app/kernels``."""
+    env = os.environ.get("IPU_APP_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "ipu_app" / "kernels"
+
+
+def _cpu_signature() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def library_path(compiler: str | None = None) -> Path:
+    compiler = compiler or os.environ.get("CC", "gcc")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"bsmm_cpu_{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str | None = None, force: bool = False) -> Path:
+    """Compile the kernels (if not cached) and return the library's path."""
+    compiler = compiler or os.environ.get("CC", "gcc")
+    path = library_path(compiler)
+    if path.exists() and not force:
+        return path
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"cpu backend: C compiler {compiler!r} not found; install gcc (or set CC) "
+                               "or use backend: reference")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+            raise KernelBuildError(f"cpu backend: compiling {SOURCE.name} failed: {first}")
+        os.replace(tmp, path)  # atomic: concurrent builders each install a complete library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: KernelBuildError | None = None
+_amx: bool = False
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bsmm_amx_available.restype = i32
+    lib.bsmm_f32_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
+    lib.bsmm_f32_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
+    if hasattr(lib, "bsmm_amx_lines"):
+        lib.bsmm_amx_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
+        lib.bsmm_amx_sddmm.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64, p, p, i32]
+        lib.bsmm_amx_sddmm_chunk.argtypes = [i64, i64]
+        lib.bsmm_amx_sddmm_chunk.restype = i64
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
+    global _lib, _lib_error, _amx
+    with _lock:
+        if _lib is None and _lib_error is None:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                _bind(lib)
+                _amx = bool(lib.bsmm_amx_available())
+                _lib = lib
+            except (KernelBuildError, OSError) as exc:
+                _lib_error = exc if isinstance(exc, KernelBuildError) else KernelBuildError(
+                    f"cpu backend: loading the kernels failed: {exc}")
+        if _lib_error is not None:
+            raise _lib_error
+        return _lib
+
+
+def available() -> bool:
+    """True when the kernels build and load on this machine."""
+    try:
+        library()
+        return True
+    except KernelBuildError:
+        return False
+
+
+def amx_available() -> bool:
+    """True when bf16 runs on AMX here."""
+    return available() and _amx
+
+
+def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
+    """Whether these kernels run such a call (otherwise the reference op does)."""
+    if frozen or device_type != "cpu" or block_size % TILE:
+        return False
+    if dtype == torch.float32:
+        return available()
+    return dtype == torch.bfloat16 and amx_available()
+
+
+_meta = MetaCache(TILE)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -t.shape[0] % multiple
+    return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int, bias) -> torch.Tensor:
+    """``C = A`` times each line's tiles: forward (block rows) or input gradient (block columns)."""
+    lib, T, threads = library(), a.shape[0], torch.get_num_threads()
+    if a.dtype == torch.float32:
+        c = torch.empty(T, nlines * TILE, dtype=a.dtype)
+        lib.bsmm_f32_lines(a.data_ptr(), T, a.shape[1], weights.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
+                           other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
+        return c
+    a = _pad_tokens(a, 32)
+    # VNNI operand: packed[k][p][o][q] = w[k](contracted 2p+q, output o)
+    packed = weights.reshape(-1, TILE // 2, 2, TILE).transpose(2, 3).contiguous()
+    c = torch.empty(a.shape[0], nlines * TILE, dtype=a.dtype)
+    lib.bsmm_amx_lines(a.data_ptr(), a.shape[0], a.shape[1], packed.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
+                       other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
+    return c[:T]
+
+
+def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
+    lib, threads = library(), torch.get_num_threads()
+    dv = torch.empty(meta.ntiles, TILE, TILE, dtype=torch.float32)
+    if gy.dtype == torch.float32:
+        lib.bsmm_f32_sddmm(gy.data_ptr(), gy.shape[1], x.data_ptr(), x.shape[1], x.shape[0], meta.rows.data_ptr(),
+                           meta.cols.data_ptr(), meta.ntiles, dv.data_ptr(), threads)
+        return dv
+    gy, x = _pad_tokens(gy, 32), _pad_tokens(x, 32)
+    # The kernel transposes its first operand: make it the narrower one.
+    swap = x.shape[1] < gy.shape[1]
+    p, q = (x, gy) if swap else (gy, x)
+    p_line, q_line = (meta.cols, meta.rows) if swap else (meta.rows, meta.cols)
+    p_used, q_used = (meta.col_used, meta.row_used) if swap else (meta.row_used, meta.col_used)
+    order = meta.row_blk if swap else meta.col_blk  # grouped by Q's strip
+    work = torch.empty(lib.bsmm_amx_sddmm_chunk(p.shape[1], q.shape[1]) * (p.shape[1] + q.shape[1]),
+                       dtype=torch.bfloat16)
+    lib.bsmm_amx_sddmm(p.data_ptr(), p.shape[1], q.data_ptr(), q.shape[1], x.shape[0], p_line.data_ptr(),
+                       q_line.data_ptr(), p_used.data_ptr(), q_used.data_ptr(), order.data_ptr(), meta.ntiles,
+                       dv.data_ptr(),
+                       work.data_ptr(), threads)
+    return dv.transpose(1, 2) if swap else dv
+
+
+class _BlockSparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, tiles, meta: KernelMeta, bias):
+        x2d = x2d.contiguous()
+        tiles = tiles.contiguous()
+        fwd_w = tiles.transpose(1, 2).contiguous()  # per tile [contracted in, out]
+        y = _lines(x2d, fwd_w, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
+                   None if bias is None else bias.float().contiguous())
+        ctx.save_for_backward(x2d, tiles)
+        ctx.meta = meta
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2d, tiles = ctx.saved_tensors
+        meta = ctx.meta
+        gy = gy.contiguous()
+        gx = gt = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _lines(gy, tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None)
+        if ctx.needs_input_grad[1]:
+            gt = _sddmm(gy, x2d, meta).to(tiles.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = gy.sum(0, dtype=torch.float32).to(gy.dtype)
+        return gx, gt, None, gb
+
+
+def linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    pattern: BlockPattern,
+    bias: torch.Tensor | None = None,
+    frozen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the CPU kernels where they apply."""
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if not covers(x.device.type, dtype, pattern.block_size, frozen is not None):
+        return reference.linear(x, values, pattern, bias, frozen)
+    pattern._check_values(values)
+    meta = _meta.get(pattern)
+    with torch.autocast("cpu", enabled=False):
+        x2d = x.reshape(-1, pattern.in_features).to(dtype)
+        tiles = tile_values(values.to(dtype), TILE)
+        b = None if bias is None else bias.to(dtype)
+        y = _BlockSparseLinear.apply(x2d, tiles, meta, b)
+    return y.reshape(*x.shape[:-1], pattern.out_features)
+
+
+__all__ = ["linear", "build", "available", "amx_available", "covers", "KernelBuildError", "untile_values"]

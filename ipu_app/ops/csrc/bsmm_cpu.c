@@ -1,0 +1,341 @@
+/* Block-sparse matrix products for training on x86 CPUs, 16x16 blocks.
+ *
+ * A sparse weight W [out, in] is a list of 16x16 blocks: block k sits at block row rows[k] and block
+ * column cols[k]. Three products are needed for a training step of y = x W^T:
+ *   forward      Y  = X W^T        rows of X (tokens) times each block row's blocks
+ *   input grad   dX = dY W         each block column's blocks (the transposed pattern)
+ *   values grad  dV[k] = dY[:, rows[k]]^T X[:, cols[k]]   sampled at the active blocks only (SDDMM)
+ * Blocks are visited through index lists (row_ptr/row_blk for the forward, col_ptr/col_blk for the
+ * input gradient) that the host builds once per pattern.
+ *
+ * bf16 runs on AMX tiles (fp32 accumulation); fp32 runs on loops the compiler vectorises.
+ * Everything is plain C with a C ABI, called through ctypes; OpenMP splits the work.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define BS 16
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ fp32 */
+
+/* acc[t][i] (t < NT) += sum over the blocks of one block row/column. ``a`` rows are tokens with
+ * stride lda; ``w`` is the block laid out [kk][i] (kk the contracted index). */
+static inline void f32_block_tile(int nt, const float *a, int64_t lda, const float *w, float acc[][BS]) {
+    for (int kk = 0; kk < BS; ++kk) {
+        const float *wr = w + kk * BS;
+        for (int t = 0; t < nt; ++t) {
+            const float s = a[t * lda + kk];
+            for (int i = 0; i < BS; ++i) acc[t][i] += s * wr[i];
+        }
+    }
+}
+
+#define F32_TOKENS 8
+
+/* One output tile: tokens [t0, t0+nt) x 16 outputs of line ``line``; blocks ptr[line]..ptr[line+1]
+ * of ``blk``/``other``; weights w[k] laid out [contracted][output]. */
+static void f32_tile(int nt, const float *A, int64_t lda, const float *w, const int32_t *ptr,
+                     const int32_t *blk, const int32_t *other, int64_t line, const float *bias,
+                     float *C, int64_t ldc) {
+    float acc[F32_TOKENS][BS];
+    for (int t = 0; t < F32_TOKENS; ++t)
+        for (int i = 0; i < BS; ++i) acc[t][i] = bias ? bias[line * BS + i] : 0.0f;
+    for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
+        const float *a = A + (int64_t)other[p] * BS;
+        const float *wk = w + (int64_t)blk[p] * BS * BS;
+        if (nt == F32_TOKENS) f32_block_tile(F32_TOKENS, a, lda, wk, acc);  /* constant trip count */
+        else f32_block_tile(nt, a, lda, wk, acc);
+    }
+    for (int t = 0; t < nt; ++t) memcpy(C + t * ldc + line * BS, acc[t], sizeof(acc[t]));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_X86 1
+#define AVX512_TARGET __attribute__((target("avx512f")))
+
+static int has_avx512f(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
+}
+
+/* 8 tokens x 16 outputs in 8 registers */
+AVX512_TARGET static void f32_tile8_avx512(const float *A, int64_t lda, const float *w, const int32_t *ptr,
+                                           const int32_t *blk, const int32_t *other, int64_t line,
+                                           const float *bias, float *C, int64_t ldc) {
+    __m512 acc[F32_TOKENS];
+    const __m512 init = bias ? _mm512_loadu_ps(bias + line * BS) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < F32_TOKENS; ++t) acc[t] = init;
+    for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
+        const float *a = A + (int64_t)other[p] * BS;
+        const float *wk = w + (int64_t)blk[p] * BS * BS;
+        for (int kk = 0; kk < BS; ++kk) {
+            const __m512 wr = _mm512_loadu_ps(wk + kk * BS);
+#pragma GCC unroll 8
+            for (int t = 0; t < F32_TOKENS; ++t)
+                acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(a[t * lda + kk]), wr, acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < F32_TOKENS; ++t) _mm512_storeu_ps(C + t * ldc + line * BS, acc[t]);
+}
+
+AVX512_TARGET static void f32_sddmm_avx512(const float *y, int64_t ldy, const float *x, int64_t ldx,
+                                           int64_t T, float *out) {
+    __m512 acc[BS];
+#pragma GCC unroll 16
+    for (int i = 0; i < BS; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+        const float *yt = y + t * ldy;
+        const __m512 xt = _mm512_loadu_ps(x + t * ldx);
+#pragma GCC unroll 16
+        for (int i = 0; i < BS; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(yt[i]), xt, acc[i]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < BS; ++i) _mm512_storeu_ps(out + i * BS, acc[i]);
+}
+#else
+#define HAVE_X86 0
+static int has_avx512f(void) { return 0; }
+#endif
+
+/* C [T, nlines*16] = A [T, lda] times the sparse blocks, line by line (block rows for the forward
+ * with w = V^T per block, block columns for the input gradient with w = V per block). */
+void bsmm_f32_lines(const float *A, int64_t T, int64_t lda, const float *w, const int32_t *ptr,
+                    const int32_t *blk, const int32_t *other, int64_t nlines, const float *bias,
+                    float *C, int nthreads) {
+    const int64_t ntiles = (T + F32_TOKENS - 1) / F32_TOKENS;
+    const int64_t ldc = nlines * BS;
+    const int vec = has_avx512f();
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < ntiles; ++tt)
+        for (int64_t line = 0; line < nlines; ++line) {
+            const int64_t t0 = tt * F32_TOKENS;
+            const int nt = (int)min64(F32_TOKENS, T - t0);
+#if HAVE_X86
+            if (vec && nt == F32_TOKENS) {
+                f32_tile8_avx512(A + t0 * lda, lda, w, ptr, blk, other, line, bias, C + t0 * ldc, ldc);
+                continue;
+            }
+#endif
+            f32_tile(nt, A + t0 * lda, lda, w, ptr, blk, other, line, bias, C + t0 * ldc, ldc);
+        }
+}
+
+/* dV[k][i][j] = sum_t dY[t, rows[k]*16+i] X[t, cols[k]*16+j] */
+void bsmm_f32_sddmm(const float *dY, int64_t ldy, const float *X, int64_t ldx, int64_t T,
+                    const int32_t *rows, const int32_t *cols, int64_t nblk, float *dV, int nthreads) {
+    const int vec = has_avx512f();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < nblk; ++k) {
+#if HAVE_X86
+        if (vec) {
+            f32_sddmm_avx512(dY + (int64_t)rows[k] * BS, ldy, X + (int64_t)cols[k] * BS, ldx, T, dV + k * BS * BS);
+            continue;
+        }
+#endif
+        float acc[BS][BS];
+        memset(acc, 0, sizeof(acc));
+        const float *y = dY + (int64_t)rows[k] * BS;
+        const float *x = X + (int64_t)cols[k] * BS;
+        for (int64_t t = 0; t < T; ++t) {
+            const float *yt = y + t * ldy, *xt = x + t * ldx;
+            for (int i = 0; i < BS; ++i)
+                for (int j = 0; j < BS; ++j) acc[i][j] += yt[i] * xt[j];
+        }
+        memcpy(dV + k * BS * BS, acc, sizeof(acc));
+    }
+}
+
+/* ------------------------------------------------------------------------------- bf16 on AMX */
+#if HAVE_X86
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+/* 1 when this CPU has AMX-BF16 and the kernel let this process use the tile registers. */
+int bsmm_amx_available(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0;          /* AMX-BF16, AMX-TILE */
+    if (!has_avx512f() || !(__get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)))
+        return 0;                                                  /* AVX512F, AVX512-BF16 */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Tiles 0,1: fp32 accumulators (16 tokens x 16 outputs each); 2,3: the tokens' 16 contracted
+ * bf16 values; 4: one block in VNNI pairs (8 rows of 16 x 2). ``k_bytes`` is 32 (b = 16). */
+AMX_TARGET static void config_lines(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 2; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    for (int t = 2; t < 4; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 32; }
+    cfg.rows[4] = 8; cfg.colsb[4] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* 16 floats (+ bias) to 16 bf16 */
+AMX_TARGET static inline void store_bf16(uint16_t *dst, const float *src, const float *bias) {
+    __m512 v = _mm512_loadu_ps(src);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* C [T, nlines*16] (bf16) = A [T, lda] (bf16) times the blocks of each line. T is a multiple of 32.
+ * packed[k] is block k as the tile's VNNI operand: packed[k][p][o][q] = w(contracted 2p+q, output o). */
+AMX_TARGET void bsmm_amx_lines(const uint16_t *A, int64_t T, int64_t lda, const uint16_t *packed,
+                               const int32_t *ptr, const int32_t *blk, const int32_t *other,
+                               int64_t nlines, const float *bias, uint16_t *C, int nthreads) {
+    const int64_t ntiles = T / 32, ldc = nlines * BS;
+#pragma omp parallel num_threads(nthreads)
+    {
+        config_lines();
+        float acc[32][BS] __attribute__((aligned(64)));
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t tt = 0; tt < ntiles; ++tt)
+            for (int64_t line = 0; line < nlines; ++line) {
+                const int64_t t0 = tt * 32;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
+                    const uint16_t *a = A + t0 * lda + (int64_t)other[p] * BS;
+                    _tile_loadd(2, a, lda * 2);
+                    _tile_loadd(3, a + 16 * lda, lda * 2);
+                    _tile_loadd(4, packed + (int64_t)blk[p] * BS * BS, 64);
+                    _tile_dpbf16ps(0, 2, 4);
+                    _tile_dpbf16ps(1, 3, 4);
+                }
+                _tile_stored(0, acc[0], 64);
+                _tile_stored(1, acc[16], 64);
+                const float *b = bias ? bias + line * BS : NULL;
+                for (int t = 0; t < 32; ++t) store_bf16(C + (t0 + t) * ldc + line * BS, acc[t], b);
+            }
+        _tile_release();
+    }
+}
+
+/* Tokens per chunk of the values gradient: the chunk's packed operands take about 2 MiB. */
+int64_t bsmm_amx_sddmm_chunk(int64_t out, int64_t in) {
+    int64_t chunk = ((int64_t)2 << 20) / ((out + in) * 2) / 32 * 32;
+    return chunk < 32 ? 32 : chunk > 1024 ? 1024 : chunk;
+}
+
+/* Two rows of 16 bf16 -> 16 pairs (r0[i], r1[i]) */
+AMX_TARGET static inline __m512i interleave_rows(const uint16_t *r0, const uint16_t *r1) {
+    static const uint16_t order[32] __attribute__((aligned(64))) = {
+        0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)r0));
+    const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)r1));
+    return _mm512_permutex2var_epi16(a, _mm512_load_si512(order), b);
+}
+
+/* out[c] = column c of the 16x16 matrix of 32-bit elements whose rows are r[0..15] */
+AMX_TARGET static inline void transpose16_epi32(__m512i r[16], __m512i out[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {  /* per 128-bit lane L: t[2i] = cols 4L, 4L+1 of rows 2i, 2i+1 ... */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  /* r[4m+j], lane L: column 4L+j of rows 4m..4m+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {  /* gather lane L of r[j], r[4+j], r[8+j], r[12+j] */
+        const __m512i lo01 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), hi01 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+        const __m512i lo23 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44), hi23 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+        out[j] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+        out[4 + j] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+        out[8 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+        out[12 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+    }
+}
+
+/* acc[k][a][c] = sum_t P[t, p_line[k]*16+a] Q[t, q_line[k]*16+c] in fp32 (P [T, ldp], Q [T, ldq]),
+ * for the values gradient dV[k] = dY[:, row k]^T X[:, col k]: P = dY and Q = X gives dV, P = X and
+ * Q = dY gives dV^T (the caller transposes), whichever makes P the narrower operand, since P is the
+ * one transposed. T is a multiple of 32. Chunk by chunk of tokens, the threads first pack the used
+ * strips into ``work`` (bsmm_amx_sddmm_chunk(ldp, ldq) * (ldp + ldq) bf16) as the tiles want them,
+ * P transposed (columns x tokens) and Q in token pairs, then each block accumulates on its tile,
+ * in ``order``: sorted by q_line, so that a strip of the wider operand Q is read once per chunk. */
+AMX_TARGET void bsmm_amx_sddmm(const uint16_t *P, int64_t ldp, const uint16_t *Q, int64_t ldq, int64_t T,
+                               const int32_t *p_line, const int32_t *q_line, const uint8_t *p_used,
+                               const uint8_t *q_used, const int32_t *order, int64_t nblk, float *acc,
+                               uint16_t *work, int nthreads) {
+    const int64_t chunk = bsmm_amx_sddmm_chunk(ldp, ldq);
+    uint16_t *pt = work, *qp = work + ldp * chunk;
+#pragma omp parallel num_threads(nthreads)
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof(cfg));
+        cfg.palette_id = 1;
+        for (int t = 0; t < 6; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        for (int64_t c0 = 0; c0 < T; c0 += chunk) {
+            const int64_t n = min64(chunk, T - c0);
+#pragma omp for schedule(static) nowait
+            for (int64_t line = 0; line < ldp / BS; ++line) {   /* pt[o][t] = P[c0+t][o] */
+                if (!p_used[line]) continue;
+                for (int64_t tb = 0; tb < n; tb += 32) {
+                    __m512i r[16], col[16];
+                    const uint16_t *src = P + (c0 + tb) * ldp + line * BS;
+                    for (int p = 0; p < 16; ++p) r[p] = interleave_rows(src + 2 * p * ldp, src + (2 * p + 1) * ldp);
+                    transpose16_epi32(r, col);
+                    for (int i = 0; i < BS; ++i) _mm512_storeu_si512(pt + (line * BS + i) * chunk + tb, col[i]);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t tp = 0; tp < n / 2; ++tp) {            /* qp[t/2][j][t%2] = Q[c0+t][j] */
+                const uint16_t *q0 = Q + (c0 + 2 * tp) * ldq;
+                for (int64_t line = 0; line < ldq / BS; ++line)
+                    if (q_used[line])
+                        _mm512_storeu_si512(qp + tp * ldq * 2 + line * 32, interleave_rows(q0 + line * BS, q0 + ldq + line * BS));
+            }
+#pragma omp for schedule(static)
+            for (int64_t kk = 0; kk < nblk; ++kk) {
+                const int64_t k = order[kk];
+                float *out = acc + k * BS * BS;
+                if (c0 == 0) _tile_zero(0);
+                else _tile_loadd(0, out, 64);
+                const uint16_t *a = pt + (int64_t)p_line[k] * BS * chunk;
+                const uint16_t *b = qp + (int64_t)q_line[k] * BS * 2;
+                int64_t t = 0;
+                for (; t + 64 <= n; t += 64) {
+                    _tile_loadd(2, a + t, chunk * 2);
+                    _tile_loadd(4, b + (t / 2) * ldq * 2, ldq * 4);
+                    _tile_loadd(3, a + t + 32, chunk * 2);
+                    _tile_loadd(5, b + (t / 2 + 16) * ldq * 2, ldq * 4);
+                    _tile_dpbf16ps(0, 2, 4);
+                    _tile_dpbf16ps(0, 3, 5);
+                }
+                for (; t < n; t += 32) {
+                    _tile_loadd(2, a + t, chunk * 2);
+                    _tile_loadd(4, b + (t / 2) * ldq * 2, ldq * 4);
+                    _tile_dpbf16ps(0, 2, 4);
+                }
+                _tile_stored(0, out, 64);
+            }
+        }
+        _tile_release();
+    }
+}
+#else
+int bsmm_amx_available(void) { return 0; }
+int64_t bsmm_amx_sddmm_chunk(int64_t out, int64_t in) { (void)out; (void)in; return 32; }
+#endif

@@ -1,0 +1,205 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ipu_app import ops
+from ipu_app.model.sparse_linear import SparseLinear
+from ipu_app.ops import cpu, meta, reference
+from ipu_app.sparse.init import random_pattern
+from ipu_app.sparse.pattern import BlockPattern
+
+from .kernel_check import check_backend
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels do not build here")
+needs_amx = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX-BF16 on this CPU")
+
+
+@pytest.mark.parametrize("b", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_fp32_matches_reference(b, tokens):
+    check_backend(cpu.linear, b, torch.float32, tokens, seed=b + tokens)
+
+
+@needs_amx
+@pytest.mark.parametrize("b", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_bf16_matches_reference(b, tokens):
+    check_backend(cpu.linear, b, torch.bfloat16, tokens, seed=b + tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
+@pytest.mark.parametrize("b", [16, 32])
+def test_empty_block_rows_and_columns(dtype, b):
+    check_backend(cpu.linear, b, dtype, 45, gaps=True, sparsity=0.9, seed=3)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_any_density_without_bias(sparsity):
+    check_backend(cpu.linear, 16, torch.float32, 64, sparsity=sparsity, bias=False, shape=(160, 192))
+
+
+def test_long_token_run_crosses_value_gradient_chunks():
+    """bf16 values gradients go over tokens in chunks of ~1 MiB; 1,500 tokens at in=out=512 is several."""
+    if not cpu.amx_available():
+        pytest.skip("no AMX-BF16 on this CPU")
+    chunk = cpu.library().bsmm_amx_sddmm_chunk(512, 512)
+    assert chunk < 1500
+    check_backend(cpu.linear, 16, torch.bfloat16, 1500, shape=(512, 512), sparsity=0.9)
+
+
+@pytest.mark.parametrize("b", [1, 4, 8])
+def test_small_blocks_are_the_reference_op(b):
+    pattern = random_pattern(32, 48, b, 0.5, torch.Generator().manual_seed(b))
+    values = torch.randn(pattern.nnz, b, b)
+    x = torch.randn(5, 48)
+    assert not cpu.covers("cpu", torch.float32, b)
+    torch.testing.assert_close(cpu.linear(x, values, pattern), reference.linear(x, values, pattern), rtol=0, atol=0)
+
+
+def test_frozen_inactive_values_use_the_reference_op():
+    pattern = random_pattern(32, 32, 16, 0.5, torch.Generator().manual_seed(0))
+    values, frozen, x = torch.randn(pattern.nnz, 16, 16), torch.randn(32, 32), torch.randn(3, 32)
+    torch.testing.assert_close(cpu.linear(x, values, pattern, frozen=frozen),
+                               reference.linear(x, values, pattern, frozen=frozen), rtol=0, atol=0)
+
+
+@needs_amx
+def test_autocast_bf16_gives_fp32_value_gradients():
+    pattern = random_pattern(64, 96, 16, 0.75, torch.Generator().manual_seed(0))
+    values = torch.randn(pattern.nnz, 16, 16, requires_grad=True)
+    x = torch.randn(2, 9, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu.linear(x, values, pattern)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 9, 64)
+    y.float().sum().backward()
+    assert values.grad.dtype == torch.float32
+    v16 = values.detach().bfloat16().double().requires_grad_()
+    reference.linear(x.bfloat16().double(), v16, pattern).sum().backward()
+    torch.testing.assert_close(values.grad.double(), v16.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_metadata_is_built_once_per_pattern_and_rebuilt_after_an_update():
+    layer = SparseLinear(64, 64, sparsity=0.75, block_size=16, backend="cpu",
+                         generator=torch.Generator().manual_seed(0))
+    cache = cpu._meta
+    x = torch.randn(4, 64)
+    layer(x).sum().backward()
+    builds = cache.builds
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert cache.builds == builds  # steps reuse the metadata
+    # a pattern update rewrites the buffers in place (as PatternUpdater does)
+    new = random_pattern(64, 64, 16, 0.75, torch.Generator().manual_seed(5))
+    assert not new.equal(layer.pattern)
+    with torch.no_grad():
+        layer.block_rows.copy_(new.rows)
+        layer.block_cols.copy_(new.cols)
+    layer.pattern_changed()
+    y = layer(x)
+    assert cache.builds == builds + 1
+    torch.testing.assert_close(y, reference.linear(x, layer.values, new, layer.bias))
+
+
+def test_kernel_meta_walks_every_tile_once():
+    pattern = random_pattern(96, 64, 32, 0.5, torch.Generator().manual_seed(1))
+    m = meta.build_meta(pattern, 16)
+    assert m.ntiles == pattern.nnz * 4 and m.grid == (6, 4)
+    by_row = {(int(m.rows[k]), int(m.cols[k])) for k in m.row_blk.tolist()}
+    assert len(by_row) == m.ntiles
+    for line in range(m.grid[0]):
+        for p in range(int(m.row_ptr[line]), int(m.row_ptr[line + 1])):
+            assert int(m.rows[m.row_blk[p]]) == line and int(m.cols[m.row_blk[p]]) == int(m.row_col[p])
+    for line in range(m.grid[1]):
+        for p in range(int(m.col_ptr[line]), int(m.col_ptr[line + 1])):
+            assert int(m.cols[m.col_blk[p]]) == line and int(m.rows[m.col_blk[p]]) == int(m.col_row[p])
+    values = torch.randn(pattern.nnz, 32, 32)
+    tiles = meta.tile_values(values, 16)
+    dense = torch.zeros(96, 64)
+    for k in range(m.ntiles):
+        r, c = int(m.rows[k]), int(m.cols[k])
+        dense[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = tiles[k]
+    torch.testing.assert_close(dense, pattern.to_dense(values), rtol=0, atol=0)
+    torch.testing.assert_close(meta.untile_values(tiles, 32), values, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a multiple of the kernel tile 16"):
+        meta.build_meta(random_pattern(32, 32, 8, 0.5), 16)
+
+
+def test_model_trains_identically_on_cpu_kernels_and_reference():
+    torch.manual_seed(0)
+    ref = SparseLinear(128, 64, sparsity=0.8, block_size=16, generator=torch.Generator().manual_seed(2))
+    fast = SparseLinear(128, 64, sparsity=0.8, block_size=16, backend="cpu",
+                        generator=torch.Generator().manual_seed(2))
+    fast.load_state_dict(ref.state_dict())
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt_f = torch.optim.AdamW(fast.parameters(), lr=1e-2)
+    x, target = torch.randn(33, 128), torch.randn(33, 64)
+    for _ in range(5):
+        for layer, opt in ((ref, opt_r), (fast, opt_f)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(layer(x), target).backward()
+            opt.step()
+    torch.testing.assert_close(fast.values, ref.values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.bias, ref.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_choice():
+    x32, pattern16 = torch.randn(2, 64), random_pattern(64, 64, 16, 0.9)
+    assert ops.choose(x32, pattern16) == "cpu"
+    assert ops.choose(x32, random_pattern(64, 64, 4, 0.9)) == "reference"
+    assert ops.choose(x32, random_pattern(64, 64, 16, 0.25)) == "reference"  # too dense to gain
+    assert ops.choose(x32, pattern16, frozen=torch.zeros(64, 64)) == "reference"
+    assert ops.choose(x32.half(), pattern16) == "reference"
+    assert "CPU kernels" in ops.describe("auto", torch.device("cpu"), torch.float32, 16, 0.9)
+    line = ops.describe("cpu", torch.device("cpu"), torch.float32, 4, 0.9)
+    assert "reference op" in line and "cpu does not cover this" in line
+    assert "density 0.80 > 0.5" in ops.describe("auto", torch.device("cpu"), torch.float32, 16, 0.2)
+
+
+def test_build_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPU_APP_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu.KernelBuildError, match="C compiler 'no-such-cc' not found; install gcc"):
+        cpu.build("no-such-cc")
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'bsmm_cpu.c:1: error: broken compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(cpu.KernelBuildError, match="compiling bsmm_cpu.c failed: bsmm_cpu.c:1: error: broken"):
+        cpu.build(str(fake))
+    assert not any((tmp_path / "cache").iterdir())  # no half-written library left behind
+
+
+def test_build_is_cached_per_cpu_and_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPU_APP_KERNEL_CACHE", str(tmp_path))
+    path = cpu.build()
+    assert path.parent == tmp_path and path.stat().st_size > 0
+    mtime = path.stat().st_mtime_ns
+    assert cpu.build() == path and path.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    monkeypatch.setattr(cpu, "_cpu_signature", lambda: "another-cpu")
+    assert cpu.library_path() != path
+
+
+def test_cli_builds_the_kernels(tmp_path):
+    env = {"IPU_APP_KERNEL_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "ipu_app", "build-kernels"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path) in proc.stdout and list(tmp_path.glob("bsmm_cpu_*.so"))
+    bad = subprocess.run([sys.executable, "-m", "ipu_app", "build-kernels"], capture_output=True, text=True,
+                         env={**env, "CC": "no-such-cc"}, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no-such-cc" in bad.stderr
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ops.BackendError, match="unknown sparse backend 'cuda'"):
+        ops.get_backend("cuda")
+    assert ops.get_backend("reference") is reference.linear
+    assert ops.get_backend("cpu") is cpu.linear
+    assert ops.get_backend("auto") is ops.auto_linear
+
+
+def test_values_of_wrong_shape_are_refused():
+    pattern = random_pattern(32, 32, 16, 0.5)
+    with pytest.raises(Exception, match="values have shape"):
+        cpu.linear(torch.randn(2, 32), torch.randn(pattern.nnz + 1, 16, 16), pattern)
+    assert isinstance(pattern, BlockPattern)
