@@ -49,18 +49,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` untimed calls)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+def median_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                 warmup: int = 2) -> dict[str, float]:
+    """Median wall time of each function, timed round-robin so that machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def epsilon(t_sparse: float, t_dense: float, density: float) -> float:
@@ -165,23 +168,27 @@ def bench_kernels(shapes: list[str], tokens: list[int], sparsities: list[float],
             x = torch.randn(T, n_in, generator=g).to(device, torch_dtype).requires_grad_()
             gy = torch.randn(T, n_out, generator=g).to(device, torch_dtype)
             w = (torch.randn(n_out, n_in, generator=g) * 0.02).to(device, torch_dtype).requires_grad_()
-            dense_ms = 1e3 * median_time(_dense_step(x, w, gy), device, repeats)
+            dense = _dense_step(x, w, gy)
             for b in block_sizes:
                 for s in sparsities:
                     p = random_pattern(n_out, n_in, b, s, g)
                     pattern = BlockPattern(n_out, n_in, b, p.rows.to(device), p.cols.to(device))
                     values = (torch.randn(pattern.nnz, b, b, generator=g) * 0.02).to(device, torch_dtype)
                     values.requires_grad_()
-                    base = dict(shape=shape, in_features=n_in, out_features=n_out, tokens=T, block_size=b,
-                                sparsity=s, dtype=dtype, device=str(device), dense_ms=dense_ms)
-                    ms = float("nan")
+                    fns = {"dense": dense}
                     if covers(device.type, torch_dtype, b):
-                        ms = 1e3 * median_time(_ours_step(ours, x, values, pattern, gy), device, repeats)
-                    rows.append(KernelRow(method=ours_name, sparse_ms=ms, **base))
+                        fns[ours_name] = _ours_step(ours, x, values, pattern, gy)
                     if bsr:
                         step = _bsr_step(x.detach(), values.detach(), pattern, gy)
-                        ms = float("nan") if step is None else 1e3 * median_time(step, device, repeats)
-                        rows.append(KernelRow(method="torch_bsr", sparse_ms=ms, **base))
+                        if step is not None:
+                            fns["torch_bsr"] = step
+                    ms = {name: 1e3 * t for name, t in median_times(fns, device, repeats).items()}
+                    base = dict(shape=shape, in_features=n_in, out_features=n_out, tokens=T, block_size=b,
+                                sparsity=s, dtype=dtype, device=str(device), dense_ms=ms["dense"])
+                    nan = float("nan")
+                    rows.append(KernelRow(method=ours_name, sparse_ms=ms.get(ours_name, nan), **base))
+                    if bsr:
+                        rows.append(KernelRow(method="torch_bsr", sparse_ms=ms.get("torch_bsr", nan), **base))
                     if progress:
                         progress(_row_line(rows[-2] if bsr else rows[-1]))
     return rows
@@ -217,7 +224,7 @@ def kernel_table(rows: list[KernelRow]) -> str:
     for r in rows:
         cases.setdefault((r.shape, r.tokens, r.block_size, r.sparsity), {})[r.method] = r
     for (shape, T, b, s), by in cases.items():
-        first = next(iter(by.values()))
+        first = next(iter(by.values()))  # the dense time measured beside this case
         cells = []
         for m in methods:
             r = by.get(m)

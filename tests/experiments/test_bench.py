@@ -1,0 +1,88 @@
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ipu_app.experiments import bench
+
+
+def test_epsilon_and_break_even():
+    # a sparse FLOP as cheap as a dense one: eps 1; twice the time at density 0.1: eps 20
+    assert bench.epsilon(10.0, 100.0, 0.1) == pytest.approx(1.0)
+    assert bench.epsilon(200.0, 100.0, 0.1) == pytest.approx(20.0)
+    assert bench.break_even([0.5, 0.75, 0.9], [0.5, 1.5, 3.0]) == "0.625"   # 0.5 -> 1.5 crosses 1 halfway
+    assert bench.break_even([0.9, 0.5, 0.75], [3.0, 1.2, 2.0]) == "<= 0.5"  # unsorted input
+    assert bench.break_even([0.5, 0.9], [0.2, 0.8]) == "> 0.9"
+    assert bench.break_even([], []) == "n/a"
+
+
+def test_kernel_rows_table_and_break_even_from_real_timings():
+    rows = bench.bench_kernels(["medium_up"], [64], [0.5, 0.9], [16], "fp32", torch.device("cpu"), repeats=1)
+    methods = {r.method for r in rows}
+    assert methods == {"cpu", "torch_bsr"}
+    for r in rows:
+        assert r.dense_ms > 0 and r.sparse_ms > 0 and r.in_features == 512 and r.out_features == 2048
+        assert r.epsilon == pytest.approx(r.sparse_ms / ((1 - r.sparsity) * r.dense_ms))
+    table = bench.kernel_table(rows)
+    assert table.count("\n") == 1 + 2  # header, rule, one line per (T, b, s)
+    even = bench.kernel_break_even(rows)
+    assert {(e["method"], e["block_size"]) for e in even} == {("cpu", 16), ("torch_bsr", 16)}
+
+
+def test_bf16_bsr_is_reported_as_not_available():
+    rows = bench.bench_kernels(["medium_up"], [32], [0.9], [32], "bf16", torch.device("cpu"), repeats=1)
+    bsr = next(r for r in rows if r.method == "torch_bsr")
+    assert bsr.sparse_ms != bsr.sparse_ms  # nan: PyTorch has no CPU bf16 BSR matmul
+    assert "n/a" in bench.kernel_table(rows)
+
+
+def test_cli_writes_csv_markdown_and_plot(tmp_path):
+    out = tmp_path / "k"
+    proc = subprocess.run([sys.executable, "-m", "ipu_app", "bench", "kernels", "--shapes", "medium_down",
+                           "--tokens", "32", "--sparsity", "0.75", "0.99", "--block-size", "16", "64",
+                           "--dtype", "fp32", "--repeats", "1", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 and {r["method"] for r in rows} == {"cpu", "torch_bsr"}
+    assert all(float(r["epsilon"]) > 0 for r in rows)
+    assert (out / "kernels.png").read_bytes()[:4] == b"\x89PNG"
+    assert "break-even sparsity" in (out / "kernels.md").read_text()
+    assert "| medium_down | 32 | 64 | 0.99 |" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--block-size", "8"], "--block-size must be 16, 32 or 64"),
+    (["--sparsity", "1.0"], "--sparsity values must be in [0, 1)"),
+    (["--tokens", "0"], "--tokens must be positive"),
+    (["--device", "cuda"], "no CUDA GPU here"),
+])
+def test_cli_rejects_bad_arguments(tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = subprocess.run([sys.executable, "-m", "ipu_app", "bench", "kernels", *args, "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "kernels.csv").exists()
+
+
+def test_train_bench_compares_backends_with_dense(data_dir, tmp_path):
+    overrides = [f"data.dir={data_dir}", "model.size=tiny", "training.batch_size=4", "data.seq_len=64"]
+    rows = bench.bench_train("bert_tiny_sparse_b16", overrides, ["reference", "cpu"], steps=2)
+    assert [r.variant for r in rows] == ["dense", "sparse/reference", "sparse/cpu"]
+    assert rows[0].speedup == pytest.approx(1.0) and rows[0].epsilon == pytest.approx(1.0)
+    assert rows[1].flops_per_sequence < rows[0].flops_per_sequence
+    assert "reference op" in rows[1].kernels and "CPU kernels" in rows[2].kernels
+    for r in rows:
+        assert r.step_ms > 0 and r.tokens_per_second > 0
+    bench.plot_train(rows, "t", tmp_path / "train.png")
+    assert (tmp_path / "train.png").stat().st_size > 0
+    assert bench.train_table(rows).count("\n") == len(rows) + 1
+
+
+def test_train_bench_refuses_a_dense_config():
+    with pytest.raises(bench.BenchError, match="is dense"):
+        bench.bench_train("bert_tiny_dense", [], ["auto"], steps=1)
