@@ -72,7 +72,8 @@ def epsilon(t_sparse: float, t_dense: float, density: float) -> float:
 
 
 def break_even(sparsities: list[float], speedups: list[float]) -> str:
-    """The sparsity above which sparse is faster than dense (linear between measured points)."""
+    """The sparsity above which sparse is faster than dense. Between measured points the time ratio
+    sparse/dense is taken as linear in the sparsity (sparse time is close to affine in the density)."""
     points = sorted(zip(sparsities, speedups))
     if not points:
         return "n/a"
@@ -80,7 +81,8 @@ def break_even(sparsities: list[float], speedups: list[float]) -> str:
         return f"<= {points[0][0]:g}"
     for (s0, v0), (s1, v1) in zip(points, points[1:]):
         if v0 < 1.0 <= v1:
-            return f"{s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0):.3f}"
+            r0, r1 = 1.0 / v0, 1.0 / v1
+            return f"{s0 + (r0 - 1.0) * (s1 - s0) / (r0 - r1):.3f}"
     return f"> {points[-1][0]:g}"
 
 

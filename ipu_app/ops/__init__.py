@@ -25,9 +25,16 @@ SparseLinearOp = Callable[..., torch.Tensor]
 _MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton"}
 BACKEND_NAMES = ("auto", *_MODULES)
 
-# ``auto`` uses a fast kernel only up to this density (1 - sparsity): above it dense GEMMs win.
-# Measured with ``python -m ipu_app bench kernels`` (break-even sparsity, see docs/ARCHITECTURE.md).
-AUTO_MAX_DENSITY = 0.5
+# ``auto`` uses a fast kernel only up to a density (1 - sparsity) where it still beats dense GEMMs,
+# from the break-even sparsity that ``python -m ipu_app bench kernels`` measures (docs/ARCHITECTURE.md):
+# CPU bf16 (AMX) breaks even at s = 0.24-0.43, CPU fp32 (AVX-512) at s ~ 0.72, at BERT shapes. The GPU
+# value is not measured yet.
+AUTO_MAX_DENSITY = {("cpu", torch.bfloat16): 0.5, ("cpu", torch.float32): 0.25}
+AUTO_MAX_DENSITY_DEFAULT = 0.5
+
+
+def auto_max_density(backend: str, dtype: torch.dtype) -> float:
+    return AUTO_MAX_DENSITY.get((backend, dtype), AUTO_MAX_DENSITY_DEFAULT)
 
 
 class BackendError(ValueError):
@@ -72,11 +79,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+_FAST = {"cuda": "triton", "cpu": "cpu"}  # device type -> its fast backend
+
+
 def _auto_choice(device_type: str, dtype: torch.dtype, block_size: int, density: float, frozen: bool) -> str:
-    if density > AUTO_MAX_DENSITY:
+    name = _FAST.get(device_type)
+    if name is None or density > auto_max_density(name, dtype):
         return "reference"
-    name = {"cuda": "triton", "cpu": "cpu"}.get(device_type)
-    if name is None or not _module(name).covers(device_type, dtype, block_size, frozen):
+    if not _module(name).covers(device_type, dtype, block_size, frozen):
         return "reference"
     return name
 
@@ -108,8 +118,9 @@ def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: in
     if chosen == "reference" and name != "reference":
         if name != "auto":
             why = f"; {name} does not cover this"
-        elif 1.0 - sparsity > AUTO_MAX_DENSITY:
-            why = f"; auto: density {1 - sparsity:.2f} > {AUTO_MAX_DENSITY}"
+        elif device.type in _FAST and 1.0 - sparsity > auto_max_density(_FAST[device.type], dtype):
+            limit = auto_max_density(_FAST[device.type], dtype)
+            why = f"; auto: density {1 - sparsity:.2f} > {limit:g}, where dense is faster"
         else:
             why = "; auto: no fast kernel covers this"
     return (f"sparse layers: {detail} (backend {name}, block size {block_size}, "

@@ -12,7 +12,8 @@ def test_epsilon_and_break_even():
     # a sparse FLOP as cheap as a dense one: eps 1; twice the time at density 0.1: eps 20
     assert bench.epsilon(10.0, 100.0, 0.1) == pytest.approx(1.0)
     assert bench.epsilon(200.0, 100.0, 0.1) == pytest.approx(20.0)
-    assert bench.break_even([0.5, 0.75, 0.9], [0.5, 1.5, 3.0]) == "0.625"   # 0.5 -> 1.5 crosses 1 halfway
+    # time ratio 2 at s = 0.5 and 2/3 at s = 0.75: equal to dense at 0.5 + 0.25 * (2 - 1) / (2 - 2/3)
+    assert bench.break_even([0.5, 0.75, 0.9], [0.5, 1.5, 3.0]) == "0.688"
     assert bench.break_even([0.9, 0.5, 0.75], [3.0, 1.2, 2.0]) == "<= 0.5"  # unsorted input
     assert bench.break_even([0.5, 0.9], [0.2, 0.8]) == "> 0.9"
     assert bench.break_even([], []) == "n/a"
