@@ -179,6 +179,8 @@ def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int,
 
 def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
     lib, threads = library(), torch.get_num_threads()
+    if x.shape[0] == 0:
+        return torch.zeros(meta.ntiles, TILE, TILE, dtype=torch.float32)
     dv = torch.empty(meta.ntiles, TILE, TILE, dtype=torch.float32)
     if gy.dtype == torch.float32:
         lib.bsmm_f32_sddmm(gy.data_ptr(), gy.shape[1], x.data_ptr(), x.shape[1], x.shape[0], meta.rows.data_ptr(),

@@ -30,6 +30,17 @@ def test_bf16_matches_reference(b, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
+def test_no_tokens(dtype):
+    pattern = random_pattern(32, 48, 16, 0.5, torch.Generator().manual_seed(0))
+    values = torch.randn(pattern.nnz, 16, 16).to(dtype).requires_grad_()
+    x = torch.randn(0, 48).to(dtype).requires_grad_()
+    y = cpu.linear(x, values, pattern)
+    assert y.shape == (0, 32)
+    y.sum().backward()
+    assert torch.count_nonzero(values.grad) == 0 and x.grad.shape == (0, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
 @pytest.mark.parametrize("b", [16, 32])
 def test_empty_block_rows_and_columns(dtype, b):
     check_backend(cpu.linear, b, dtype, 45, gaps=True, sparsity=0.9, seed=3)
