@@ -19,6 +19,7 @@ import torch
 
 from ..sparse.pattern import BlockPattern
 from . import reference
+from .fast import compute_dtype
 
 SparseLinearOp = Callable[..., torch.Tensor]
 
@@ -71,12 +72,6 @@ def get_backend(name: str) -> SparseLinearOp:
         return auto_linear
     resolve_backend(name)
     return _module(name).linear
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear on ``x`` computes in: autocast's where it is on, else ``x``'s."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 _FAST = {"cuda": "triton", "cpu": "cpu"}  # device type -> its fast backend

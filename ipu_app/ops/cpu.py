@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..sparse.pattern import BlockPattern
-from . import reference
-from .meta import KernelMeta, MetaCache, tile_values, untile_values
+from .fast import block_sparse_function, run
+from .meta import KernelMeta, MetaCache, tile_values
 
 TILE = 16
 SOURCE = Path(__file__).with_name("csrc") / "bsmm_cpu.c"
@@ -197,37 +197,21 @@ def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
                        dtype=torch.bfloat16)
     lib.bsmm_amx_sddmm(p.data_ptr(), p.shape[1], q.data_ptr(), q.shape[1], x.shape[0], p_line.data_ptr(),
                        q_line.data_ptr(), p_used.data_ptr(), q_used.data_ptr(), order.data_ptr(), meta.ntiles,
-                       dv.data_ptr(),
-                       work.data_ptr(), threads)
+                       dv.data_ptr(), work.data_ptr(), threads)
     return dv.transpose(1, 2) if swap else dv
 
 
-class _BlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, tiles, meta: KernelMeta, bias):
-        x2d = x2d.contiguous()
-        tiles = tiles.contiguous()
-        fwd_w = tiles.transpose(1, 2).contiguous()  # per tile [contracted in, out]
-        y = _lines(x2d, fwd_w, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
-                   None if bias is None else bias.float().contiguous())
-        ctx.save_for_backward(x2d, tiles)
-        ctx.meta = meta
-        ctx.has_bias = bias is not None
-        return y
+def _forward(x2d, tiles, meta: KernelMeta, bias):
+    fwd_w = tiles.transpose(1, 2).contiguous()  # per tile [contracted in, out]
+    return _lines(x2d, fwd_w, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
+                  None if bias is None else bias.float().contiguous())
 
-    @staticmethod
-    def backward(ctx, gy):
-        x2d, tiles = ctx.saved_tensors
-        meta = ctx.meta
-        gy = gy.contiguous()
-        gx = gt = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _lines(gy, tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None)
-        if ctx.needs_input_grad[1]:
-            gt = _sddmm(gy, x2d, meta).to(tiles.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            gb = gy.sum(0, dtype=torch.float32).to(gy.dtype)
-        return gx, gt, None, gb
+
+def _input_grad(gy, tiles, meta: KernelMeta):
+    return _lines(gy, tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None)
+
+
+_Function = block_sparse_function("CpuBlockSparseLinear", _forward, _input_grad, _sddmm)
 
 
 def linear(
@@ -238,18 +222,7 @@ def linear(
     frozen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the CPU kernels where they apply."""
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    if not covers(x.device.type, dtype, pattern.block_size, frozen is not None):
-        return reference.linear(x, values, pattern, bias, frozen)
-    pattern._check_values(values)
-    meta = _meta.get(pattern)
-    with torch.autocast("cpu", enabled=False):
-        x2d = x.reshape(-1, pattern.in_features).to(dtype)
-        tiles = tile_values(values.to(dtype), TILE)
-        b = None if bias is None else bias.to(dtype)
-        y = _BlockSparseLinear.apply(x2d, tiles, meta, b)
-    return y.reshape(*x.shape[:-1], pattern.out_features)
+    return run(_Function, covers, _meta, x, values, pattern, bias, frozen, lambda v: tile_values(v, TILE))
 
 
-__all__ = ["linear", "build", "available", "amx_available", "covers", "KernelBuildError", "untile_values"]
+__all__ = ["linear", "build", "available", "amx_available", "covers", "KernelBuildError"]

@@ -23,7 +23,7 @@ import os
 import torch
 
 from ..sparse.pattern import BlockPattern
-from . import reference
+from .fast import block_sparse_function, run
 from .meta import KernelMeta, MetaCache
 
 try:  # the GPU path is optional: the package works (reference backend) without Triton
@@ -169,30 +169,21 @@ def _sddmm_call(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta, b: int) -> 
 _meta: dict[int, MetaCache] = {b: MetaCache(b) for b in BLOCK_SIZES}
 
 
-class _BlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, values, meta: KernelMeta, bias):
-        x2d, values = x2d.contiguous(), values.contiguous()
-        b = values.shape[-1]
-        y = _lines_call(x2d, values, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0], b, True, bias)
-        ctx.save_for_backward(x2d, values)
-        ctx.meta = meta
-        ctx.has_bias = bias is not None
-        return y
+def _forward(x2d, values, meta: KernelMeta, bias):
+    return _lines_call(x2d, values, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0], values.shape[-1],
+                       True, bias)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x2d, values = ctx.saved_tensors
-        meta, b = ctx.meta, values.shape[-1]
-        gy = gy.contiguous()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _lines_call(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], b, False, None)
-        if ctx.needs_input_grad[1]:
-            gv = _sddmm_call(gy, x2d, meta, b).to(values.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            gb = gy.sum(0, dtype=torch.float32).to(gy.dtype)
-        return gx, gv, None, gb
+
+def _input_grad(gy, values, meta: KernelMeta):
+    return _lines_call(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], values.shape[-1],
+                       False, None)
+
+
+def _values_grad(gy, x2d, meta: KernelMeta):
+    return _sddmm_call(gy, x2d, meta, meta.tile)
+
+
+_Function = block_sparse_function("TritonBlockSparseLinear", _forward, _input_grad, _values_grad)
 
 
 def linear(
@@ -203,15 +194,5 @@ def linear(
     frozen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the Triton kernels where they apply."""
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    if not covers(device, dtype, pattern.block_size, frozen is not None):
-        return reference.linear(x, values, pattern, bias, frozen)
-    pattern._check_values(values)
-    meta = _meta[pattern.block_size].get(pattern)
-    with torch.autocast(device, enabled=False):
-        x2d = x.reshape(-1, pattern.in_features).to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        y = _BlockSparseLinear.apply(x2d, values.to(dtype), meta, b)
-    return y.reshape(*x.shape[:-1], pattern.out_features)
+    cache = _meta.get(pattern.block_size, _meta[BLOCK_SIZES[0]])
+    return run(_Function, covers, cache, x, values, pattern, bias, frozen)
