@@ -91,26 +91,33 @@ def build_meta(pattern: BlockPattern, tile: int) -> KernelMeta:
 class MetaCache:
     """Per-pattern :class:`KernelMeta`, rebuilt only when the pattern's coordinates change.
 
-    Keyed by the pattern buffers' storage; a hit is confirmed by comparing coordinates with a
-    private copy (``nnz`` integers), so a buffer rewritten in place or a new tensor that reuses a
-    freed address never gets stale metadata.
+    An entry holds the pattern's coordinate tensors themselves (so their memory cannot be reused by
+    another pattern) and their version counters, which every in-place write bumps (the updater's
+    ``copy_``, ``load_state_dict``). On the CPU a hit is also confirmed by comparing coordinates with
+    a private copy (``nnz`` integers, a few µs); on a GPU that comparison would stall the stream
+    every layer, so there the version counters decide.
     """
 
     def __init__(self, tile: int, max_entries: int = 512) -> None:
         self.tile = tile
         self.max_entries = max_entries
         self.builds = 0
-        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor, KernelMeta]] = {}
+        self._entries: dict[tuple, tuple] = {}
 
     def get(self, pattern: BlockPattern) -> KernelMeta:
-        key = (pattern.rows.data_ptr(), pattern.cols.data_ptr(), pattern.shape, pattern.block_size,
-               pattern.rows.device)
+        rows, cols = pattern.rows, pattern.cols
+        key = (rows.data_ptr(), cols.data_ptr(), pattern.shape, pattern.block_size, rows.device)
+        versions = (rows._version, cols._version)
         entry = self._entries.get(key)
-        if entry is not None and torch.equal(entry[0], pattern.rows) and torch.equal(entry[1], pattern.cols):
-            return entry[2]
+        if entry is not None:
+            held_rows, held_cols, held_versions, copies, meta = entry
+            if held_rows is rows and held_cols is cols and held_versions == versions and (
+                    copies is None or (torch.equal(copies[0], rows) and torch.equal(copies[1], cols))):
+                return meta
         meta = build_meta(pattern, self.tile)
         self.builds += 1
         if len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (pattern.rows.clone(), pattern.cols.clone(), meta)
+        copies = (rows.clone(), cols.clone()) if rows.device.type == "cpu" else None
+        self._entries[key] = (rows, cols, versions, copies, meta)
         return meta

@@ -59,7 +59,7 @@ if triton is not None:
         return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=st)
                 for bt in (64, 128) for w in (4, 8) for st in (2, 3)]
 
-    @triton.autotune(configs=_configs(), key=["T_BUCKET", "N_LINES", "B", "LDA"])
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "N_LINES", "B", "LDA", "TRANS_W"])
     @triton.jit
     def _lines(A, W, PTR, BLK, OTHER, BIAS, C, T, LDA, LDC, T_BUCKET, N_LINES,
                B: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,

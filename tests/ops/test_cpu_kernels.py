@@ -219,3 +219,23 @@ def test_values_of_wrong_shape_are_refused():
     with pytest.raises(Exception, match="values have shape"):
         cpu.linear(torch.randn(2, 32), torch.randn(pattern.nnz + 1, 16, 16), pattern)
     assert isinstance(pattern, BlockPattern)
+
+
+def test_meta_cache_rebuilds_on_any_change_and_only_then():
+    cache = meta.MetaCache(16)
+    pattern = random_pattern(64, 64, 16, 0.5, torch.Generator().manual_seed(0))
+    first = cache.get(pattern)
+    assert cache.get(BlockPattern(64, 64, 16, pattern.rows, pattern.cols)) is first  # same buffers: a hit
+    other = random_pattern(64, 64, 16, 0.5, torch.Generator().manual_seed(1))
+    pattern.rows.copy_(other.rows)        # an in-place write bumps the version counter
+    pattern.cols.copy_(other.cols)
+    second = cache.get(pattern)
+    assert second is not first and torch.equal(second.row_col, meta.build_meta(other, 16).row_col)
+    third = random_pattern(64, 64, 16, 0.5, torch.Generator().manual_seed(2))
+    pattern.rows.data.copy_(third.rows)   # a write that bypasses the counter: caught by the CPU compare
+    pattern.cols.data.copy_(third.cols)
+    assert torch.equal(cache.get(pattern).row_col, meta.build_meta(third, 16).row_col)
+    assert cache.builds == 3
+    clone = BlockPattern(64, 64, 16, pattern.rows.clone(), pattern.cols.clone())
+    cache.get(clone)                      # new buffers: a new entry
+    assert cache.builds == 4
