@@ -4,6 +4,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,18 @@ def test_without_gpu_or_interpreter_the_backend_says_so():
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stderr
     assert "reference op" in proc.stdout and "triton does not cover this" in proc.stdout
+
+
+def test_kernels_compile_for_a100_and_h100_without_a_gpu():
+    """Lowering to PTX and cubin (Triton ships ptxas) catches what the interpreter cannot: shapes and
+    types that have no GPU code, and shared memory beyond what an A100 / H100 block may use."""
+    script = Path(__file__).with_name("triton_aot.py")
+    proc = subprocess.run([sys.executable, str(script), "80", "90"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 * 3 * 3 * 2
+    limits = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+    for line in lines:
+        arch, shared = line.split()[0], int(line.rsplit("shared=", 1)[1])
+        assert 0 < shared <= limits[arch], line
