@@ -106,9 +106,11 @@ def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: in
         chosen = name if _module(name).covers(device.type, dtype, block_size, frozen) else "reference"
     else:
         chosen = "reference"
-    detail = {"reference": "dense GEMMs on the scattered weight (reference op)",
-              "cpu": "CPU kernels, " + ("AMX" if dtype == torch.bfloat16 else "AVX-512"),
-              "triton": "Triton GPU kernels"}[chosen]
+    if chosen == "cpu":
+        detail = "CPU kernels, " + _module("cpu").kernel_name(dtype)
+    else:
+        detail = {"reference": "dense GEMMs on the scattered weight (reference op)",
+                  "triton": "Triton GPU kernels"}[chosen]
     why = ""
     if chosen == "reference" and name != "reference":
         if name != "auto":

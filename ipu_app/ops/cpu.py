@@ -98,6 +98,7 @@ _amx: bool = False
 def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bsmm_amx_available.restype = i32
+    lib.bsmm_f32_avx512.restype = i32
     lib.bsmm_f32_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
     lib.bsmm_f32_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
@@ -137,6 +138,13 @@ def available() -> bool:
 def amx_available() -> bool:
     """True when bf16 runs on AMX here."""
     return available() and _amx
+
+
+def kernel_name(dtype: torch.dtype) -> str:
+    """What runs a call in ``dtype`` here, for the log."""
+    if dtype == torch.bfloat16:
+        return "AMX"
+    return "AVX-512" if library().bsmm_f32_avx512() else "portable C"
 
 
 def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
@@ -225,4 +233,4 @@ def linear(
     return run(_Function, covers, _meta, x, values, pattern, bias, frozen, lambda v: tile_values(v, TILE))
 
 
-__all__ = ["linear", "build", "available", "amx_available", "covers", "KernelBuildError"]
+__all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]

@@ -51,6 +51,16 @@ def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
             "dense_gradient_steps": dense_gradient_steps}
 
 
+def kernel_line(config: RunConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What runs the sparse layers of this config on ``device`` in ``dtype`` (None for dense / IPU)."""
+    s = config.sparsity
+    if config.backend == "ipu" or s.mode == "dense":
+        return None
+    from .. import ops
+
+    return ops.describe(config.backend, device, dtype, s.block_size, s.ratio, frozen=s.inactive == "frozen")
+
+
 def describe(config: RunConfig, world_size: int = 1) -> dict:
     """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
     if config.backend == "ipu":  # the batch is split over replicas, not processes
@@ -79,7 +89,21 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "layers": rows,
         **run_flops(config, model),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
+        "sparse_kernels": _local_kernel_line(config),
     }
+
+
+def _local_kernel_line(config: RunConfig) -> str | None:
+    """``kernel_line`` for the device and precision a run started here would get."""
+    from ..config import ConfigError
+    from .precision import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = resolve_precision(config.training.precision, device).dtype
+    except ConfigError as exc:
+        return f"(not on this machine: {exc})"
+    return kernel_line(config, device, dtype)
 
 
 def _ipu_plan(config: RunConfig) -> dict:
@@ -120,6 +144,7 @@ def format_description(info: dict) -> str:
         *([f"untrained subset                 {info['freeze']['fraction']:g} of each encoder weight, steps "
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
         *_ipu_lines(info.get("ipu")),
+        *([f"kernels (here)                   {info['sparse_kernels']}"] if info.get("sparse_kernels") else []),
         f"total params                     {info['total_params']:,}",
         f"trainable non-zero params        {info['trainable_nonzero_params']:,}",
         f"non-embedding params (dense)     {info['non_embedding_params']:,}",

@@ -40,6 +40,7 @@ from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
+from .describe import kernel_line
 from .precision import Precision, resolve_precision
 
 
@@ -127,12 +128,7 @@ class Trainer:
             )
         self.sparse_layers = sparse_linears(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
-        self.kernel_line = None
-        if self.sparse_layers:
-            from .. import ops
-
-            self.kernel_line = ops.describe(config.model_config().backend, self.device, self.precision.dtype,
-                                            s.block_size, s.ratio, frozen=s.inactive == "frozen")
+        self.kernel_line = kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
         self.freezer = None
         if s.freeze != "none":
             from ..model.sizes import SPARSE_MODULES

@@ -57,6 +57,20 @@ def test_describe_text(capsys):
     assert code == 0
     assert "ratio: 0.75" in out and "non-embedding FLOPs / sequence" in out
     assert "intermediate.dense" in out and "block 16" in out and "sparsity 0.7500" in out
+    assert "kernels (here)" in out and "block size 16" in out
+
+
+def test_describe_names_the_kernels(capsys):
+    from ipu_app.ops import cpu
+
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse_b16", "--describe", "--json",
+                              "--set", "training.precision=fp32")[1])
+    expected = "CPU kernels, AVX-512" if cpu.available() else "reference op"
+    assert expected in info["sparse_kernels"] and "backend auto" in info["sparse_kernels"]
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json")[1])
+    assert "reference op" in info["sparse_kernels"] and "no fast kernel covers this" in info["sparse_kernels"]
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_dense", "--describe", "--json")[1])
+    assert info["sparse_kernels"] is None
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -103,6 +103,9 @@ AVX512_TARGET static void f32_sddmm_avx512(const float *y, int64_t ldy, const fl
 static int has_avx512f(void) { return 0; }
 #endif
 
+/* 1 when the fp32 kernels run on AVX-512 here (else on portable C loops). */
+int bsmm_f32_avx512(void) { return has_avx512f(); }
+
 /* C [T, nlines*16] = A [T, lda] times the sparse blocks, line by line (block rows for the forward
  * with w = V^T per block, block columns for the input gradient with w = V per block). */
 void bsmm_f32_lines(const float *A, int64_t T, int64_t lda, const float *w, const int32_t *ptr,
