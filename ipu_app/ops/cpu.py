@@ -56,19 +56,21 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def library_path(compiler: str | None = None) -> Path:
+def library_path(compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     compiler = compiler or os.environ.get("CC", "gcc")
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS + extra_flags).encode(),
+                 _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"bsmm_cpu_{key.hexdigest()[:16]}.so"
 
 
-def build(compiler: str | None = None, force: bool = False) -> Path:
-    """Compile the kernels (if not cached) and return the library's path."""
+def build(compiler: str | None = None, force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels (if not cached) and return the library's path. ``-DBSMM_PORTABLE`` in
+    ``extra_flags`` builds the portable C loops only (what a CPU without AVX-512 / x86 runs)."""
     compiler = compiler or os.environ.get("CC", "gcc")
-    path = library_path(compiler)
+    path = library_path(compiler, extra_flags)
     if path.exists() and not force:
         return path
     if shutil.which(compiler) is None:
@@ -78,7 +80,7 @@ def build(compiler: str | None = None, force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, *extra_flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if proc.returncode != 0:
             first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
             raise KernelBuildError(f"cpu backend: compiling {SOURCE.name} failed: {first}")
@@ -108,14 +110,20 @@ def _bind(lib: ctypes.CDLL) -> None:
         lib.bsmm_amx_sddmm_chunk.restype = i64
 
 
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    return lib
+
+
 def library() -> ctypes.CDLL:
     """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
     global _lib, _lib_error, _amx
     with _lock:
         if _lib is None and _lib_error is None:
             try:
-                lib = ctypes.CDLL(str(build()))
-                _bind(lib)
+                lib = load(build())
                 _amx = bool(lib.bsmm_amx_available())
                 _lib = lib
             except (KernelBuildError, OSError) as exc:

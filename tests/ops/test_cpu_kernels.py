@@ -239,3 +239,16 @@ def test_meta_cache_rebuilds_on_any_change_and_only_then():
     clone = BlockPattern(64, 64, 16, pattern.rows.clone(), pattern.cols.clone())
     cache.get(clone)                      # new buffers: a new entry
     assert cache.builds == 4
+
+
+def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
+    """What a CPU without AVX-512 (or not x86) runs: the same library built without intrinsics."""
+    monkeypatch.setenv("IPU_APP_KERNEL_CACHE", str(tmp_path))
+    lib = cpu.load(cpu.build(extra_flags=("-DBSMM_PORTABLE",)))
+    assert not lib.bsmm_f32_avx512() and not lib.bsmm_amx_available() and not hasattr(lib, "bsmm_amx_lines")
+    monkeypatch.setattr(cpu, "_lib", lib)
+    monkeypatch.setattr(cpu, "_amx", False)
+    assert cpu.kernel_name(torch.float32) == "portable C"
+    assert not cpu.covers("cpu", torch.bfloat16, 16)  # bf16 without AMX: the reference op
+    for b, tokens in ((16, 37), (32, 9)):
+        check_backend(cpu.linear, b, torch.float32, tokens, gaps=b == 16, seed=b)

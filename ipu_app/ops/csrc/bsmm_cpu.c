@@ -51,7 +51,7 @@ static void f32_tile(int nt, const float *A, int64_t lda, const float *w, const 
     for (int t = 0; t < nt; ++t) memcpy(C + t * ldc + line * BS, acc[t], sizeof(acc[t]));
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11)
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11) && !defined(BSMM_PORTABLE)
 #include <cpuid.h>
 #include <immintrin.h>
 #define HAVE_X86 1
