@@ -32,7 +32,7 @@ static inline void f32_block_tile(int nt, const float *a, int64_t lda, const flo
     }
 }
 
-#define F32_TOKENS 8
+#define F32_TOKENS 16
 
 /* One output tile: tokens [t0, t0+nt) x 16 outputs of line ``line``; blocks ptr[line]..ptr[line+1]
  * of ``blk``/``other``; weights w[k] laid out [contracted][output]. */
@@ -62,33 +62,34 @@ static int has_avx512f(void) {
     return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
 }
 
-/* 8 tokens x 16 outputs in 8 registers */
-AVX512_TARGET static void f32_tile8_avx512(const float *A, int64_t lda, const float *w, const int32_t *ptr,
+/* 16 tokens x 16 outputs in 16 registers */
+AVX512_TARGET static void f32_tile_avx512(const float *A, int64_t lda, const float *w, const int32_t *ptr,
                                            const int32_t *blk, const int32_t *other, int64_t line,
                                            const float *bias, float *C, int64_t ldc) {
     __m512 acc[F32_TOKENS];
     const __m512 init = bias ? _mm512_loadu_ps(bias + line * BS) : _mm512_setzero_ps();
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int t = 0; t < F32_TOKENS; ++t) acc[t] = init;
     for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
         const float *a = A + (int64_t)other[p] * BS;
         const float *wk = w + (int64_t)blk[p] * BS * BS;
         for (int kk = 0; kk < BS; ++kk) {
             const __m512 wr = _mm512_loadu_ps(wk + kk * BS);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int t = 0; t < F32_TOKENS; ++t)
                 acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(a[t * lda + kk]), wr, acc[t]);
         }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int t = 0; t < F32_TOKENS; ++t) _mm512_storeu_ps(C + t * ldc + line * BS, acc[t]);
 }
 
+/* out (+)= sum over T tokens; ``first``: out starts at zero, else it holds a partial sum */
 AVX512_TARGET static void f32_sddmm_avx512(const float *y, int64_t ldy, const float *x, int64_t ldx,
-                                           int64_t T, float *out) {
+                                           int64_t T, float *out, int first) {
     __m512 acc[BS];
 #pragma GCC unroll 16
-    for (int i = 0; i < BS; ++i) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < BS; ++i) acc[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + i * BS);
     for (int64_t t = 0; t < T; ++t) {
         const float *yt = y + t * ldy;
         const __m512 xt = _mm512_loadu_ps(x + t * ldx);
@@ -121,7 +122,7 @@ void bsmm_f32_lines(const float *A, int64_t T, int64_t lda, const float *w, cons
             const int nt = (int)min64(F32_TOKENS, T - t0);
 #if HAVE_X86
             if (vec && nt == F32_TOKENS) {
-                f32_tile8_avx512(A + t0 * lda, lda, w, ptr, blk, other, line, bias, C + t0 * ldc, ldc);
+                f32_tile_avx512(A + t0 * lda, lda, w, ptr, blk, other, line, bias, C + t0 * ldc, ldc);
                 continue;
             }
 #endif
@@ -129,28 +130,37 @@ void bsmm_f32_lines(const float *A, int64_t T, int64_t lda, const float *w, cons
         }
 }
 
-/* dV[k][i][j] = sum_t dY[t, rows[k]*16+i] X[t, cols[k]*16+j] */
+/* dV[k][i][j] = sum_t dY[t, rows[k]*16+i] X[t, cols[k]*16+j]. Tokens go in chunks of about 1 MiB of
+ * dY and X, which stay in cache while the thread's blocks read them. */
 void bsmm_f32_sddmm(const float *dY, int64_t ldy, const float *X, int64_t ldx, int64_t T,
                     const int32_t *rows, const int32_t *cols, int64_t nblk, float *dV, int nthreads) {
     const int vec = has_avx512f();
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t k = 0; k < nblk; ++k) {
+    int64_t chunk = ((int64_t)1 << 20) / ((ldy + ldx) * 4);
+    if (chunk < 16) chunk = 16;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t c0 = 0; c0 < T; c0 += chunk) {
+        const int64_t n = min64(chunk, T - c0);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < nblk; ++k) {
+            const float *y = dY + c0 * ldy + (int64_t)rows[k] * BS;
+            const float *x = X + c0 * ldx + (int64_t)cols[k] * BS;
+            float *out = dV + k * BS * BS;
 #if HAVE_X86
-        if (vec) {
-            f32_sddmm_avx512(dY + (int64_t)rows[k] * BS, ldy, X + (int64_t)cols[k] * BS, ldx, T, dV + k * BS * BS);
-            continue;
-        }
+            if (vec) {
+                f32_sddmm_avx512(y, ldy, x, ldx, n, out, c0 == 0);
+                continue;
+            }
 #endif
-        float acc[BS][BS];
-        memset(acc, 0, sizeof(acc));
-        const float *y = dY + (int64_t)rows[k] * BS;
-        const float *x = X + (int64_t)cols[k] * BS;
-        for (int64_t t = 0; t < T; ++t) {
-            const float *yt = y + t * ldy, *xt = x + t * ldx;
-            for (int i = 0; i < BS; ++i)
-                for (int j = 0; j < BS; ++j) acc[i][j] += yt[i] * xt[j];
+            float acc[BS][BS];
+            if (c0 == 0) memset(acc, 0, sizeof(acc));
+            else memcpy(acc, out, sizeof(acc));
+            for (int64_t t = 0; t < n; ++t) {
+                const float *yt = y + t * ldy, *xt = x + t * ldx;
+                for (int i = 0; i < BS; ++i)
+                    for (int j = 0; j < BS; ++j) acc[i][j] += yt[i] * xt[j];
+            }
+            memcpy(out, acc, sizeof(acc));
         }
-        memcpy(dV + k * BS * BS, acc, sizeof(acc));
     }
 }
 
