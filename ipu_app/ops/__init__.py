@@ -28,9 +28,9 @@ BACKEND_NAMES = ("auto", *_MODULES)
 
 # ``auto`` uses a fast kernel only up to a density (1 - sparsity) where it still beats dense GEMMs,
 # from the break-even sparsity that ``python -m ipu_app bench kernels`` measures (docs/ARCHITECTURE.md):
-# CPU bf16 (AMX) breaks even at s = 0.24-0.43, CPU fp32 (AVX-512) at s ~ 0.72, at BERT shapes. The GPU
-# value is not measured yet.
-AUTO_MAX_DENSITY = {("cpu", torch.bfloat16): 0.5, ("cpu", torch.float32): 0.25}
+# CPU bf16 (AMX) breaks even at s = 0.24-0.43, CPU fp32 (AVX-512) at s = 0.5 or below, at BERT shapes.
+# The GPU value is not measured yet.
+AUTO_MAX_DENSITY = {("cpu", torch.bfloat16): 0.5, ("cpu", torch.float32): 0.4}
 AUTO_MAX_DENSITY_DEFAULT = 0.5
 
 
