@@ -76,8 +76,12 @@ def build(compiler: str | None = None, force: bool = False, extra_flags: tuple[s
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"cpu backend: C compiler {compiler!r} not found; install gcc (or set CC) "
                                "or use backend: reference")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    except OSError as exc:
+        raise KernelBuildError(f"cpu backend: cannot write the kernel cache {path.parent} ({exc.strerror}); "
+                               "set IPU_APP_KERNEL_CACHE to a writable directory") from None
     os.close(fd)
     try:
         proc = subprocess.run([compiler, *FLAGS, *extra_flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)

@@ -183,6 +183,11 @@ def test_build_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(cpu.KernelBuildError, match="compiling bsmm_cpu.c failed: bsmm_cpu.c:1: error: broken"):
         cpu.build(str(fake))
     assert not any((tmp_path / "cache").iterdir())  # no half-written library left behind
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("IPU_APP_KERNEL_CACHE", str(blocker / "sub"))
+    with pytest.raises(cpu.KernelBuildError, match="cannot write the kernel cache .*set IPU_APP_KERNEL_CACHE"):
+        cpu.build()
 
 
 def test_build_is_cached_per_cpu_and_source(tmp_path, monkeypatch):
