@@ -248,3 +248,30 @@ def test_checkpoint_from_before_a_new_config_key_still_resumes(data_dir, tmp_pat
     torch.save(state, state_file)
     with pytest.raises(CheckpointError, match=r"sparsity.ratio: 0.8 in the checkpoint, 0.9 now"):
         new_trainer(config, tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("regrowth", ["random", "gradient"])
+def test_cpu_kernels_train_like_the_reference_op(data_dir, tmp_path, regrowth):
+    """A whole DynSparse run (b = 16, pattern updates, RigL's dense gradient) on the CPU kernels
+    follows the reference op's run: the same patterns and losses within fp32 rounding."""
+    from ipu_app.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels do not build here")
+    runs = {}
+    for backend in ("reference", "cpu"):
+        config = small_config(data_dir, "bert_tiny_sparse_b16", f"backend={backend}",
+                              f"sparsity.regrowth={regrowth}")
+        trainer = new_trainer(config, tmp_path / backend)
+        summary = trainer.train()
+        runs[backend] = (trainer, summary)
+        assert ("CPU kernels" if backend == "cpu" else "reference op") in summary["sparse_kernels"]
+    (ref, ref_summary), (fast, fast_summary) = runs["reference"], runs["cpu"]
+    assert ref_summary["pattern_updates"] == fast_summary["pattern_updates"] == 3
+    for (name, a), (_, b) in zip(sparse_linears(ref.model), sparse_linears(fast.model)):
+        assert a.pattern.equal(b.pattern), name
+        torch.testing.assert_close(b.values, a.values, rtol=1e-3, atol=1e-5)
+    losses_ref, losses_fast = train_losses(tmp_path / "reference"), train_losses(tmp_path / "cpu")
+    for (step, *a), (_, *b) in zip(losses_ref, losses_fast):
+        assert a == pytest.approx(b, rel=1e-4), step
+    assert fast_summary["final_val_mlm_loss"] == pytest.approx(ref_summary["final_val_mlm_loss"], rel=1e-4)
