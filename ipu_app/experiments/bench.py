@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 import sys
 import tempfile
@@ -197,7 +198,7 @@ def bench_kernels(shapes: list[str], tokens: list[int], sparsities: list[float],
 
 
 def _fmt(v: float, spec: str) -> str:
-    return "n/a" if v != v else format(v, spec)
+    return "n/a" if math.isnan(v) else format(v, spec)
 
 
 def _row_line(r: KernelRow) -> str:
@@ -211,7 +212,7 @@ def kernel_break_even(rows: list[KernelRow]) -> list[dict]:
         groups.setdefault((r.shape, r.tokens, r.block_size, r.method), []).append(r)
     out = []
     for (shape, T, b, method), rs in groups.items():
-        ok = [r for r in rs if r.sparse_ms == r.sparse_ms]
+        ok = [r for r in rs if not math.isnan(r.sparse_ms)]
         out.append({"shape": shape, "tokens": T, "block_size": b, "method": method,
                     "break_even_sparsity": break_even([r.sparsity for r in ok], [r.speedup for r in ok])})
     return out
@@ -264,7 +265,7 @@ def plot_kernels(rows: list[KernelRow], path: Path) -> None:
         for method, style in (("cpu", "-o"), ("triton", "-o"), ("torch_bsr", "--x")):
             for b in sorted({r.block_size for r in rs}):
                 pts = sorted((r.sparsity, r.epsilon) for r in rs
-                             if r.method == method and r.block_size == b and r.epsilon == r.epsilon)
+                             if r.method == method and r.block_size == b and not math.isnan(r.epsilon))
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{method} b={b}")
         ax.plot(sparsities, [1 / (1 - s) for s in sparsities], ":", color="gray", label="break-even (1/density)")

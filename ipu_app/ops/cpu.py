@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..sparse.pattern import BlockPattern
-from .fast import block_sparse_function, run
+from .fast import block_sparse_function, make_linear
 from .meta import KernelMeta, MetaCache, tile_values
 
 TILE = 16
@@ -234,15 +233,7 @@ def _input_grad(gy, tiles, meta: KernelMeta):
 _Function = block_sparse_function("CpuBlockSparseLinear", _forward, _input_grad, _sddmm)
 
 
-def linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    pattern: BlockPattern,
-    bias: torch.Tensor | None = None,
-    frozen: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the CPU kernels where they apply."""
-    return run(_Function, covers, _meta, x, values, pattern, bias, frozen, lambda v: tile_values(v, TILE))
+linear = make_linear(_Function, covers, lambda pattern: _meta, "CPU kernels", lambda v: tile_values(v, TILE))
 
 
 __all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]

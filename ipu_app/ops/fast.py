@@ -43,19 +43,25 @@ def block_sparse_function(name: str, forward: Product, input_grad: Product, valu
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-def run(function, covers: Callable[..., bool], cache: MetaCache, x: torch.Tensor, values: torch.Tensor,
-        pattern: BlockPattern, bias: torch.Tensor | None, frozen: torch.Tensor | None,
-        to_kernel_values: Callable[[torch.Tensor], torch.Tensor] = lambda v: v) -> torch.Tensor:
-    """``linear`` on a fast backend: the reference op where ``covers`` says no, else ``function`` on
-    2-D inputs in the compute dtype (autocast's, applied here, as ``F.linear`` would)."""
-    device = x.device.type
-    dtype = compute_dtype(x)
-    if not covers(device, dtype, pattern.block_size, frozen is not None):
-        return reference.linear(x, values, pattern, bias, frozen)
-    pattern._check_values(values)
-    meta = cache.get(pattern)
-    with torch.autocast(device, enabled=False):
-        x2d = x.reshape(-1, pattern.in_features).to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        y = function.apply(x2d, to_kernel_values(values.to(dtype)), meta, b)
-    return y.reshape(*x.shape[:-1], pattern.out_features)
+def make_linear(function, covers: Callable[..., bool], cache_for: Callable[[BlockPattern], MetaCache],
+                kernels: str, to_kernel_values: Callable[[torch.Tensor], torch.Tensor] = lambda v: v):
+    """A backend's ``linear`` (``ops.reference.linear``'s signature): the reference op where ``covers``
+    says no, else ``function`` on 2-D inputs in the compute dtype (autocast's, applied here, as
+    ``F.linear`` would) with the pattern's cached metadata."""
+
+    def linear(x: torch.Tensor, values: torch.Tensor, pattern: BlockPattern, bias: torch.Tensor | None = None,
+               frozen: torch.Tensor | None = None) -> torch.Tensor:
+        device = x.device.type
+        dtype = compute_dtype(x)
+        if not covers(device, dtype, pattern.block_size, frozen is not None):
+            return reference.linear(x, values, pattern, bias, frozen)
+        pattern._check_values(values)
+        meta = cache_for(pattern).get(pattern)
+        with torch.autocast(device, enabled=False):
+            x2d = x.reshape(-1, pattern.in_features).to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            y = function.apply(x2d, to_kernel_values(values.to(dtype)), meta, b)
+        return y.reshape(*x.shape[:-1], pattern.out_features)
+
+    linear.__doc__ = f"``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the {kernels} where they apply."
+    return linear

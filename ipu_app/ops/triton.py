@@ -22,8 +22,7 @@ import os
 
 import torch
 
-from ..sparse.pattern import BlockPattern
-from .fast import block_sparse_function, run
+from .fast import block_sparse_function, make_linear
 from .meta import KernelMeta, MetaCache
 
 try:  # the GPU path is optional: the package works (reference backend) without Triton
@@ -186,13 +185,5 @@ def _values_grad(gy, x2d, meta: KernelMeta):
 _Function = block_sparse_function("TritonBlockSparseLinear", _forward, _input_grad, _values_grad)
 
 
-def linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    pattern: BlockPattern,
-    bias: torch.Tensor | None = None,
-    frozen: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the Triton kernels where they apply."""
-    cache = _meta.get(pattern.block_size, _meta[BLOCK_SIZES[0]])
-    return run(_Function, covers, cache, x, values, pattern, bias, frozen)
+linear = make_linear(_Function, covers, lambda pattern: _meta.get(pattern.block_size, _meta[BLOCK_SIZES[0]]),
+                     "Triton kernels")
