@@ -154,7 +154,7 @@ class Trainer:
         """Train to the end (returns the summary), or until ``stop_at`` steps / a signal
         (writes a checkpoint and returns None)."""
         start = time.perf_counter()
-        if self.kernel_line and self.progress:
+        if self.kernel_line and self.dist.is_main:
             print(self.kernel_line, file=sys.stderr)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress, desc=self.config.name or "train")
