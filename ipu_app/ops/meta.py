@@ -88,6 +88,14 @@ def build_meta(pattern: BlockPattern, tile: int) -> KernelMeta:
                       (row_ptr[1:] > row_ptr[:-1]).to(torch.uint8), (col_ptr[1:] > col_ptr[:-1]).to(torch.uint8))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for inference tensors, which have none (never a hit)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class MetaCache:
     """Per-pattern :class:`KernelMeta`, rebuilt only when the pattern's coordinates change.
 
@@ -107,11 +115,11 @@ class MetaCache:
     def get(self, pattern: BlockPattern) -> KernelMeta:
         rows, cols = pattern.rows, pattern.cols
         key = (rows.data_ptr(), cols.data_ptr(), pattern.shape, pattern.block_size, rows.device)
-        versions = (rows._version, cols._version)
+        versions = (_version(rows), _version(cols))
         entry = self._entries.get(key)
         if entry is not None:
             held_rows, held_cols, held_versions, copies, meta = entry
-            if held_rows is rows and held_cols is cols and held_versions == versions and (
+            if held_rows is rows and held_cols is cols and None not in versions and held_versions == versions and (
                     copies is None or (torch.equal(copies[0], rows) and torch.equal(copies[1], cols))):
                 return meta
         meta = build_meta(pattern, self.tile)

@@ -257,3 +257,12 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     assert not cpu.covers("cpu", torch.bfloat16, 16)  # bf16 without AMX: the reference op
     for b, tokens in ((16, 37), (32, 9)):
         check_backend(cpu.linear, b, torch.float32, tokens, gaps=b == 16, seed=b)
+
+
+def test_patterns_made_in_inference_mode_work():
+    with torch.inference_mode():
+        layer = SparseLinear(32, 32, sparsity=0.5, block_size=16, backend="cpu",
+                             generator=torch.Generator().manual_seed(0))
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(layer(x), reference.linear(x, layer.values, layer.pattern, layer.bias))
+        torch.testing.assert_close(layer(x), reference.linear(x, layer.values, layer.pattern, layer.bias))
