@@ -285,7 +285,9 @@ def plot_kernels(rows: list[KernelRow], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ train
 @dataclass
 class TrainRow:
-    variant: str          # dense | sparse/<backend>
+    variant: str          # dense | sparse/<backend> [s=<sparsity>]
+    backend: str          # dense | the sparse config's backend
+    sparsity: float
     kernels: str          # what ran the sparse layers
     step_ms: float
     tokens_per_second: float
@@ -295,7 +297,10 @@ class TrainRow:
 
 
 def bench_train(config_name: str, overrides: list[str], backends: list[str], steps: int,
+                sparsities: list[float] | None = None,
                 progress: Callable[[str], None] | None = None) -> list[TrainRow]:
+    """Median step time of the dense model and of the sparse config on each backend (at each of
+    ``sparsities``; default the config's own ratio), steps interleaved round-robin."""
     from ..config import load_config
     from ..train.describe import run_flops
     from ..train.trainer import Trainer
@@ -304,14 +309,18 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
     if base.sparsity.mode == "dense":
         raise BenchError(f"config {config_name!r} is dense; bench train compares a sparse config with its "
                          "dense counterpart (e.g. --config bert_mini_sparse)")
-    variants = [("dense", load_config(config_name, [*overrides, "sparsity.mode=dense", "backend=reference"],
-                                      steps=10_000))]
-    variants += [(f"sparse/{b}", load_config(config_name, [*overrides, f"backend={b}"], steps=10_000))
-                 for b in backends]
+    ratios = sparsities or [base.sparsity.ratio]
+    variants = [("dense", "dense", 0.0,
+                 load_config(config_name, [*overrides, "sparsity.mode=dense", "backend=reference"], steps=10_000))]
+    for b in backends:
+        for ratio in ratios:
+            name = f"sparse/{b}" + (f" s={ratio:g}" if len(ratios) > 1 else "")
+            config = load_config(config_name, [*overrides, f"backend={b}", f"sparsity.ratio={ratio}"], steps=10_000)
+            variants.append((name, b, ratio, config))
     trainers = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for i, (name, config) in enumerate(variants):
+            for i, (name, _, _, config) in enumerate(variants):
                 config.data.validation_sequences = 8
                 run_dir = Path(tmp) / str(i)
                 run_dir.mkdir()
@@ -328,11 +337,11 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
                 if progress:
                     progress(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {1e3 * t[-1]:.0f} ms" for n, t in times.items()))
             rows = []
-            for name, trainer in trainers:
+            for (name, trainer), (_, backend, ratio, _) in zip(trainers, variants):
                 t = statistics.median(times[name])
                 tokens = trainer.config.training.batch_size * trainer.config.data.seq_len
                 flops = run_flops(trainer.config, trainer.model)["non_embedding_flops_per_sequence"]
-                rows.append(TrainRow(name, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops))
+                rows.append(TrainRow(name, backend, ratio, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops))
         finally:
             for _, trainer in trainers:
                 trainer.close()
@@ -341,6 +350,16 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
         r.speedup = dense.step_ms / r.step_ms
         r.epsilon = (r.step_ms / r.flops_per_sequence) / (dense.step_ms / dense.flops_per_sequence)
     return rows
+
+
+def train_break_even(rows: list[TrainRow]) -> list[dict]:
+    """Per backend, the sparsity above which a whole sparse step beats the dense one."""
+    out = []
+    for backend in dict.fromkeys(r.backend for r in rows if r.backend != "dense"):
+        rs = [r for r in rows if r.backend == backend]
+        out.append({"backend": backend, "break_even_sparsity": break_even([r.sparsity for r in rs],
+                                                                          [r.speedup for r in rs])})
+    return out
 
 
 def train_table(rows: list[TrainRow]) -> str:
@@ -392,6 +411,8 @@ def add_parser(sub, func) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--backends", nargs="+", default=["reference", "auto"])
     t.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is kept)")
+    t.add_argument("--sparsity", nargs="+", type=float, default=None,
+                   help="sparsities to run the config at (default: its own); several give a break-even")
     t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
     t.set_defaults(func=func)
 
@@ -444,8 +465,14 @@ def main(args) -> int:
             print(even_md)
         else:
             _check_positive("--steps", [args.steps])
-            rows = bench_train(args.config, args.overrides, args.backends, args.steps, progress=say)
+            bad_s = [s for s in args.sparsity or [] if not 0.0 <= s < 1.0]
+            if bad_s:
+                raise BenchError(f"--sparsity values must be in [0, 1), got {bad_s}")
+            rows = bench_train(args.config, args.overrides, args.backends, args.steps, args.sparsity, progress=say)
             table = train_table(rows)
+            if args.sparsity and len(args.sparsity) > 1:
+                table += "\n\n| backend | break-even sparsity (whole step) |\n|---|---|\n" + "\n".join(
+                    f"| {e['backend']} | {e['break_even_sparsity']} |" for e in train_break_even(rows))
             atomic_write_bytes(out / "train.csv", _csv([asdict(r) for r in rows]))
             atomic_write_bytes(out / "train.md", (table + "\n").encode())
             plot_train(rows, f"{args.config}: median training step", out / "train.png")

@@ -85,6 +85,17 @@ def test_train_bench_compares_backends_with_dense(data_dir, tmp_path):
     assert bench.train_table(rows).count("\n") == len(rows) + 1
 
 
+def test_train_bench_break_even_over_sparsities(data_dir):
+    overrides = [f"data.dir={data_dir}", "training.batch_size=4", "training.micro_batch_size=4"]
+    rows = bench.bench_train("bert_tiny_sparse_b16", overrides, ["cpu"], steps=1, sparsities=[0.5, 0.9])
+    assert [(r.variant, r.backend, r.sparsity) for r in rows] == [
+        ("dense", "dense", 0.0), ("sparse/cpu s=0.5", "cpu", 0.5), ("sparse/cpu s=0.9", "cpu", 0.9)]
+    assert rows[2].flops_per_sequence < rows[1].flops_per_sequence < rows[0].flops_per_sequence
+    (even,) = bench.train_break_even(rows)
+    assert even["backend"] == "cpu" and even["break_even_sparsity"] == bench.break_even(
+        [0.5, 0.9], [rows[1].speedup, rows[2].speedup])
+
+
 def test_train_bench_refuses_a_dense_config():
     with pytest.raises(bench.BenchError, match="is dense"):
         bench.bench_train("bert_tiny_dense", [], ["auto"], steps=1)
