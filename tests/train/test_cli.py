@@ -65,7 +65,7 @@ def test_describe_names_the_kernels(capsys):
 
     info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse_b16", "--describe", "--json",
                               "--set", "training.precision=fp32")[1])
-    expected = "CPU kernels, AVX-512" if cpu.available() else "reference op"
+    expected = "CPU kernels" if cpu.available() else "reference op"
     assert expected in info["sparse_kernels"] and "backend auto" in info["sparse_kernels"]
     info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json")[1])
     assert "reference op" in info["sparse_kernels"] and "no fast kernel covers this" in info["sparse_kernels"]
