@@ -23,6 +23,9 @@ from .fast import compute_dtype
 
 SparseLinearOp = Callable[..., torch.Tensor]
 
+__all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dtype", "describe", "get_backend",
+           "reference", "resolve_backend"]
+
 _MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton"}
 BACKEND_NAMES = ("auto", *_MODULES)
 
