@@ -118,10 +118,9 @@ def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: in
     if chosen == "reference" and name != "reference":
         if name != "auto":
             why = f"; {name} does not cover this"
-        elif device.type in _FAST and 1.0 - sparsity > auto_max_density(_FAST[device.type], dtype):
-            limit = auto_max_density(_FAST[device.type], dtype)
-            why = f"; auto: density {1 - sparsity:.2f} > {limit:g}, where dense is faster"
         else:
-            why = "; auto: no fast kernel covers this"
+            limit = auto_max_density(_FAST[device.type], dtype) if device.type in _FAST else None
+            why = (f"; auto: density {1 - sparsity:.2f} > {limit:g}, where dense is faster"
+                   if limit is not None and 1.0 - sparsity > limit else "; auto: no fast kernel covers this")
     return (f"sparse layers: {detail} (backend {name}, block size {block_size}, "
             f"{str(dtype).replace('torch.', '')}{why})")

@@ -183,13 +183,14 @@ def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int,
     """``C = A`` times each line's tiles: forward (block rows) or input gradient (block columns)."""
     lib, T, threads = library(), a.shape[0], torch.get_num_threads()
     if a.dtype == torch.float32:
+        weights = weights.contiguous()
         c = torch.empty(T, nlines * TILE, dtype=a.dtype)
         lib.bsmm_f32_lines(a.data_ptr(), T, a.shape[1], weights.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
                            other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
         return c
     a = _pad_tokens(a, 32)
     # VNNI operand: packed[k][p][o][q] = w[k](contracted 2p+q, output o)
-    packed = weights.reshape(-1, TILE // 2, 2, TILE).transpose(2, 3).contiguous()
+    packed = weights.unflatten(1, (TILE // 2, 2)).transpose(2, 3).contiguous()
     c = torch.empty(a.shape[0], nlines * TILE, dtype=a.dtype)
     lib.bsmm_amx_lines(a.data_ptr(), a.shape[0], a.shape[1], packed.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
                        other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
@@ -221,7 +222,7 @@ def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
 
 
 def _forward(x2d, tiles, meta: KernelMeta, bias):
-    fwd_w = tiles.transpose(1, 2).contiguous()  # per tile [contracted in, out]
+    fwd_w = tiles.transpose(1, 2)  # per tile [contracted in, out]; _lines lays it out once
     return _lines(x2d, fwd_w, meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
                   None if bias is None else bias.float().contiguous())
 
@@ -233,7 +234,7 @@ def _input_grad(gy, tiles, meta: KernelMeta):
 _Function = block_sparse_function("CpuBlockSparseLinear", _forward, _input_grad, _sddmm)
 
 
-linear = make_linear(_Function, covers, lambda pattern: _meta, "CPU kernels", lambda v: tile_values(v, TILE))
+linear = make_linear(_Function, covers, _meta, "CPU kernels", lambda v: tile_values(v, TILE))
 
 
 __all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]

@@ -43,8 +43,8 @@ def block_sparse_function(name: str, forward: Product, input_grad: Product, valu
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-def make_linear(function, covers: Callable[..., bool], cache_for: Callable[[BlockPattern], MetaCache],
-                kernels: str, to_kernel_values: Callable[[torch.Tensor], torch.Tensor] = lambda v: v):
+def make_linear(function, covers: Callable[..., bool], cache: MetaCache, kernels: str,
+                to_kernel_values: Callable[[torch.Tensor], torch.Tensor] = lambda v: v):
     """A backend's ``linear`` (``ops.reference.linear``'s signature): the reference op where ``covers``
     says no, else ``function`` on 2-D inputs in the compute dtype (autocast's, applied here, as
     ``F.linear`` would) with the pattern's cached metadata."""
@@ -56,7 +56,7 @@ def make_linear(function, covers: Callable[..., bool], cache_for: Callable[[Bloc
         if not covers(device, dtype, pattern.block_size, frozen is not None):
             return reference.linear(x, values, pattern, bias, frozen)
         pattern._check_values(values)
-        meta = cache_for(pattern).get(pattern)
+        meta = cache.get(pattern)
         with torch.autocast(device, enabled=False):
             x2d = x.reshape(-1, pattern.in_features).to(dtype)
             b = None if bias is None else bias.to(dtype)

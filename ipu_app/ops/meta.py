@@ -29,8 +29,6 @@ class KernelMeta:
     col_ptr: torch.Tensor       # int32 [in/tile + 1]
     col_blk: torch.Tensor       # int32 [ntiles]: tiles in column-major order
     col_row: torch.Tensor       # int32 [ntiles]: their tile rows
-    max_per_row: int
-    max_per_col: int
     row_used: torch.Tensor      # uint8 [out/tile]: 1 where the tile row has a tile
     col_used: torch.Tensor      # uint8 [in/tile]
 
@@ -60,14 +58,13 @@ def untile_values(tiles: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _walk(line: torch.Tensor, other: torch.Tensor, lines: int, others: int):
-    """Tiles ordered by (line, other): pointers per line, the order, the other coordinate, the
-    longest line."""
+    """Tiles ordered by (line, other): pointers per line, the order, the other coordinate."""
     order = torch.argsort(line * others + other)
     counts = torch.bincount(line, minlength=lines)
     ptr = torch.zeros(lines + 1, dtype=torch.int64, device=line.device)
     ptr[1:] = torch.cumsum(counts, 0)
     i32 = torch.int32
-    return ptr.to(i32), order.to(i32), other[order].to(i32), int(counts.max()) if counts.numel() else 0
+    return ptr.to(i32), order.to(i32), other[order].to(i32)
 
 
 def build_meta(pattern: BlockPattern, tile: int) -> KernelMeta:
@@ -80,11 +77,11 @@ def build_meta(pattern: BlockPattern, tile: int) -> KernelMeta:
     sub = torch.arange(m, device=pattern.rows.device)
     rows = (pattern.rows.long()[:, None, None] * m + sub[None, :, None]).expand(-1, m, m).reshape(-1)
     cols = (pattern.cols.long()[:, None, None] * m + sub[None, None, :]).expand(-1, m, m).reshape(-1)
-    row_ptr, row_blk, row_col, max_row = _walk(rows, cols, grid[0], grid[1])
-    col_ptr, col_blk, col_row, max_col = _walk(cols, rows, grid[1], grid[0])
+    row_ptr, row_blk, row_col = _walk(rows, cols, grid[0], grid[1])
+    col_ptr, col_blk, col_row = _walk(cols, rows, grid[1], grid[0])
     i32 = torch.int32
     return KernelMeta(tile, grid, rows.to(i32), cols.to(i32), row_ptr, row_blk, row_col,
-                      col_ptr, col_blk, col_row, max_row, max_col,
+                      col_ptr, col_blk, col_row,
                       (row_ptr[1:] > row_ptr[:-1]).to(torch.uint8), (col_ptr[1:] > col_ptr[:-1]).to(torch.uint8))
 
 
@@ -106,8 +103,8 @@ class MetaCache:
     every layer, so there the version counters decide.
     """
 
-    def __init__(self, tile: int, max_entries: int = 512) -> None:
-        self.tile = tile
+    def __init__(self, tile: int | None, max_entries: int = 512) -> None:
+        self.tile = tile  # None: each pattern's own block size
         self.max_entries = max_entries
         self.builds = 0
         self._entries: dict[tuple, tuple] = {}
@@ -122,7 +119,7 @@ class MetaCache:
             if held_rows is rows and held_cols is cols and None not in versions and held_versions == versions and (
                     copies is None or (torch.equal(copies[0], rows) and torch.equal(copies[1], cols))):
                 return meta
-        meta = build_meta(pattern, self.tile)
+        meta = build_meta(pattern, self.tile or pattern.block_size)
         self.builds += 1
         if len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))

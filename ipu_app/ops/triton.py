@@ -1,9 +1,9 @@
 """Block-sparse training kernels in Triton for GPUs, block sizes 16, 32 and 64.
 
-Three kernels, one per product of a training step of ``y = x W^T``:
+Two kernels for the three products of a training step of ``y = x W^T``:
 
-* ``_fwd``   Y  = X W^T: one program per (token tile, block row), summing the row's blocks;
-* ``_dx``    dX = dY W:  one program per (token tile, block column), over the transposed pattern;
+* ``_lines`` Y = X W^T with one program per (token tile, block row), summing the row's blocks, and
+  dX = dY W with one program per (token tile, block column), over the transposed pattern;
 * ``_sddmm`` dV[k] = dY[:, row k]^T X[:, col k]: one program per (active block, token split).
 
 They walk the index lists of :mod:`ops.meta`, built once per pattern (cached until the pattern's
@@ -165,7 +165,7 @@ def _sddmm_call(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta, b: int) -> 
     return dv.sum(0) if splits > 1 else dv[0]
 
 
-_meta: dict[int, MetaCache] = {b: MetaCache(b) for b in BLOCK_SIZES}
+_meta = MetaCache(None)  # tiles are the blocks themselves
 
 
 def _forward(x2d, values, meta: KernelMeta, bias):
@@ -185,5 +185,4 @@ def _values_grad(gy, x2d, meta: KernelMeta):
 _Function = block_sparse_function("TritonBlockSparseLinear", _forward, _input_grad, _values_grad)
 
 
-linear = make_linear(_Function, covers, lambda pattern: _meta.get(pattern.block_size, _meta[BLOCK_SIZES[0]]),
-                     "Triton kernels")
+linear = make_linear(_Function, covers, _meta, "Triton kernels")

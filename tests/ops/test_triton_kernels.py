@@ -65,14 +65,14 @@ def test_metadata_cached_per_pattern(tk):
     values = torch.randn(pattern.nnz, 16, 16, device=dev)
     x = torch.randn(5, 64, device=dev)
     tk.linear(x, values, pattern)
-    builds = tk._meta[16].builds
+    builds = tk._meta.builds
     tk.linear(x, values, pattern)
-    assert tk._meta[16].builds == builds
+    assert tk._meta.builds == builds
     new = random_pattern(32, 64, 16, 0.5, torch.Generator().manual_seed(9))
     pattern.rows.copy_(new.rows)
     pattern.cols.copy_(new.cols)
     torch.testing.assert_close(tk.linear(x, values, pattern).cpu(), ops.reference.linear(x.cpu(), values.cpu(), new))
-    assert tk._meta[16].builds == builds + 1
+    assert tk._meta.builds == builds + 1
 
 
 def test_without_gpu_or_interpreter_the_backend_says_so():
