@@ -21,6 +21,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrain
 
 from ..io import atomic_write_bytes
 from ..sparse.init import DEFAULT_INIT_STD
+from .mlm_loss import mlm_loss_and_correct
 from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse_linear import SparseLinear, sparse_linears, sparsify_
 
@@ -144,15 +145,13 @@ class SparseBertForPreTraining(nn.Module):
         masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         targets = labels.index_select(0, positions)
         mlm_logits = self.cls.predictions(masked_hidden)
-        mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+        mlm_loss, correct = mlm_loss_and_correct(mlm_logits, targets)
         loss, nsp_loss, nsp_logits = mlm_loss, None, None
         if self.config.nsp:
             nsp_logits = self.cls.seq_relationship(out.pooler_output)
             if nsp_labels is not None:
                 nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
                 loss = mlm_loss + nsp_loss
-        with torch.no_grad():
-            correct = (mlm_logits.argmax(-1) == targets).sum()
         return PretrainingOutput(loss, mlm_loss, nsp_loss, correct, int(positions.numel()), mlm_logits, nsp_logits)
 
     # -------------------------------------------------------------- persistence
