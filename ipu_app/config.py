@@ -33,6 +33,7 @@ from .ops import BACKEND_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BIAS_CORRECTIONS = ("global", "per_slot")
 INACTIVE = ("zero", "frozen")
 
 
@@ -57,6 +58,11 @@ class SparsitySection:
     pruning_ratio: float = 0.5
     pruning_schedule: str = "cosine"
     num_updates: int = 160  # the paper's n: n segments, n - 1 updates
+    # Steps between pattern updates; set, it replaces T / num_updates (updates at every multiple below T).
+    update_every: int | None = None
+    # Segments shorter than this warn at start-up: regrown blocks start at zero and are pruned again
+    # before they grow (see README, "How long a segment must be"). --steps keeps segments this long.
+    min_segment_steps: int = 1000
     regrowth: str = "random"
     block_metric: str = "l1"
     init: str = "trunc_normal"
@@ -90,6 +96,12 @@ class OptimizerSection:
     eps: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # gradient clipping threshold (0 = off)
+    # Decoupled weight decay of the sparse encoder values alone (null: weight_decay); Fig. 6 sweeps it.
+    sparse_weight_decay: float | None = None
+    # Adam's bias correction for the sparse values: global (the paper: one step count, so regrown
+    # weights restart with zero moments but no bias correction) | per_slot (each slot counts its own
+    # steps from its regrowth, so a regrown weight gets Adam's bias correction afresh).
+    bias_correction: str = "global"
     loss_scale: float | str = "dynamic"  # fp16 only: a number or dynamic
 
 
@@ -190,6 +202,32 @@ class RunConfig:
             seed=self.seed,
         )
 
+    def update_schedule(self):
+        """The steps after which the pattern is updated (none unless ``sparsity.mode`` is dynamic)."""
+        from .sparse.schedule import UpdateSchedule
+
+        s, steps = self.sparsity, self.training.steps
+        if s.mode != "dynamic":
+            return UpdateSchedule.never(steps)
+        if s.update_every is not None:
+            return UpdateSchedule.every(steps, s.update_every)
+        return UpdateSchedule.evenly_spaced(steps, s.num_updates)
+
+    @property
+    def segment_steps(self) -> float | None:
+        """Steps between pattern updates (None: no updates)."""
+        schedule = self.update_schedule()
+        return schedule.total_steps / (len(schedule) + 1) if len(schedule) else None
+
+    def schedule_warning(self) -> str | None:
+        """One line when the update schedule is too dense for regrown blocks to mature, else None."""
+        segment = self.segment_steps
+        if segment is None or segment >= self.sparsity.min_segment_steps:
+            return None
+        return (f"pattern updates every {segment:.0f} steps, below sparsity.min_segment_steps="
+                f"{self.sparsity.min_segment_steps}: regrown blocks start at zero and are mostly pruned again "
+                "before they grow; set sparsity.update_every (or a lower sparsity.num_updates) or train longer")
+
     # -------------------------------------------------------------------- checks
     def validate(self) -> "RunConfig":
         m, s, t, o, d = self.model, self.sparsity, self.training, self.optimizer, self.data
@@ -226,6 +264,11 @@ class RunConfig:
             _check(s.num_updates <= t.steps,
                    f"sparsity.num_updates={s.num_updates} is more than training.steps={t.steps}; "
                    "use at most one update per step")
+        if s.mode == "dynamic" and s.update_every is not None:
+            _check(1 <= s.update_every < t.steps,
+                   f"sparsity.update_every={s.update_every} must be in [1, training.steps={t.steps}) "
+                   "(or null: training.steps / sparsity.num_updates)")
+        _check(s.min_segment_steps >= 1, f"sparsity.min_segment_steps must be >= 1, got {s.min_segment_steps}")
         _check(t.batch_size >= 1, f"training.batch_size must be >= 1, got {t.batch_size}")
         _check(t.micro_batch_size is None or t.micro_batch_size >= 1,
                f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}")
@@ -246,6 +289,11 @@ class RunConfig:
         _check(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optimizer.beta1 and beta2 must be in [0, 1)")
         _check(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")
         _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+        _check(o.sparse_weight_decay is None or o.sparse_weight_decay >= 0,
+               f"optimizer.sparse_weight_decay must be >= 0 or null, got {o.sparse_weight_decay}")
+        _choice("optimizer.bias_correction", o.bias_correction, BIAS_CORRECTIONS)
+        _check(o.bias_correction == "global" or self.backend != "ipu",
+               "optimizer.bias_correction=per_slot runs on the host optimizer only; use global with backend: ipu")
         _check(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0, got {o.max_grad_norm}")
         if isinstance(o.loss_scale, str):
             _check(o.loss_scale == "dynamic", f"optimizer.loss_scale must be a number or 'dynamic', got {o.loss_scale!r}")
@@ -370,7 +418,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
 
     ``steps`` (the ``--steps`` shortcut) shortens or lengthens the run; unless
     ``training.warmup_steps`` is overridden too, the warmup keeps its fraction of the run
-    (the paper's 10k of 757k steps), so a short run still reaches its peak learning rate.
+    (the paper's 10k of 757k steps), so a short run still reaches its peak learning rate. Unless
+    ``sparsity.num_updates`` or ``sparsity.update_every`` is set too, the number of segments is
+    lowered so that each lasts at least ``sparsity.min_segment_steps`` (see ``short_run_updates``).
     """
     path = resolve_config_path(name_or_path)
     raw = load_raw(path)
@@ -387,11 +437,24 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
             if isinstance(old_steps, int) and isinstance(old_warmup, int) and old_steps > 0:
                 training["warmup_steps"] = int(round(old_warmup * steps / old_steps))
         _set_path(raw, "training.steps", steps)
+        sparsity = raw.setdefault("sparsity", {})
+        if (isinstance(sparsity, dict) and sparsity.get("update_every") is None
+                and not overridden & {"sparsity.num_updates", "sparsity.update_every"}):
+            sparsity["num_updates"] = short_run_updates(steps, sparsity.get("num_updates", SparsitySection.num_updates),
+                                                        sparsity.get("min_segment_steps", SparsitySection.min_segment_steps))
     if seed is not None:
         _set_path(raw, "seed", seed)
     config = from_dict(raw)
     config.name = config.name or path.stem
     return config.validate()
+
+
+def short_run_updates(steps: int, num_updates: Any, min_segment_steps: Any) -> Any:
+    """The paper's ``n`` for a run of ``steps``: at most ``num_updates``, with segments of at least
+    ``min_segment_steps`` steps, and at least 2 segments (one update) where the run has 2 steps."""
+    if not (isinstance(num_updates, int) and isinstance(min_segment_steps, int) and min_segment_steps >= 1):
+        return num_updates  # validation reports the bad value
+    return max(min(2, steps), min(num_updates, steps // min_segment_steps))
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -61,6 +61,15 @@ class UpdateSchedule:
         return cls(total_steps, steps)
 
     @classmethod
+    def every(cls, total_steps: int, interval: int) -> "UpdateSchedule":
+        """An update after every ``interval`` steps (at ``k * interval < total_steps``)."""
+        if total_steps <= 0:
+            raise ScheduleError(f"total_steps must be positive, got {total_steps}")
+        if interval < 1:
+            raise ScheduleError(f"the update interval must be >= 1 step, got {interval}")
+        return cls(total_steps, tuple(range(interval, total_steps, interval)))
+
+    @classmethod
     def explicit(cls, total_steps: int, steps: Sequence[int]) -> "UpdateSchedule":
         """Updates at the given steps (each in ``[1, total_steps - 1]``, no repeats)."""
         if total_steps <= 0:

@@ -31,6 +31,10 @@ from .scoring import (
 )
 
 SPARSITY_MODES = ("static", "dynamic")
+# Mean pruned_recently_grown above this at two updates in a row: the schedule is unsound (the trainer
+# warns). Age-blind pruning would give ~pr(t) (<= 0.5 at the paper's pr); near 1, regrown blocks
+# are always the ones pruned next.
+PRG_WARN = 0.75
 
 
 class UpdaterError(RuntimeError):
@@ -71,6 +75,12 @@ class UpdateStats:
     def mean_explored_dof(self) -> float:
         return float(np.mean([s.explored_dof for s in self.layers])) if self.layers else float("nan")
 
+    @property
+    def mean_pruned_recently_grown(self) -> float:
+        """Mean over layers that pruned something and had grown blocks before (NaN: none did)."""
+        values = [s.pruned_recently_grown for s in self.layers if not np.isnan(s.pruned_recently_grown)]
+        return float(np.mean(values)) if values else float("nan")
+
     def as_dict(self) -> dict:
         """Flat, JSON-friendly record for metrics logs."""
         return {
@@ -80,6 +90,7 @@ class UpdateStats:
             "seconds": self.seconds,
             "pruned_blocks": self.pruned,
             "mean_explored_dof": self.mean_explored_dof,
+            "mean_pruned_recently_grown": self.mean_pruned_recently_grown,
             "layers": [asdict(s) for s in self.layers],
         }
 
@@ -228,8 +239,8 @@ class PatternUpdater:
         if self.optimizer is None:
             return tensors
         for key, value in self.optimizer.state.get(param, {}).items():
-            if not torch.is_tensor(value) or value.numel() == 1:
-                continue  # step counters and other scalars are position-free
+            if not torch.is_tensor(value) or value.ndim == 0:
+                continue  # Adam's step counter and other scalars are position-free
             if value.shape != param.shape:
                 raise UpdaterError(
                     f"optimizer state {key!r} of {name}.values has shape {tuple(value.shape)}, not the "
@@ -296,7 +307,7 @@ class PatternUpdater:
         grow = plan.grow.cpu()
         recent = (
             float(_members(dropped, self._last_grown[i], layer.pattern.num_blocks).float().mean())
-            if dropped.numel()
+            if dropped.numel() and self.update_count > 0
             else float("nan")
         )
         self._explored[i][grow] = True

@@ -10,7 +10,7 @@ from ..config import RunConfig
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import SparseLinear
 from ..sparse.flops import non_embedding_params, non_embedding_training_flops_per_sequence, rigl_dense_gradient_flops
-from ..sparse.schedule import UpdateSchedule
+from ..sparse.updater import PRG_WARN
 
 
 def _encoder_linears(model: SparseBertForPreTraining):
@@ -44,7 +44,7 @@ def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
     s = config.sparsity
     dense_gradient_steps = 0
     if s.mode == "dynamic" and s.regrowth == "gradient":
-        dense_gradient_steps = len(UpdateSchedule.evenly_spaced(steps, s.num_updates))
+        dense_gradient_steps = len(config.update_schedule())
     extra = rigl_dense_gradient_flops(layers, hidden, config.data.seq_len) * dense_gradient_steps * batch
     return {"non_embedding_flops_per_sequence": per_sequence, "non_embedding_nonzero_params": active,
             "total_training_flops": per_sequence * steps * batch + extra,
@@ -70,7 +70,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
     params = list(model.parameters())
     rows = layer_sparsity(model)
     t, s = config.training, config.sparsity
-    updates = len(UpdateSchedule.evenly_spaced(t.steps, s.num_updates)) if s.mode == "dynamic" else 0
+    updates = len(config.update_schedule())
     return {
         "config": config.to_dict(),
         "learning_rate": config.learning_rate,
@@ -82,7 +82,14 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "freeze": (None if s.freeze == "none" else
                    {"mode": s.freeze, "fraction": s.ratio, "switch_step": t.steps // 2,
                     "untrained_steps": f"1..{t.steps // 2}" if s.freeze == "early" else f"{t.steps // 2 + 1}..{t.steps}"}),
-        "steps_between_updates": t.steps / s.num_updates if updates else None,
+        "steps_between_updates": config.segment_steps,
+        "schedule_warning": config.schedule_warning(),
+        # What the run's update records report as mean_pruned_recently_grown (fraction of pruned blocks
+        # grown at the previous update): chance level (age-blind pruning) is about the fraction of the
+        # active blocks that update regrew, ~pr(t); near 1 means regrown blocks never mature.
+        "expect_pruned_recently_grown": (
+            f"at most ~{s.pruning_ratio:g} (chance: pr(t)); above {PRG_WARN:g} at two updates in a row warns"
+            if updates else None),
         "total_params": sum(p.numel() for p in params),
         "trainable_nonzero_params": sum(p.numel() for p in params if p.requires_grad),
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),

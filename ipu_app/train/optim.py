@@ -1,7 +1,9 @@
 """The paper's optimizer and learning-rate schedule.
 
-Adam with decoupled weight decay (AdamW) on weight matrices, sparse ``values`` and embeddings;
-biases and LayerNorm parameters are not decayed (BERT's convention). The learning rate rises
+Adam with decoupled weight decay (AdamW) on weight matrices, sparse ``values`` (their own
+coefficient, ``optimizer.sparse_weight_decay``) and embeddings; biases and LayerNorm parameters
+are not decayed (BERT's convention). ``optimizer.bias_correction: per_slot`` gives each sparse slot
+its own Adam step count, restarted when the slot is regrown. The learning rate rises
 linearly over ``warmup_steps`` to the peak and then decays linearly to 0 at the last step.
 """
 
@@ -13,19 +15,86 @@ from torch import nn
 from ..config import RunConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, weight_decay: float, sparse_weight_decay: float | None = None,
+                     per_slot_steps: bool = False) -> list[dict]:
+    """Decayed weights, the sparse encoder ``values`` (their own decay; optionally per-slot bias
+    correction) and the undecayed biases / LayerNorm parameters."""
+    from ..model.sparse_linear import sparse_linears
+
+    sparse_ids = {id(layer.values) for _, layer in sparse_linears(model)}
+    decay, sparse, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(param) in sparse_ids:
+            sparse.append(param)
+        else:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if sparse:
+        group = {"params": sparse, "weight_decay": weight_decay if sparse_weight_decay is None else sparse_weight_decay}
+        if per_slot_steps:
+            group["per_slot_steps"] = True
+        groups.append(group)
+    groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class SlotAdamW(torch.optim.AdamW):
+    """AdamW whose groups flagged ``per_slot_steps`` count Adam's steps per element.
+
+    Such a parameter's state holds ``slot_step``, shaped like the parameter, beside the moments; the
+    pattern updater zeroes all three at regrown blocks, so a regrown weight's bias correction
+    ``1 - beta^k`` restarts at ``k = 1`` instead of using the global step (where it is ~1 and a
+    fresh weight's first step is ``(1 - b1) / sqrt(1 - b2) = 3.2x`` the learning rate). With equal
+    slot steps the update is AdamW's. Other groups are stepped by ``torch.optim.AdamW``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        slot_groups = [g for g in groups if g.get("per_slot_steps")]
+        if slot_groups:
+            self.param_groups = [g for g in groups if not g.get("per_slot_steps")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in slot_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad, state = param.grad, self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["slot_step"] = torch.zeros_like(param, dtype=torch.float32)
+                state["step"] += 1
+                m, v, k = state["exp_avg"], state["exp_avg_sq"], state["slot_step"]
+                k += 1
+                param.mul_(1.0 - lr * decay)
+                m.lerp_(grad, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                bias1 = 1.0 - torch.pow(beta1, k)
+                bias2_sqrt = (1.0 - torch.pow(beta2, k)).sqrt_()
+                denom = (v.sqrt() / bias2_sqrt).add_(eps)
+                param.addcdiv_(m / bias1, denom, value=-lr)
+        return loss
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     o = config.optimizer
-    return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=config.learning_rate,
-                             betas=(o.beta1, o.beta2), eps=o.eps)
+    per_slot = o.bias_correction == "per_slot"
+    groups = parameter_groups(model, o.weight_decay, o.sparse_weight_decay, per_slot)
+    cls = SlotAdamW if per_slot else torch.optim.AdamW
+    return cls(groups, lr=config.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

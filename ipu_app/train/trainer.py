@@ -34,8 +34,7 @@ from ..model.sparse_linear import sparse_linears
 from ..sparse.init import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
-from ..sparse.schedule import UpdateSchedule
-from ..sparse.updater import EXPLORED_FILE, PatternUpdater, save_explored
+from ..sparse.updater import EXPLORED_FILE, PRG_WARN, PatternUpdater, save_explored
 from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLogger, NullLogger
@@ -72,6 +71,8 @@ class _Counters:
     train_tokens: int = 0
     last_train_loss: float = float("nan")
     wall_seconds: float = 0.0
+    high_prg_updates: int = 0  # consecutive updates with mean pruned_recently_grown > PRG_WARN
+    prg_warned: bool = False
 
 
 class Trainer:
@@ -117,8 +118,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
         s = config.sparsity
-        self.schedule = (UpdateSchedule.evenly_spaced(t.steps, s.num_updates) if s.mode == "dynamic"
-                         else UpdateSchedule.never(t.steps))
+        self.schedule = config.update_schedule()
         self.updater = None
         if s.mode != "dense":
             self.updater = PatternUpdater(
@@ -142,6 +142,7 @@ class Trainer:
         self._stop_requested = False
         self._last_step_finite = True
         self._last_lr = float("nan")  # the learning rate of the latest step
+        self._last_prg = float("nan")  # mean pruned_recently_grown of the latest pattern update
 
         resume_step = None
         if resume:
@@ -156,6 +157,9 @@ class Trainer:
         start = time.perf_counter()
         if self.kernel_line and self.dist.is_main:
             print(self.kernel_line, file=sys.stderr)
+        warning = self.config.schedule_warning()
+        if warning and self.dist.is_main and self.step == 0:
+            print(f"warning: {warning}", file=sys.stderr)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress, desc=self.config.name or "train")
         try:
@@ -163,7 +167,7 @@ class Trainer:
                 while self.step < self.total_steps:
                     end = self._phase_end(self.step, stop_at)
                     self._run_phase(end, bar)
-                    self._phase_boundary()
+                    self._phase_boundary(bar)
                     self._stop_requested = self.dist.any(self._stop_requested)
                     if self._stop_requested or (stop_at is not None and self.step >= stop_at):
                         self.save_checkpoint()
@@ -194,22 +198,40 @@ class Trainer:
             if self.step % self.config.training.log_every == 0 or self.step == self.total_steps:
                 self._log_train(bar)
 
-    def _phase_boundary(self) -> None:
+    def _phase_boundary(self, bar=None) -> None:
         step = self.step
         t = self.config.training
+        # Validation sees the model the phase trained, before an update prunes it.
+        if step % t.validate_every == 0 and step < self.total_steps:
+            self.validate()
         if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
             if self._last_step_finite:
                 stats = self.update_pattern(step)
                 check_patterns_consistent(self.dist, self.sparse_layers, step)
                 self.counters.pattern_updates += 1
                 self.metrics.log("update", step, **_update_record(stats))
+                self._watch_regrowth(stats, bar)
             else:
                 self.counters.skipped_updates += 1
                 self.metrics.log("skip", step, what="pattern_update", reason="non-finite gradients")
-        if step % t.validate_every == 0 and step < self.total_steps:
-            self.validate()
         if step % t.checkpoint_every == 0 and step < self.total_steps:
             self.save_checkpoint()
+
+    def _watch_regrowth(self, stats, bar) -> None:
+        """Show pruned_recently_grown; warn once when it stays above PRG_WARN (regrown blocks never mature)."""
+        prg = stats.mean_pruned_recently_grown
+        if not math.isnan(prg):
+            self._last_prg = prg  # shown beside the loss in the progress bar
+        high = not math.isnan(prg) and prg > PRG_WARN
+        self.counters.high_prg_updates = self.counters.high_prg_updates + 1 if high else 0
+        if self.counters.high_prg_updates == 2 and not self.counters.prg_warned:
+            self.counters.prg_warned = True
+            message = (f"warning: at steps {stats.step} and the update before, {prg:.0%} of the pruned blocks had been "
+                       f"grown at the previous update (above {PRG_WARN:.0%}): regrown blocks are pruned before they "
+                       "grow; use longer segments (sparsity.update_every) or a lower sparsity.pruning_ratio")
+            self.metrics.log("warning", stats.step, what="pruned_recently_grown", value=prg, message=message)
+            if self.dist.is_main:
+                (tqdm.write if bar is not None and not bar.disable else print)(message, file=sys.stderr)
 
     # ============================================================ backend hooks
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -296,7 +318,9 @@ class Trainer:
             learning_rate=self._last_lr,
             tokens_per_second=w.tokens / max(w.seconds, 1e-9), steps=w.steps,
         )
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}", refresh=False)
+        extra = {} if math.isnan(self._last_prg) else {"prg": f"{self._last_prg:.2f}"}
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}", **extra,
+                        refresh=False)
         self.window = _Window()
 
     # ============================================================== validation
