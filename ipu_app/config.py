@@ -261,7 +261,7 @@ class RunConfig:
         _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
         if s.mode == "dynamic":
             _check(s.num_updates >= 1, f"sparsity.num_updates must be >= 1, got {s.num_updates}")
-            _check(s.num_updates <= t.steps,
+            _check(s.num_updates <= t.steps or s.update_every is not None,
                    f"sparsity.num_updates={s.num_updates} is more than training.steps={t.steps}; "
                    "use at most one update per step")
         if s.mode == "dynamic" and s.update_every is not None:

@@ -45,3 +45,10 @@ def test_cosine_and_constant_pruning_ratio():
         pruning_ratio_at(1, 0.5, 10, "linear")
     with pytest.raises(ScheduleError, match=r"\[0, 1\]"):
         pruning_ratio_at(1, 1.5, 10)
+
+
+def test_every_interval_schedule():
+    assert UpdateSchedule.every(2000, 500).steps == (500, 1000, 1500)
+    assert UpdateSchedule.every(2001, 500).steps == (500, 1000, 1500, 2000)
+    with pytest.raises(ScheduleError, match="interval must be >= 1"):
+        UpdateSchedule.every(100, 0)

@@ -336,3 +336,41 @@ def test_updater_properties(b, s, pr, regrowth, metric, seed):
     grid = layer.pattern.num_blocks
     assert stats.pruned == min(math.ceil(pr * old_index.numel() - 1e-9), grid - old_index.numel())
     assert int((~torch.isin(new_index, old_index)).sum()) == stats.grown == stats.pruned
+
+
+def test_one_element_values_keep_their_moments_remapped():
+    # b = 1 and nnz = 1: values has one element, like Adam's step counter; only the 0-dim
+    # counter is position-free, the moments must be zeroed at the regrown slot.
+    model = nn.Sequential(SparseLinear(4, 4, sparsity=15 / 16, block_size=1, generator=torch.Generator().manual_seed(1)))
+    layer = model[0]
+    assert layer.values.numel() == 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_steps_4x4(model, optimizer)
+    assert optimizer.state[layer.values]["exp_avg"].abs().sum() > 0
+    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=1.0,
+                             pruning_schedule="constant")
+    stats = updater.update(5)
+    assert stats.pruned == 1
+    state = optimizer.state[layer.values]
+    assert float(state["exp_avg"].abs().sum()) == 0 and float(state["exp_avg_sq"].abs().sum()) == 0
+    assert float(state["step"]) == 2  # the global counter is untouched
+    assert math.isnan(stats.layers[0].pruned_recently_grown)  # nothing had been grown before
+    assert updater.update(6).layers[0].pruned_recently_grown == 1.0
+
+
+def train_steps_4x4(model, optimizer, n=2):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+        optimizer.step()
+
+
+def test_mean_pruned_recently_grown_skips_layers_without_history():
+    model = make_model(b=1, s=0.9)
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=1.0,
+                             pruning_schedule="constant")
+    first = updater.update(25)
+    assert math.isnan(first.mean_pruned_recently_grown) and math.isnan(first.as_dict()["mean_pruned_recently_grown"])
+    second = updater.update(50)
+    assert second.mean_pruned_recently_grown == 1.0  # pr = 1: every pruned block had just been grown

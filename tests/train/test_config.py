@@ -159,3 +159,35 @@ def test_yaml_round_trip():
     assert isinstance(RunConfig().validate(), RunConfig)
     assert CONFIG_DIR.is_dir()
     assert math.isfinite(c.learning_rate)
+
+
+def test_steps_keeps_segments_long_enough_and_explicit_settings_win():
+    from ipu_app.config import load_config
+
+    paper = load_config("bert_tiny_sparse")
+    assert paper.sparsity.num_updates == 160 and paper.schedule_warning() is None
+    assert paper.segment_steps == pytest.approx(757000 / 160, rel=1e-3)
+    short = load_config("bert_tiny_sparse", steps=5000)  # segments of >= min_segment_steps = 1000
+    assert short.sparsity.num_updates == 5 and short.update_schedule().steps == (1000, 2000, 3000, 4000)
+    assert short.schedule_warning() is None
+    tiny = load_config("bert_tiny_sparse", steps=300)  # too short for one sound segment: one update, a warning
+    assert tiny.sparsity.num_updates == 2 and tiny.update_schedule().steps == (150,)
+    assert "updates every 150 steps, below sparsity.min_segment_steps=1000" in tiny.schedule_warning()
+    kept = load_config("bert_tiny_sparse", ["sparsity.num_updates=30"], steps=3000)
+    assert kept.sparsity.num_updates == 30 and "every 100 steps" in kept.schedule_warning()
+    every = load_config("bert_tiny_sparse", ["sparsity.update_every=700", "sparsity.min_segment_steps=500"], steps=3000)
+    assert every.update_schedule().steps == (700, 1400, 2100, 2800) and every.schedule_warning() is None
+    assert load_config("bert_tiny_static", steps=300).update_schedule().steps == ()
+
+
+def test_schedule_and_optimizer_option_errors():
+    from ipu_app.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"sparsity.update_every=0 must be in \[1, training.steps=100\)"):
+        load_config("bert_tiny_sparse", ["sparsity.update_every=0"], steps=100)
+    with pytest.raises(ConfigError, match="sparsity.min_segment_steps must be >= 1"):
+        load_config("bert_tiny_sparse", ["sparsity.min_segment_steps=0"])
+    with pytest.raises(ConfigError, match="optimizer.sparse_weight_decay must be >= 0"):
+        load_config("bert_tiny_sparse", ["optimizer.sparse_weight_decay=-1"])
+    with pytest.raises(ConfigError, match="per_slot runs on the host optimizer only"):
+        load_config("bert_mini_sparse_ipu", ["optimizer.bias_correction=per_slot"])

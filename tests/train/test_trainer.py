@@ -275,3 +275,21 @@ def test_cpu_kernels_train_like_the_reference_op(data_dir, tmp_path, regrowth):
     for (step, *a), (_, *b) in zip(losses_ref, losses_fast):
         assert a == pytest.approx(b, rel=1e-4), step
     assert fast_summary["final_val_mlm_loss"] == pytest.approx(ref_summary["final_val_mlm_loss"], rel=1e-4)
+
+
+def test_validation_precedes_the_update_and_a_churning_schedule_warns(data_dir, tmp_path, capsys):
+    # n = 4 over 12 steps: updates at 3, 6, 9; validation at 6 and 12. pr = 1 (constant) prunes
+    # exactly the blocks grown at the update before: pruned_recently_grown = 1 from the 2nd update.
+    config = small_config(data_dir, "bert_tiny_sparse", "sparsity.pruning_ratio=1.0",
+                          "sparsity.pruning_schedule=constant")
+    new_trainer(config, tmp_path / "run").train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    at_6 = [r["kind"] for r in records if r["step"] == 6 and r["kind"] in ("val", "update")]
+    assert at_6 == ["val", "update"]
+    prg = [r["mean_pruned_recently_grown"] for r in records if r["kind"] == "update"]
+    assert prg[1:] == [1.0, 1.0] and prg[0] != prg[0]  # NaN: nothing grown before the first update
+    warnings = [r for r in records if r["kind"] == "warning"]
+    assert [(w["step"], w["what"]) for w in warnings] == [(9, "pruned_recently_grown")]
+    err = capsys.readouterr().err
+    assert "warning: pattern updates every 3 steps, below sparsity.min_segment_steps=1000" in err
+    assert err.count("regrown blocks are pruned before they grow") == 1
