@@ -56,8 +56,27 @@ def test_max_predictions_cap(data_dir):
 
 
 def test_nsp_balance_and_pairs_from_other_documents(dataset):
-    labels = dataset.instances(0)[:, 6]
+    rows = dataset.instances(0)
+    labels = rows[:, 6]
     assert labels.mean() == pytest.approx(0.5, abs=0.06)
+    corpus = dataset.corpus
+    # every document's token range, to find the document a token position lies in
+    starts = {}
+    for index, (shard, first, end) in enumerate(corpus.documents):
+        offsets = corpus.sentence_offsets[shard]
+        starts.setdefault(int(shard), []).append((int(offsets[first]), int(offsets[end]), index))
+
+    def document(shard, position):
+        (found,) = [i for lo, hi, i in starts[int(shard)] if lo <= position < hi]
+        return found
+
+    for a_shard, a0, a1, b_shard, b0, b1, label in rows:
+        doc_a, doc_b = document(a_shard, a0), document(b_shard, b0)
+        assert document(a_shard, a1 - 1) == doc_a and document(b_shard, b1 - 1) == doc_b  # no pair crosses documents
+        if label:  # random next: B comes from another document
+            assert doc_b != doc_a
+        else:  # the true continuation: B follows A in the same document
+            assert doc_b == doc_a and b0 >= a1
 
 
 def test_determinism(data_dir, dataset):

@@ -63,7 +63,9 @@ def test_sizes_and_sparse_modules(size):
 def test_choose_sparse_modules_and_no_nsp():
     model = SparseBertForPreTraining(ModelConfig(size="tiny", sparse_modules=["ffn_up", "ffn_down"], nsp=False))
     names = [n for n, _ in sparse_linears(model)]
-    assert len(names) == 4 and all("intermediate" in n or n.endswith("output.dense") for n in names)
+    # ffn_down is layer.N.output.dense, not layer.N.attention.output.dense (which stays dense)
+    assert sorted(names) == [f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in ("intermediate.dense", "output.dense")]
+    assert type(model.bert.encoder.layer[0].attention.output.dense) is torch.nn.Linear
     assert type(model.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
     ids, types, attention, labels, nsp = batch()
     out = model(ids, types, attention, labels, nsp)
@@ -79,7 +81,22 @@ def test_training_step_reaches_sparse_values_only_at_active_blocks():
     ids, types, attention, labels, nsp = batch()
     model(ids, types, attention, labels, nsp).loss.backward()
     layer = model.bert.encoder.layer[0].intermediate.dense
-    assert isinstance(layer, SparseLinear) and layer.values.grad.abs().sum() > 0
+    assert isinstance(layer, SparseLinear)
+    # The values' gradient is the dense weight gradient read at the active blocks, and nothing else
+    # carries a gradient for the inactive positions.
+    dense = torch.nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    layer.values.grad = None
+    layer(x).pow(2).sum().backward()
+    dense(x).pow(2).sum().backward()
+    mask = layer.mask()
+    torch.testing.assert_close(layer.pattern.to_dense(layer.values.grad)[mask], dense.weight.grad[mask])
+    assert torch.count_nonzero(layer.pattern.to_dense(layer.values.grad)[~mask]) == 0
+    assert dense.weight.grad[~mask].abs().sum() > 0  # the inactive positions would have had a gradient
+    assert [n for n, p in layer.named_parameters()] == ["values", "bias"]  # no dense weight to train
 
 
 def test_save_and_load_round_trip(tmp_path):
