@@ -393,8 +393,10 @@ def report_group_lasso(runs: list[Run], out: Output) -> None:
         return "group lasso" if float(r.get("sparsity.group_lasso", 0.0)) > 0 else "weight decay"
 
     def coefficient(r: Run) -> float:
-        return float(r.get("sparsity.group_lasso")) if regulariser(r) == "group lasso" \
-            else float(r.get("optimizer.weight_decay"))
+        if regulariser(r) == "group lasso":
+            return float(r.get("sparsity.group_lasso"))
+        sparse = r.get("optimizer.sparse_weight_decay")  # the decay of the sparse values (null: weight_decay)
+        return float(r.get("optimizer.weight_decay") if sparse is None else sparse)
 
     table = Table(["model", "regulariser", "coefficient", "learning_rate", "seeds", "val_mlm_loss", "std", "best"])
     points = best_over_lr(runs, key=lambda r: (r.size, regulariser(r), coefficient(r)))

@@ -230,11 +230,13 @@ def test_block_metric_report(runs_root, tmp_path):
 
 
 def test_group_lasso_report(runs_root, tmp_path):
-    for c, loss in ((0.01, 2.52), (0.03, 2.51), (0.1, 2.515)):
+    # The coefficient of a weight-decay run is that of the sparse values (sparse_weight_decay, else weight_decay).
+    for c, loss in ((0.01, 2.52), (0.03, 2.51)):
         make_run(runs_root, f"wd{c}", "bert_medium_sparse_b16", loss, overrides=(f"optimizer.weight_decay={c}",))
+    make_run(runs_root, "wd0.1", "bert_medium_sparse_b16", 2.515, overrides=("optimizer.sparse_weight_decay=0.1",))
     for c, loss in ((0.01, 2.60), (0.03, 2.59), (0.1, 2.62)):
         make_run(runs_root, f"gl{c}", "bert_medium_sparse_b16", loss,
-                 overrides=(f"sparsity.group_lasso={c}", "optimizer.weight_decay=0"))
+                 overrides=(f"sparsity.group_lasso={c}", "optimizer.sparse_weight_decay=0"))
     build_report(runs_root, "group_lasso", tmp_path / "r")
     assert_png(tmp_path / "r" / "group_lasso.png")
     rows = read_csv(tmp_path / "r" / "group_lasso.csv")
