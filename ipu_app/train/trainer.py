@@ -4,9 +4,9 @@ A *phase* is a run of training steps during which nothing but the weights change
 at the steps where something else must happen: a scheduled pattern update, a validation, a
 checkpoint, or the end of the run. At a phase boundary the trainer
 
-1. runs the ``PatternUpdater`` if the schedule says so (unless that step's gradients were
+1. validates on the fixed validation set (before an update prunes the model the phase trained),
+2. runs the ``PatternUpdater`` if the schedule says so (unless that step's gradients were
    non-finite: then the update is skipped and logged like the optimizer step),
-2. validates on the fixed validation set,
 3. writes a checkpoint.
 
 This is the structure an accelerator needs (a compiled step that is re-entered after host-side
