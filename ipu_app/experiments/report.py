@@ -609,6 +609,84 @@ def report_learning_rate(runs: list[Run], out: Output) -> None:
            "Learning-rate scaling law (Fig. 13)", xlog=True, legend=7)
     out.figure("learning_rate", fig)
 
+# ------------------------------------------------------------------------------------ paired seeds
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def setting_name(run: Run) -> str:
+    """The run's name without its seed (``bert_tiny_sparse,seed=1,update_every=500`` ->
+    ``bert_tiny_sparse,update_every=500``): runs of one setting share it."""
+    parts = [p for p in run.name.split(",") if not p.startswith("seed=")]
+    return ",".join(parts) or run.name
+
+
+def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | None:
+    """Mean, std, n, t and 'beyond noise' (two-sided 95%) of ``ours - base`` over the seeds both have."""
+    seeds = sorted(set(ours) & set(base))
+    if not seeds:
+        return None
+    diffs = np.array([ours[s] - base[s] for s in seeds])
+    n = len(diffs)
+    result = {"n": n, "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if n > 1 else None,
+              "t": None, "beyond_noise": None}
+    if n > 1:
+        se = result["std"] / math.sqrt(n)
+        result["t"] = float(result["mean"] / se) if se > 0 else math.copysign(math.inf, result["mean"])
+        result["beyond_noise"] = bool(abs(result["t"]) > _T975[min(n - 1, len(_T975)) - 1])
+    return result
+
+
+def report_paired(runs: list[Run], out: Output) -> None:
+    """Per-seed losses of every setting, and the paired per-seed difference to the static run of the
+    same size and block size (same seed = same initial pattern and data order), with the regime
+    statistics (pruned_recently_grown, explored DOF) beside them."""
+    settings: dict[str, dict[int, Run]] = {}
+    for run in sorted(runs, key=lambda r: (setting_name(r), r.seed)):
+        settings.setdefault(setting_name(run), {})[run.seed] = run
+    baselines = {}
+    for name, by_seed in settings.items():
+        first = next(iter(by_seed.values()))
+        if first.method == "static":
+            baselines.setdefault((first.size, first.block_size, first.sparsity), name)
+    table = Table(["setting", "method", "seeds", "val_mlm_loss", "std", "per_seed", "baseline", "diff_mean",
+                   "diff_std", "t", "beyond_noise", "pruned_recently_grown", "explored_dof"])
+    long = Table(["setting", "seed", "val_mlm_loss", "diff_vs_baseline", "pruned_recently_grown", "explored_dof"])
+    for name, by_seed in settings.items():
+        first = next(iter(by_seed.values()))
+        losses = {seed: r.loss for seed, r in by_seed.items()}
+        base_name = baselines.get((first.size, first.block_size, first.sparsity)) if first.mode != "dense" else None
+        base_name = None if base_name == name else base_name
+        diff = paired_difference(losses, {s: r.loss for s, r in settings[base_name].items()}) if base_name else None
+        prg = [v for v in (recently_grown_ratio(r) for r in by_seed.values()) if v is not None]
+        dof = [r.summary["mean_explored_dof"] for r in by_seed.values() if r.summary.get("mean_explored_dof") is not None]
+        values = np.array(list(losses.values()))
+        table.add(setting=name, method=METHOD_LABELS.get(first.method, first.method), seeds=len(values),
+                  val_mlm_loss=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else None,
+                  per_seed=" ".join(f"{seed}:{loss:.4f}" for seed, loss in losses.items()), baseline=base_name,
+                  diff_mean=diff and diff["mean"], diff_std=diff and diff["std"], t=diff and diff["t"],
+                  beyond_noise=diff and diff["beyond_noise"], pruned_recently_grown=float(np.mean(prg)) if prg else None,
+                  explored_dof=float(np.mean(dof)) if dof else None)
+        for seed, run in by_seed.items():
+            base = settings[base_name].get(seed) if base_name else None
+            long.add(setting=name, seed=seed, val_mlm_loss=run.loss, diff_vs_baseline=run.loss - base.loss if base else None,
+                     pruned_recently_grown=recently_grown_ratio(run), explored_dof=run.summary.get("mean_explored_dof"))
+    table.notes.append("diff = setting - baseline (static, same size, block size and sparsity) over the seeds both "
+                       "have; beyond_noise: |t| above Student's two-sided 95% quantile (n - 1 degrees of freedom)")
+    out.table("paired", table)
+    out.table("paired_per_seed", long)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(settings)), 4.5))
+    for i, (name, by_seed) in enumerate(settings.items()):
+        losses = [r.loss for r in by_seed.values()]
+        ax.plot([i] * len(losses), losses, "o", alpha=0.6)
+        ax.errorbar([i + 0.15], [np.mean(losses)], yerr=[np.std(losses, ddof=1) if len(losses) > 1 else 0],
+                    fmt="s", color="black", capsize=3)
+    ax.set_xticks(range(len(settings)), list(settings), rotation=30, ha="right", fontsize=7)
+    _style(ax, "", "final validation MLM loss", "Per-seed losses (points) and mean ± std")
+    fig.tight_layout()
+    out.figure("paired", fig)
+
 
 FIGURES: dict[str, Callable[..., None]] = {
     "pareto": report_pareto,
@@ -621,6 +699,7 @@ FIGURES: dict[str, Callable[..., None]] = {
     "freeze_unfreeze": report_freeze_unfreeze,
     "exploration": report_exploration,
     "learning_rate": report_learning_rate,
+    "paired": report_paired,
 }
 
 

@@ -222,6 +222,11 @@ class Trainer:
         prg = stats.mean_pruned_recently_grown
         if not math.isnan(prg):
             self._last_prg = prg  # shown beside the loss in the progress bar
+        if self.dist.is_main and (bar is None or bar.disable):  # logs without a bar (sweeps) get a line
+            print(f"step {stats.step}: pattern update {stats.update_index + 1}/{len(self.schedule)}, "
+                  f"pr(t) {stats.pruning_ratio:.3f}, {stats.pruned} blocks pruned, pruned_recently_grown "
+                  f"{'-' if math.isnan(prg) else f'{prg:.2f}'}, explored DOF {stats.mean_explored_dof:.3f}",
+                  file=sys.stderr)
         high = not math.isnan(prg) and prg > PRG_WARN
         self.counters.high_prg_updates = self.counters.high_prg_updates + 1 if high else 0
         if self.counters.high_prg_updates == 2 and not self.counters.prg_warned:

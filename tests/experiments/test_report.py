@@ -347,7 +347,7 @@ def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):
 
 def test_every_figure_is_registered():
     assert set(FIGURES) == {"pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init",
-                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate"}
+                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate", "paired"}
 
 
 def test_freeze_unfreeze_report(runs_root, tmp_path):
@@ -366,3 +366,35 @@ def test_freeze_unfreeze_report(runs_root, tmp_path):
     assert best == {"dense": (1e-3, 2.3), "early untrained (unfreeze)": (2e-3, 2.44),
                     "late untrained (freeze)": (1e-3, 2.41)}
     assert len(rows) == 5
+
+
+def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
+    from ipu_app.experiments.report import paired_difference
+
+    static = {0: 6.20, 1: 6.25, 2: 6.18}
+    dyn = {0: 6.15, 1: 6.21, 2: 6.12}  # better by 0.05, 0.04, 0.06: consistent across seeds
+    noisy = {0: 6.10, 1: 6.30, 2: 6.17}  # -0.10, +0.05, -0.01
+    update = {"kind": "update", "step": 500, "layers": [{"pruned_recently_grown": 0.4}, {"pruned_recently_grown": 0.6}]}
+    for seed in static:
+        make_run(runs_root, f"bert_tiny_static,seed={seed}", "bert_tiny_static", static[seed], seed=seed)
+        make_run(runs_root, f"bert_tiny_sparse,seed={seed},update_every=500", "bert_tiny_sparse", dyn[seed], seed=seed,
+                 summary={"mean_explored_dof": 0.3}, metrics=[update])
+        make_run(runs_root, f"bert_tiny_sparse_noisy,seed={seed}", "bert_tiny_sparse", noisy[seed], seed=seed)
+    make_run(runs_root, "bert_tiny_dense,seed=0", "bert_tiny_dense", 6.4)
+    build_report(runs_root, "paired", tmp_path / "r")
+    assert_png(tmp_path / "r" / "paired.png")
+    rows = {r["setting"]: r for r in read_csv(tmp_path / "r" / "paired.csv")}
+    good, bad = rows["bert_tiny_sparse,update_every=500"], rows["bert_tiny_sparse_noisy"]
+    diffs = np.array([dyn[s] - static[s] for s in static])
+    assert good["baseline"] == bad["baseline"] == "bert_tiny_static" and good["seeds"] == "3"
+    assert float(good["diff_mean"]) == pytest.approx(diffs.mean(), abs=1e-9)
+    assert float(good["diff_std"]) == pytest.approx(diffs.std(ddof=1), rel=1e-6)
+    assert float(good["t"]) == pytest.approx(diffs.mean() / (diffs.std(ddof=1) / np.sqrt(3)), rel=1e-6)
+    assert good["beyond_noise"] == "True" and bad["beyond_noise"] == "False"
+    assert float(good["pruned_recently_grown"]) == pytest.approx(0.5) and float(good["explored_dof"]) == 0.3
+    assert rows["bert_tiny_dense"]["baseline"] == "" and rows["bert_tiny_static"]["diff_mean"] == ""
+    per_seed = [r for r in read_csv(tmp_path / "r" / "paired_per_seed.csv") if r["setting"] == "bert_tiny_sparse_noisy"]
+    assert [round(float(r["diff_vs_baseline"]), 6) for r in per_seed] == [-0.1, 0.05, -0.01]
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+    one = paired_difference({0: 1.0}, {0: 0.5})
+    assert one["n"] == 1 and one["mean"] == 0.5 and one["beyond_noise"] is None

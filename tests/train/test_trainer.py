@@ -293,3 +293,4 @@ def test_validation_precedes_the_update_and_a_churning_schedule_warns(data_dir, 
     err = capsys.readouterr().err
     assert "warning: pattern updates every 3 steps, below sparsity.min_segment_steps=1000" in err
     assert err.count("regrown blocks are pruned before they grow") == 1
+    assert "step 6: pattern update 2/3, pr(t) 1.000" in err and "pruned_recently_grown 1.00" in err
