@@ -1,5 +1,6 @@
 """The README's quick start runs as written."""
 
+import json
 import re
 from pathlib import Path
 
@@ -37,4 +38,8 @@ def test_quick_start_training_line_is_a_valid_command(capsys):
     args = shlex.split(train.split("&&", 1)[1])
     assert args[:2] == ["python", "run_pretraining.py"]
     assert main(args[2:] + ["--describe", "--json"]) == 0
-    assert '"steps": 300' in capsys.readouterr().out
+    info = json.loads(capsys.readouterr().out)
+    # a sound DynSparse run: it updates the pattern, with segments no shorter than min_segment_steps
+    assert info["config"]["training"]["steps"] == 2000 and info["config"]["sparsity"]["mode"] == "dynamic"
+    assert info["pattern_updates"] >= 1 and info["schedule_warning"] is None
+    assert info["steps_between_updates"] >= info["config"]["sparsity"]["min_segment_steps"]
