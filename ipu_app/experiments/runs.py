@@ -341,9 +341,10 @@ def dof_curve(run: Run) -> list[tuple[int, float]]:
     return curve
 
 
-def recently_grown_ratio(run: Run) -> float | None:
+def recently_grown_ratio(run: Run, key: str = "pruned_recently_grown") -> float | None:
     """Mean over updates and layers of the fraction of pruned blocks grown at the previous update
-    (the paper's "ratio of removed, new weights", Fig. 5)."""
-    values = [layer["pruned_recently_grown"] for record in run.metrics("update") for layer in record.get("layers", [])
-              if layer.get("pruned_recently_grown") is not None and math.isfinite(layer["pruned_recently_grown"])]
+    (the paper's "ratio of removed, new weights", Fig. 5); ``key="grown_pruned_again"``: of the
+    blocks grown at the previous update, the fraction pruned again."""
+    values = [layer[key] for record in run.metrics("update") for layer in record.get("layers", [])
+              if layer.get(key) is not None and math.isfinite(layer[key])]
     return float(np.mean(values)) if values else None

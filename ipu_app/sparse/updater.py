@@ -57,6 +57,9 @@ class LayerUpdateStats:
     # Fraction of the pruned blocks that had been grown at the previous update
     # ("wasted" exploration, paper Fig. 5b/c); NaN when nothing was pruned.
     pruned_recently_grown: float
+    # Fraction of the blocks grown at the previous update that this one prunes again; NaN when none
+    # had been grown. Unlike pruned_recently_grown it does not rise just because pr(t) decays.
+    grown_pruned_again: float = float("nan")
 
 
 @dataclass
@@ -76,6 +79,11 @@ class UpdateStats:
         return float(np.mean([s.explored_dof for s in self.layers])) if self.layers else float("nan")
 
     @property
+    def mean_grown_pruned_again(self) -> float:
+        values = [s.grown_pruned_again for s in self.layers if not np.isnan(s.grown_pruned_again)]
+        return float(np.mean(values)) if values else float("nan")
+
+    @property
     def mean_pruned_recently_grown(self) -> float:
         """Mean over layers that pruned something and had grown blocks before (NaN: none did)."""
         values = [s.pruned_recently_grown for s in self.layers if not np.isnan(s.pruned_recently_grown)]
@@ -91,6 +99,7 @@ class UpdateStats:
             "pruned_blocks": self.pruned,
             "mean_explored_dof": self.mean_explored_dof,
             "mean_pruned_recently_grown": self.mean_pruned_recently_grown,
+            "mean_grown_pruned_again": self.mean_grown_pruned_again,
             "layers": [asdict(s) for s in self.layers],
         }
 
@@ -310,6 +319,9 @@ class PatternUpdater:
             if dropped.numel() and self.update_count > 0
             else float("nan")
         )
+        last = self._last_grown[i]
+        again = (float(_members(last, dropped, layer.pattern.num_blocks).float().mean())
+                 if last.numel() and self.update_count > 0 else float("nan"))
         self._explored[i][grow] = True
         self._last_grown[i] = grow
         return LayerUpdateStats(
@@ -321,6 +333,7 @@ class PatternUpdater:
             sparsity=layer.sparsity,
             explored_dof=float(self._explored[i].float().mean()),
             pruned_recently_grown=recent,
+            grown_pruned_again=again,
         )
 
     # ------------------------------------------------------------- telemetry

@@ -374,7 +374,8 @@ def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
     static = {0: 6.20, 1: 6.25, 2: 6.18}
     dyn = {0: 6.15, 1: 6.21, 2: 6.12}  # better by 0.05, 0.04, 0.06: consistent across seeds
     noisy = {0: 6.10, 1: 6.30, 2: 6.17}  # -0.10, +0.05, -0.01
-    update = {"kind": "update", "step": 500, "layers": [{"pruned_recently_grown": 0.4}, {"pruned_recently_grown": 0.6}]}
+    update = {"kind": "update", "step": 500, "layers": [{"pruned_recently_grown": 0.4, "grown_pruned_again": 0.2},
+                                                     {"pruned_recently_grown": 0.6, "grown_pruned_again": 0.3}]}
     for seed in static:
         make_run(runs_root, f"bert_tiny_static,seed={seed}", "bert_tiny_static", static[seed], seed=seed)
         make_run(runs_root, f"bert_tiny_sparse,seed={seed},update_every=500", "bert_tiny_sparse", dyn[seed], seed=seed,
@@ -392,6 +393,7 @@ def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
     assert float(good["t"]) == pytest.approx(diffs.mean() / (diffs.std(ddof=1) / np.sqrt(3)), rel=1e-6)
     assert good["beyond_noise"] == "True" and bad["beyond_noise"] == "False"
     assert float(good["pruned_recently_grown"]) == pytest.approx(0.5) and float(good["explored_dof"]) == 0.3
+    assert float(good["grown_pruned_again"]) == pytest.approx(0.25) and bad["grown_pruned_again"] == ""
     assert rows["bert_tiny_dense"]["baseline"] == "" and rows["bert_tiny_static"]["diff_mean"] == ""
     per_seed = [r for r in read_csv(tmp_path / "r" / "paired_per_seed.csv") if r["setting"] == "bert_tiny_sparse_noisy"]
     assert [round(float(r["diff_vs_baseline"]), 6) for r in per_seed] == [-0.1, 0.05, -0.01]

@@ -374,3 +374,18 @@ def test_mean_pruned_recently_grown_skips_layers_without_history():
     assert math.isnan(first.mean_pruned_recently_grown) and math.isnan(first.as_dict()["mean_pruned_recently_grown"])
     second = updater.update(50)
     assert second.mean_pruned_recently_grown == 1.0  # pr = 1: every pruned block had just been grown
+    assert second.mean_grown_pruned_again == 1.0 and math.isnan(first.mean_grown_pruned_again)
+
+
+def test_grown_pruned_again_counts_the_previous_growth():
+    # pr 0.5 then (cosine, T = 40) smaller: of the blocks grown at step 10, the fraction pruned at step 20.
+    model = make_model(b=1, s=0.9)
+    updater = PatternUpdater(model, None, UpdateSchedule.explicit(40, [10, 20]), pruning_ratio=0.5)
+    updater.step(10)
+    grown = {name: set(updater._last_grown[i].tolist()) for i, (name, _) in enumerate(updater.layers)}
+    before = {name: set(layer.pattern.linear_index().tolist()) for name, layer in updater.layers}
+    stats = updater.step(20)
+    for (name, layer), layer_stats in zip(updater.layers, stats.layers):
+        pruned = before[name] - set(layer.pattern.linear_index().tolist())
+        assert layer_stats.grown_pruned_again == pytest.approx(len(pruned & grown[name]) / len(grown[name]))
+        assert layer_stats.pruned_recently_grown == pytest.approx(len(pruned & grown[name]) / len(pruned))
