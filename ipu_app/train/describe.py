@@ -148,6 +148,9 @@ def format_description(info: dict) -> str:
         f"{'replicas' if info.get('ipu') else 'processes'}",
         f"pattern updates                  {info['pattern_updates']}"
         + (f" (every {info['steps_between_updates']:.1f} steps)" if info["pattern_updates"] else ""),
+        *([f"pruned_recently_grown expected   {info['expect_pruned_recently_grown']}"]
+          if info.get("expect_pruned_recently_grown") else []),
+        *([f"warning                          {info['schedule_warning']}"] if info.get("schedule_warning") else []),
         *([f"untrained subset                 {info['freeze']['fraction']:g} of each encoder weight, steps "
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
         *_ipu_lines(info.get("ipu")),

@@ -153,3 +153,13 @@ def test_describe_freeze(capsys):
                                          "untrained_steps": "1..200"}
     code, _, err = run_cli(capsys, "--config", "bert_mini_static", "--set", "sparsity.freeze=late", "--describe")
     assert code == 1 and "sparsity.freeze=late needs sparsity.mode=dense" in err and err.count("\n") == 1
+
+
+def test_describe_shows_the_schedule_and_its_warning(capsys):
+    code, out, _ = run_cli(capsys, "--config", "bert_tiny_sparse", "--steps", "300", "--describe")
+    assert code == 0
+    assert "pattern updates                  1 (every 150.0 steps)" in out
+    assert "pruned_recently_grown expected   at most ~0.5" in out
+    assert "warning                          pattern updates every 150 steps, below sparsity.min_segment_steps" in out
+    code, out, _ = run_cli(capsys, "--config", "bert_tiny_sparse", "--steps", "5000", "--describe")
+    assert "pattern updates                  4 (every 1000.0 steps)" in out and "warning " not in out
