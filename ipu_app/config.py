@@ -440,8 +440,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
         sparsity = raw.setdefault("sparsity", {})
         if (isinstance(sparsity, dict) and sparsity.get("update_every") is None
                 and not overridden & {"sparsity.num_updates", "sparsity.update_every"}):
-            sparsity["num_updates"] = short_run_updates(steps, sparsity.get("num_updates", SparsitySection.num_updates),
-                                                        sparsity.get("min_segment_steps", SparsitySection.min_segment_steps))
+            sparsity["num_updates"] = short_run_updates(
+                steps, sparsity.get("num_updates", SparsitySection.num_updates),
+                sparsity.get("min_segment_steps", SparsitySection.min_segment_steps))
     if seed is not None:
         _set_path(raw, "seed", seed)
     config = from_dict(raw)

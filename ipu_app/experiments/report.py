@@ -661,17 +661,21 @@ def report_paired(runs: list[Run], out: Output) -> None:
         diff = paired_difference(losses, {s: r.loss for s, r in settings[base_name].items()}) if base_name else None
         prg = [v for v in (recently_grown_ratio(r) for r in by_seed.values()) if v is not None]
         again = [v for v in (recently_grown_ratio(r, "grown_pruned_again") for r in by_seed.values()) if v is not None]
-        dof = [r.summary["mean_explored_dof"] for r in by_seed.values() if r.summary.get("mean_explored_dof") is not None]
+        dof = [r.summary["mean_explored_dof"] for r in by_seed.values()
+               if r.summary.get("mean_explored_dof") is not None]
         values = np.array(list(losses.values()))
         table.add(setting=name, method=METHOD_LABELS.get(first.method, first.method), seeds=len(values),
                   val_mlm_loss=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else None,
                   per_seed=" ".join(f"{seed}:{loss:.4f}" for seed, loss in losses.items()), baseline=base_name,
                   diff_mean=diff and diff["mean"], diff_std=diff and diff["std"], t=diff and diff["t"],
-                  beyond_noise=diff and diff["beyond_noise"], pruned_recently_grown=float(np.mean(prg)) if prg else None,
-                  grown_pruned_again=float(np.mean(again)) if again else None, explored_dof=float(np.mean(dof)) if dof else None)
+                  beyond_noise=diff and diff["beyond_noise"],
+                  pruned_recently_grown=float(np.mean(prg)) if prg else None,
+                  grown_pruned_again=float(np.mean(again)) if again else None,
+                  explored_dof=float(np.mean(dof)) if dof else None)
         for seed, run in by_seed.items():
             base = settings[base_name].get(seed) if base_name else None
-            long.add(setting=name, seed=seed, val_mlm_loss=run.loss, diff_vs_baseline=run.loss - base.loss if base else None,
+            long.add(setting=name, seed=seed, val_mlm_loss=run.loss,
+                     diff_vs_baseline=run.loss - base.loss if base else None,
                      pruned_recently_grown=recently_grown_ratio(run),
                      grown_pruned_again=recently_grown_ratio(run, "grown_pruned_again"),
                      explored_dof=run.summary.get("mean_explored_dof"))

@@ -155,7 +155,8 @@ class IpuTrainer(Trainer):
         o = self.config.optimizer
         loss_scaling = o.loss_scale if isinstance(o.loss_scale, float) else None
         return self.poptorch.optim.AdamW(
-            parameter_groups(self.model, o.weight_decay, o.sparse_weight_decay), lr=self.config.learning_rate, betas=(o.beta1, o.beta2),
+            parameter_groups(self.model, o.weight_decay, o.sparse_weight_decay), lr=self.config.learning_rate,
+            betas=(o.beta1, o.beta2),
             eps=o.eps, weight_decay=o.weight_decay, loss_scaling=loss_scaling,
             max_grad_norm=o.max_grad_norm or None, bias_correction=True,
             accum_type=torch.float32, first_order_momentum_accum_type=torch.float32,

@@ -78,16 +78,19 @@ class UpdateStats:
     def mean_explored_dof(self) -> float:
         return float(np.mean([s.explored_dof for s in self.layers])) if self.layers else float("nan")
 
+    def _mean_over_layers(self, field_name: str) -> float:
+        """Mean of a per-layer statistic over the layers where it is defined (NaN: none)."""
+        values = [v for v in (getattr(s, field_name) for s in self.layers) if not np.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
     @property
     def mean_grown_pruned_again(self) -> float:
-        values = [s.grown_pruned_again for s in self.layers if not np.isnan(s.grown_pruned_again)]
-        return float(np.mean(values)) if values else float("nan")
+        return self._mean_over_layers("grown_pruned_again")
 
     @property
     def mean_pruned_recently_grown(self) -> float:
         """Mean over layers that pruned something and had grown blocks before (NaN: none did)."""
-        values = [s.pruned_recently_grown for s in self.layers if not np.isnan(s.pruned_recently_grown)]
-        return float(np.mean(values)) if values else float("nan")
+        return self._mean_over_layers("pruned_recently_grown")
 
     def as_dict(self) -> dict:
         """Flat, JSON-friendly record for metrics logs."""
@@ -321,7 +324,7 @@ class PatternUpdater:
         )
         last = self._last_grown[i]
         again = (float(_members(last, dropped, layer.pattern.num_blocks).float().mean())
-                 if last.numel() and self.update_count > 0 else float("nan"))
+                 if last.numel() else float("nan"))  # none grown before (the first update): undefined
         self._explored[i][grow] = True
         self._last_grown[i] = grow
         return LayerUpdateStats(

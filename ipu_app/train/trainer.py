@@ -222,7 +222,8 @@ class Trainer:
         prg = stats.mean_pruned_recently_grown
         if not math.isnan(prg):
             self._last_prg = prg  # shown beside the loss in the progress bar
-        if self.dist.is_main and (bar is None or bar.disable):  # logs without a bar (sweeps) get a line
+        has_bar = bar is not None and not bar.disable
+        if self.dist.is_main and not has_bar:  # logs without a bar (sweeps) get a line
             print(f"step {stats.step}: pattern update {stats.update_index + 1}/{len(self.schedule)}, "
                   f"pr(t) {stats.pruning_ratio:.3f}, {stats.pruned} blocks pruned, pruned_recently_grown "
                   f"{'-' if math.isnan(prg) else f'{prg:.2f}'}, explored DOF {stats.mean_explored_dof:.3f}",
@@ -236,7 +237,7 @@ class Trainer:
                        "grow; use longer segments (sparsity.update_every) or a lower sparsity.pruning_ratio")
             self.metrics.log("warning", stats.step, what="pruned_recently_grown", value=prg, message=message)
             if self.dist.is_main:
-                (tqdm.write if bar is not None and not bar.disable else print)(message, file=sys.stderr)
+                (tqdm.write if has_bar else print)(message, file=sys.stderr)
 
     # ============================================================ backend hooks
     def make_optimizer(self) -> torch.optim.Optimizer:
