@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .choices import BENCH_DTYPES, BENCH_SHAPES
+
 
 def _prepare_data(args) -> int:
     from .data.prepare import prepare_embedded, prepare_files
@@ -99,6 +101,31 @@ def _bench(args) -> int:
     return bench.main(args)
 
 
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure the sparse kernels (bench kernels) or training steps (bench train)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    k = bsub.add_parser("kernels", help="forward+backward of one sparse linear vs dense and PyTorch BSR")
+    k.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), choices=list(BENCH_SHAPES))
+    k.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384])
+    k.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9, 0.99])
+    k.add_argument("--block-size", nargs="+", type=int, default=[16, 32, 64])
+    k.add_argument("--dtype", default="bf16", choices=list(BENCH_DTYPES))
+    k.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
+    k.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is kept)")
+    k.add_argument("--no-bsr", action="store_true", help="skip PyTorch's BSR tensors")
+    k.add_argument("--output", default="bench_results/kernels", help="directory for kernels.{csv,md,png}")
+    k.set_defaults(func=_bench)
+    t = bsub.add_parser("train", help="whole training steps of a sparse config on each backend vs dense")
+    t.add_argument("--config", required=True, help="a sparse config, e.g. bert_mini_sparse")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--backends", nargs="+", default=["reference", "auto"])
+    t.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is kept)")
+    t.add_argument("--sparsity", nargs="+", type=float, default=None,
+                   help="sparsities to run the config at (default: its own); several give a break-even")
+    t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
+    t.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipu_app", description="DynSparse BERT tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-kernels", help="compile the CPU kernels of backend cpu now (else on first use)")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached library exists")
     p.set_defaults(func=_build_kernels)
-    from .experiments.bench import add_parser as add_bench_parser
-
-    add_bench_parser(sub, _bench)
+    _add_bench_parser(sub)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")

@@ -22,14 +22,10 @@ from typing import Any
 
 import yaml
 
+from .choices import (BACKEND_NAMES, BLOCK_METRICS, FREEZE_MODES, PRUNING_SCHEDULES, REGROWTH_RULES,
+                      SUPPORTED_BLOCK_SIZES, VALUE_INITS)
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse.flops import non_embedding_params
-from .sparse.freeze import FREEZE_MODES
-from .sparse.init import VALUE_INITS
-from .sparse.pattern import SUPPORTED_BLOCK_SIZES
-from .sparse.schedule import PRUNING_SCHEDULES
-from .sparse.scoring import BLOCK_METRICS, REGROWTH_RULES
-from .ops import BACKEND_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -154,6 +150,8 @@ class RunConfig:
     backend: str = "reference"
     seed: int = 0
     name: str = ""  # the config's name (set when loaded)
+    # Set by load_config, not saved: what --steps rescaled, {dotted key: (old, new)}.
+    adjusted: typing.ClassVar[dict] = {}
 
     # ------------------------------------------------------------- derived values
     @property
@@ -312,8 +310,19 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_saved_dict(self) -> dict:
+        """What ``config.yaml`` and ``--describe`` show: the ``ipu`` section only where ``backend: ipu``
+        (loading fills it with the defaults again, so the config round-trips)."""
+        saved = self.to_dict()
+        if self.backend != "ipu":
+            del saved["ipu"]
+        return saved
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_saved_dict(), sort_keys=False)
+
+
+SECTION_CLASSES = {f.name: f.default_factory for f in fields(RunConfig) if f.default_factory is not MISSING}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -421,6 +430,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
     (the paper's 10k of 757k steps), so a short run still reaches its peak learning rate. Unless
     ``sparsity.num_updates`` or ``sparsity.update_every`` is set too, the number of segments is
     lowered so that each lasts at least ``sparsity.min_segment_steps`` (see ``short_run_updates``).
+    ``log_every``, ``validate_every`` and ``checkpoint_every`` are lowered (never raised) so that the
+    run has at least ``SHORT_RUN_EVENTS`` of each. Explicit ``--set`` values always win; what changed
+    is kept in ``config.adjusted`` (``--describe`` prints it).
     """
     path = resolve_config_path(name_or_path)
     raw = load_raw(path)
@@ -429,25 +441,52 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
         key, value = parse_override(item)
         _set_path(raw, key, value)
         overridden.add(key)
-    if steps is not None:
-        training = raw.setdefault("training", {})
-        if isinstance(training, dict) and "training.warmup_steps" not in overridden:
-            old_steps = training.get("steps", TrainingSection.steps)
-            old_warmup = training.get("warmup_steps", TrainingSection.warmup_steps)
-            if isinstance(old_steps, int) and isinstance(old_warmup, int) and old_steps > 0:
-                training["warmup_steps"] = int(round(old_warmup * steps / old_steps))
-        _set_path(raw, "training.steps", steps)
-        sparsity = raw.setdefault("sparsity", {})
-        if (isinstance(sparsity, dict) and sparsity.get("update_every") is None
-                and not overridden & {"sparsity.num_updates", "sparsity.update_every"}):
-            sparsity["num_updates"] = short_run_updates(
-                steps, sparsity.get("num_updates", SparsitySection.num_updates),
-                sparsity.get("min_segment_steps", SparsitySection.min_segment_steps))
+    adjusted = _rescale_to_steps(raw, steps, overridden) if steps is not None else {}
     if seed is not None:
         _set_path(raw, "seed", seed)
     config = from_dict(raw)
     config.name = config.name or path.stem
+    config.adjusted = adjusted
     return config.validate()
+
+
+# --steps N keeps at least this many of each per run (capped at the config's own interval).
+SHORT_RUN_EVENTS = {"log_every": 20, "validate_every": 4, "checkpoint_every": 4}
+
+
+def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, tuple[Any, Any]]:
+    """Set ``training.steps`` and rescale what depends on the run length, unless set explicitly;
+    returns ``{dotted key: (old, new)}`` for what changed."""
+    changed: dict[str, tuple[Any, Any]] = {}
+
+    def change(section: dict, key: str, new: Any, section_name: str) -> None:
+        dotted = f"{section_name}.{key}"
+        if dotted in overridden or section.get(key) == new:
+            return
+        old = section.get(key, getattr(SECTION_CLASSES[section_name], key))
+        if old != new:
+            changed[dotted] = (old, new)
+        section[key] = new
+
+    training = raw.setdefault("training", {})
+    if not isinstance(training, dict):
+        return changed  # validation reports it
+    old_steps = training.get("steps", TrainingSection.steps)
+    old_warmup = training.get("warmup_steps", TrainingSection.warmup_steps)
+    if isinstance(old_steps, int) and isinstance(old_warmup, int) and old_steps > 0:
+        change(training, "warmup_steps", int(round(old_warmup * steps / old_steps)), "training")
+    for key, events in SHORT_RUN_EVENTS.items():
+        every = training.get(key, getattr(TrainingSection, key))
+        if isinstance(every, int) and every > steps // events:
+            change(training, key, max(1, min(every, steps // events)), "training")
+    _set_path(raw, "training.steps", steps)
+    sparsity = raw.setdefault("sparsity", {})
+    if (isinstance(sparsity, dict) and sparsity.get("update_every") is None
+            and not overridden & {"sparsity.num_updates", "sparsity.update_every"}):
+        change(sparsity, "num_updates", short_run_updates(
+            steps, sparsity.get("num_updates", SparsitySection.num_updates),
+            sparsity.get("min_segment_steps", SparsitySection.min_segment_steps)), "sparsity")
+    return changed
 
 
 def short_run_updates(steps: int, num_updates: Any, min_segment_steps: Any) -> Any:
@@ -533,11 +572,13 @@ def _build(cls, raw: Any, prefix: str):
 def _coerce(key: str, value: Any, annotation) -> Any:
     """Check ``value`` against the field's annotation (ints are accepted where floats are)."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if isinstance(value, str) and str not in options and (int in options or float in options):
-        try:  # YAML 1.1 reads 1e3 as a string
-            value = float(value)
+    if isinstance(value, str) and (int in options or float in options):
+        try:  # YAML 1.1 reads 1e-3 as a string, also where a name is allowed too ("auto" | a number)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None and math.isfinite(number):
+            value = number
     for option in options:
         if option is type(None) and value is None:
             return None

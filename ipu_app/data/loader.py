@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sparse.init import derive_seed
+from ..seeding import derive_seed
 from .corpus import CorpusError
 from .shards import load_manifest
 from .tokenizer import load_tokenizer

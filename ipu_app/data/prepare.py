@@ -41,13 +41,22 @@ def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer
 def prepare_embedded(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522, cache_dir: str | Path | None = None,
                      progress: bool = True) -> Path:
     """The embedded corpus, prepared once into the cache and reused afterwards."""
-    files = embedded_files()
-    sources = source_hashes(files)
-    key = hashlib.sha256(repr((sorted(sources.values()), tokenizer, vocab_size)).encode()).hexdigest()[:16]
-    output_dir = Path(cache_dir or cache_root()) / f"embedded-{key}"
+    output_dir, sources = _embedded_dir(tokenizer, vocab_size, cache_dir)
     if (output_dir / "manifest.json").is_file():
         return output_dir
     return _prepare(list(embedded_documents()), output_dir, tokenizer, vocab_size, sources, progress)
+
+
+def embedded_data_dir(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522,
+                      cache_dir: str | Path | None = None) -> Path:
+    """Where ``prepare_embedded`` puts (or has put) the embedded corpus; prepares nothing."""
+    return _embedded_dir(tokenizer, vocab_size, cache_dir)[0]
+
+
+def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None) -> tuple[Path, dict]:
+    sources = source_hashes(embedded_files())
+    key = hashlib.sha256(repr((sorted(sources.values()), tokenizer, vocab_size)).encode()).hexdigest()[:16]
+    return Path(cache_dir or cache_root()) / f"embedded-{key}", sources
 
 
 def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sources: dict, progress: bool) -> Path:

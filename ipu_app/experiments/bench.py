@@ -31,13 +31,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..choices import BENCH_DTYPES, BENCH_SHAPES
 from ..io import atomic_write_bytes
 
-SHAPES = {  # name: (in_features, out_features)
-    "medium_up": (512, 2048), "medium_down": (2048, 512),
-    "base_up": (768, 3072), "base_down": (3072, 768),
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = BENCH_SHAPES  # name: (in_features, out_features)
+DTYPES = dict(zip(BENCH_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class BenchError(ValueError):
@@ -328,11 +326,11 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
             times: dict[str, list[float]] = {name: [] for name, _ in trainers}
             for _, trainer in trainers:  # warm-up (kernels built, metadata cached)
                 for _ in range(2):
-                    trainer._train_step(trainer.step + 1)
+                    trainer.train_step(trainer.step + 1)
             for i in range(steps):  # interleaved, so machine noise hits every variant alike
                 for name, trainer in trainers:
                     start = time.perf_counter()
-                    trainer._train_step(trainer.step + 1)
+                    trainer.train_step(trainer.step + 1)
                     times[name].append(time.perf_counter() - start)
                 if progress:
                     progress(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {1e3 * t[-1]:.0f} ms" for n, t in times.items()))
@@ -392,31 +390,6 @@ def plot_train(rows: list[TrainRow], title: str, path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def add_parser(sub, func) -> None:
-    p = sub.add_parser("bench", help="measure the sparse kernels (bench kernels) or training steps (bench train)")
-    bsub = p.add_subparsers(dest="bench_command", required=True)
-    k = bsub.add_parser("kernels", help="forward+backward of one sparse linear vs dense and PyTorch BSR")
-    k.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    k.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384])
-    k.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9, 0.99])
-    k.add_argument("--block-size", nargs="+", type=int, default=[16, 32, 64])
-    k.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    k.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
-    k.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is kept)")
-    k.add_argument("--no-bsr", action="store_true", help="skip PyTorch's BSR tensors")
-    k.add_argument("--output", default="bench_results/kernels", help="directory for kernels.{csv,md,png}")
-    k.set_defaults(func=func)
-    t = bsub.add_parser("train", help="whole training steps of a sparse config on each backend vs dense")
-    t.add_argument("--config", required=True, help="a sparse config, e.g. bert_mini_sparse")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--backends", nargs="+", default=["reference", "auto"])
-    t.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is kept)")
-    t.add_argument("--sparsity", nargs="+", type=float, default=None,
-                   help="sparsities to run the config at (default: its own); several give a break-even")
-    t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
-    t.set_defaults(func=func)
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

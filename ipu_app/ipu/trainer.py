@@ -172,7 +172,7 @@ class IpuTrainer(Trainer):
         self._last_batch = micro[-1]
         return batch
 
-    def _train_step(self, step: int) -> None:
+    def train_step(self, step: int) -> None:
         started = time.perf_counter()
         batch = self._call_batch()
         lr = self.scheduler.get_last_lr()[0]
@@ -208,16 +208,16 @@ class IpuTrainer(Trainer):
 
     # ------------------------------------------------------- validation, checkpoints
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self, final: bool = False) -> dict:
         self.executor.copyWeightsToHost()
         if not self.dist.is_main:  # instance 0 validates on the whole set; the others go on
             nan = float("nan")
             return {"mlm_loss": nan, "mlm_accuracy": nan, "nsp_loss": nan, "sequences": 0}
         if not self.half:
-            return super().validate()
+            return super().validate(final)
         device_model, self.model = self.model, copy.deepcopy(self.model).float()
         try:
-            return super().validate()
+            return super().validate(final)
         finally:
             self.model = device_model
 

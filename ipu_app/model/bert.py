@@ -8,6 +8,7 @@ SparseLinear; the MLM head runs only on the masked positions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -105,16 +106,20 @@ class PretrainingOutput:
 class SparseBertForPreTraining(nn.Module):
     """BERT MLM (+ NSP) pre-training model whose encoder linears are SparseLinear."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, initialize: bool = True) -> None:
+        """``initialize=False`` leaves the weights uninitialised (shapes, patterns and counts are
+        those of the initialised model): for ``--describe`` and for loading saved weights."""
         super().__init__()
         self.config = config.validate()
         hf_config = config.hf_config()
         self.hf_config = hf_config
-        self.bert = BertModel(hf_config, add_pooling_layer=config.nsp)
-        self.cls = BertPreTrainingHeads(hf_config) if config.nsp else BertOnlyMLMHead(hf_config)
+        with contextlib.nullcontext() if initialize else _no_init_weights():
+            self.bert = BertModel(hf_config, add_pooling_layer=config.nsp)
+            self.cls = BertPreTrainingHeads(hf_config) if config.nsp else BertOnlyMLMHead(hf_config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
-        self.apply(_init_dense)
+        if initialize:
+            self.apply(_init_dense)
         if config.sparsity_mode != "dense":
             wanted = {SPARSE_MODULES[m] for m in config.sparse_modules}
             sparsify_(
@@ -126,8 +131,9 @@ class SparseBertForPreTraining(nn.Module):
                 inactive=config.inactive,
                 backend=config.backend,
             )
-            for _, layer in sparse_linears(self):
-                _reinit_sparse(layer, config)
+            if initialize:
+                for _, layer in sparse_linears(self):
+                    _reinit_sparse(layer, config)
 
     def forward(
         self,
@@ -178,13 +184,22 @@ class SparseBertForPreTraining(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: not a saved SparseBertForPreTraining directory")
-        model = cls(ModelConfig.from_json(config_path))
+        model = cls(ModelConfig.from_json(config_path), initialize=False)
         state = load_file(str(weights_path), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model
+
+
+def _no_init_weights():
+    """Hugging Face's switch that turns its own and torch's weight initialisation into no-ops."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _init_dense(module: nn.Module) -> None:

@@ -217,7 +217,7 @@ def sparsify_(
     Layer ``i`` (in module order) gets its own random pattern from generator
     ``(seed, i)``, all with the same sparsity. Returns the replaced names.
     """
-    from ..sparse.init import seeded_generator
+    from ..seeding import seeded_generator
 
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and include(n, m)]
     for index, (name, linear) in enumerate(targets):

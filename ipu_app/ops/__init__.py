@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..choices import BACKEND_NAMES, SPARSE_BACKENDS
 from ..sparse.pattern import BlockPattern
 from . import reference
 from .fast import compute_dtype
@@ -26,8 +27,7 @@ SparseLinearOp = Callable[..., torch.Tensor]
 __all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dtype", "describe", "get_backend",
            "reference", "resolve_backend"]
 
-_MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton"}
-BACKEND_NAMES = ("auto", *_MODULES)
+_MODULES = {name: name for name in SPARSE_BACKENDS}
 
 # ``auto`` uses a fast kernel only up to a density (1 - sparsity) where it still beats dense GEMMs,
 # from the break-even sparsity that ``python -m ipu_app bench kernels`` measures (docs/ARCHITECTURE.md):

@@ -1,6 +1,16 @@
-"""Backend-neutral DynSparse: patterns, schedules, scoring, the updater, regularisers, FLOPs."""
+"""Backend-neutral DynSparse: patterns, schedules, scoring, the updater, regularisers, FLOPs.
 
-from .pattern import SUPPORTED_BLOCK_SIZES, BlockPattern, PatternError, nnz_blocks
-from .schedule import UpdateSchedule, pruning_ratio_at
+Submodules are imported on first use, so that torch-free ones (``flops``, ``schedule``) load without torch.
+"""
 
-__all__ = ["SUPPORTED_BLOCK_SIZES", "BlockPattern", "PatternError", "nnz_blocks", "UpdateSchedule", "pruning_ratio_at"]
+import importlib
+
+_EXPORTS = {"SUPPORTED_BLOCK_SIZES": "pattern", "BlockPattern": "pattern", "PatternError": "pattern",
+            "nnz_blocks": "pattern", "UpdateSchedule": "schedule", "pruning_ratio_at": "schedule"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

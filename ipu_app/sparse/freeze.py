@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .init import seeded_generator
-
-FREEZE_MODES = ("none", "early", "late")
+from ..choices import FREEZE_MODES
+from ..seeding import seeded_generator
 
 
 class PartialFreezer:

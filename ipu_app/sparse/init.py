@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
 
 import torch
 
+from ..choices import VALUE_INITS
 from .pattern import BlockPattern, PatternError, check_block_shape, nnz_blocks
 
-VALUE_INITS = ("trunc_normal", "trunc_normal_rescaled", "glorot", "glorot_rescaled")
 DEFAULT_INIT_STD = 0.02  # BERT's initializer range, the paper's default
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys, identical on every process and platform."""
-    data = struct.pack(f"<{len(keys)}q", *[int(k) for k in keys])
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integer keys, e.g. ``(seed, update_index, layer_index)``."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(derive_seed(*keys))
-    return generator
 
 
 def random_pattern(

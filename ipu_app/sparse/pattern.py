@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
+from ..choices import SUPPORTED_BLOCK_SIZES
 
 
 class PatternError(ValueError):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-PRUNING_SCHEDULES = ("cosine", "constant")
+from ..choices import PRUNING_SCHEDULES
 
 
 class ScheduleError(ValueError):

@@ -9,10 +9,8 @@ import math
 
 import torch
 
+from ..choices import BLOCK_METRICS, REGROWTH_RULES
 from .pattern import blockify
-
-BLOCK_METRICS = ("l1", "l2", "linf")
-REGROWTH_RULES = ("random", "gradient")
 
 
 def block_norms(values: torch.Tensor, metric: str = "l1") -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""PatternUpdater: one DynSparse prune-and-regrow step over every SparseLinear of a model.
+"""PatternUpdater: one DynSparse prune-and-regrow step over every sparse layer of a model
+(any module offering ``sparse.layer.SparseWeight``).
 
 Runs on whatever device the tensors live on (the host, between training phases,
 for IPUs); all random draws come from CPU generators seeded by
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.sparse_linear import SparseLinear, sparse_linears
-from .init import seeded_generator
+from ..seeding import seeded_generator
+from .layer import SparseWeight, sparse_weights
 from .pattern import blockify
 from .schedule import PRUNING_SCHEDULES, UpdateSchedule, pruning_ratio_at
 from .scoring import (
@@ -113,7 +114,7 @@ class _Plan:
 
     layer_index: int
     name: str
-    layer: SparseLinear
+    layer: SparseWeight
     old_index: torch.Tensor  # [nnz] sorted block positions before the update
     drop: torch.Tensor  # slots to prune
     grow: torch.Tensor  # new block positions
@@ -122,7 +123,7 @@ class _Plan:
 
 
 class PatternUpdater:
-    """Prunes the ``pr(t)`` lowest-norm blocks of every SparseLinear and regrows as many.
+    """Prunes the ``pr(t)`` lowest-norm blocks of every sparse layer and regrows as many.
 
     Call ``begin_step(step)`` before a training step's forward pass (RigL records
     the dense gradient only on update steps) and ``step(step)`` after its optimizer
@@ -154,9 +155,9 @@ class PatternUpdater:
                 raise UpdaterError(f"unknown {option} {value!r}; use one of {list(allowed)}")
         if not 0.0 <= pruning_ratio <= 1.0:
             raise UpdaterError(f"pruning_ratio must be in [0, 1], got {pruning_ratio}")
-        self.layers = sparse_linears(model)
+        self.layers = sparse_weights(model)
         if not self.layers:
-            raise UpdaterError("the model has no SparseLinear layers to update")
+            raise UpdaterError("the model has no sparse layers to update (modules offering sparse.layer.SparseWeight)")
         self.optimizer = optimizer
         self.schedule = schedule
         self.mode = mode
@@ -216,7 +217,7 @@ class PatternUpdater:
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def _plan(self, index: int, name: str, layer: SparseLinear, pr_t: float, update_index: int) -> _Plan:
+    def _plan(self, index: int, name: str, layer: SparseWeight, pr_t: float, update_index: int) -> _Plan:
         pattern = layer.pattern
         old_index = pattern.linear_index()
         num_blocks = pattern.num_blocks
@@ -231,7 +232,7 @@ class PatternUpdater:
             grow = select_regrow_gradient(self._grad_scores(name, layer), occupied, k)
         return _Plan(index, name, layer, old_index, drop.to(old_index.device), grow.to(old_index.device), states, occupied)
 
-    def _grad_scores(self, name: str, layer: SparseLinear) -> torch.Tensor:
+    def _grad_scores(self, name: str, layer: SparseWeight) -> torch.Tensor:
         grad = layer.dense_grad
         if grad is None:
             raise UpdaterError(
@@ -244,7 +245,7 @@ class PatternUpdater:
             raise UpdaterError(f"dense gradient of {name} is not finite; skip this update instead")
         return dense_block_norms(grad, layer.block_size, self.block_metric)
 
-    def _state_tensors(self, name: str, layer: SparseLinear) -> list[torch.Tensor]:
+    def _state_tensors(self, name: str, layer: SparseWeight) -> list[torch.Tensor]:
         """Every optimizer state tensor shaped like ``values`` (plus a pending ``.grad``)."""
         param = layer.values
         tensors = [] if param.grad is None else [param.grad]
@@ -352,7 +353,7 @@ class PatternUpdater:
         for (n, layer), explored in zip(self.layers, self._explored):
             if n == name:
                 return explored.reshape(layer.pattern.grid).clone()
-        raise KeyError(f"no SparseLinear named {name!r}")
+        raise KeyError(f"no sparse layer named {name!r}")
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -65,14 +66,13 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
     """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
     if config.backend == "ipu":  # the batch is split over replicas, not processes
         world_size = config.ipu.replication_factor
-    torch.manual_seed(config.seed)
-    model = SparseBertForPreTraining(config.model_config())
-    params = list(model.parameters())
+    model = SparseBertForPreTraining(config.model_config(), initialize=False)  # counts need no values
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = layer_sparsity(model)
     t, s = config.training, config.sparsity
     updates = len(config.update_schedule())
     return {
-        "config": config.to_dict(),
+        "config": config.to_saved_dict(),
         "learning_rate": config.learning_rate,
         "global_batch_size": t.batch_size,
         "micro_batch_size": config.micro_batch_size,
@@ -90,14 +90,40 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "expect_pruned_recently_grown": (
             f"at most ~{s.pruning_ratio:g} (chance: pr(t)); above {PRG_WARN:g} at two updates in a row warns"
             if updates else None),
-        "total_params": sum(p.numel() for p in params),
-        "trainable_nonzero_params": sum(p.numel() for p in params if p.requires_grad),
+        # The same model with dense encoder weights (what Hugging Face's BertForPreTraining holds,
+        # the tied decoder counted once), and the numbers the optimizer trains: a sparse weight
+        # contributes its active values only.
+        "dense_model_params": trained + sum(r["shape"][0] * r["shape"][1] - r["active_weights"] for r in rows),
+        "trained_params": trained,
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
         "layers": rows,
         **run_flops(config, model),
+        "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
+        "adjusted_by_steps": {key: list(change) for key, change in config.adjusted.items()},
+        "validation": validation_size(config),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
         "sparse_kernels": _local_kernel_line(config),
     }
+
+
+def validation_size(config: RunConfig) -> dict:
+    """How many validation sequences the data holds and how many a run validates on (``available``
+    is None while the data is not prepared: ``--describe`` prepares nothing)."""
+    from ..data.loader import VALIDATION_SEED, MaskingConfig, PretrainingDataset
+    from ..data.prepare import embedded_data_dir
+
+    d = config.data
+    path = Path(d.dir) if d.dir else embedded_data_dir(d.tokenizer, d.vocab_size)
+    available = None
+    if (path / "manifest.json").is_file():
+        try:
+            masking = MaskingConfig(d.seq_len, d.mask_prob, d.max_predictions)
+            available = len(PretrainingDataset(path, "validation", masking, seed=VALIDATION_SEED))
+        except (OSError, ValueError):
+            available = None
+    used = available if d.validation_sequences is None or available is None else min(available, d.validation_sequences)
+    return {"data_dir": str(path), "available": available, "used": used if used is not None else d.validation_sequences,
+            "setting": "data.validation_sequences"}
 
 
 def _local_kernel_line(config: RunConfig) -> str | None:
@@ -134,6 +160,14 @@ def _ipu_lines(ipu: dict | None) -> list[str]:
             f"pipeline stages                  {stages}"]
 
 
+def _validation_text(v: dict) -> str:
+    if v["available"] is None:
+        used = "all" if v["used"] is None else f"the first {v['used']}"
+        return f"{used} (data not prepared yet: {v['data_dir']})"
+    return (f"{v['used']:,} of {v['available']:,}" + (" (all)" if v["used"] == v["available"] else "")
+            + f"; set {v['setting']}=N to validate on the first N")
+
+
 def format_description(info: dict) -> str:
     """A human-readable ``--describe`` report."""
     import yaml
@@ -153,10 +187,17 @@ def format_description(info: dict) -> str:
         *([f"warning                          {info['schedule_warning']}"] if info.get("schedule_warning") else []),
         *([f"untrained subset                 {info['freeze']['fraction']:g} of each encoder weight, steps "
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
+        "log / validate / checkpoint      every {log_every} / {validate_every} / {checkpoint_every} steps".format(
+            **info["intervals"]),
+        *([f"--steps rescaled                 " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                         info["adjusted_by_steps"].items())]
+          if info.get("adjusted_by_steps") else []),
+        f"validation sequences             {_validation_text(info['validation'])}",
         *_ipu_lines(info.get("ipu")),
         *([f"kernels (here)                   {info['sparse_kernels']}"] if info.get("sparse_kernels") else []),
-        f"total params                     {info['total_params']:,}",
-        f"trainable non-zero params        {info['trainable_nonzero_params']:,}",
+        f"params of the dense model        {info['dense_model_params']:,}",
+        f"params trained                   {info['trained_params']:,}"
+        + ("  (sparse weights: active values only)" if info["trained_params"] != info["dense_model_params"] else ""),
         f"non-embedding params (dense)     {info['non_embedding_params']:,}",
         f"non-embedding non-zero params    {info['non_embedding_nonzero_params']:,}",
         f"non-embedding FLOPs / sequence   {info['non_embedding_flops_per_sequence']:.4g}",

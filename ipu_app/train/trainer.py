@@ -31,7 +31,7 @@ from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, vali
 from ..io import atomic_write_bytes
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
-from ..sparse.init import derive_seed
+from ..seeding import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
 from ..sparse.updater import EXPLORED_FILE, PRG_WARN, PatternUpdater, save_explored
@@ -98,6 +98,7 @@ class Trainer:
         validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
                                         max_sequences=config.data.validation_sequences)
         self.validation = validation[dist.rank :: dist.world_size]  # sums are all-reduced
+        self.validation_sequences = sum(b["input_ids"].shape[0] for b in validation)
         if not self.validation:
             raise ConfigError(f"{self.data_dir} has no validation sequences; prepare more data")
 
@@ -143,6 +144,7 @@ class Trainer:
         self._last_step_finite = True
         self._last_lr = float("nan")  # the learning rate of the latest step
         self._last_prg = float("nan")  # mean pruned_recently_grown of the latest pattern update
+        self._wall_start: float | None = None  # while train() runs: when it (or the final part) started
 
         resume_step = None
         if resume:
@@ -154,7 +156,7 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict | None:
         """Train to the end (returns the summary), or until ``stop_at`` steps / a signal
         (writes a checkpoint and returns None)."""
-        start = time.perf_counter()
+        self._wall_start = time.perf_counter()
         if self.kernel_line and self.dist.is_main:
             print(self.kernel_line, file=sys.stderr)
         warning = self.config.schedule_warning()
@@ -174,8 +176,14 @@ class Trainer:
                         return None
         finally:
             bar.close()
-            self.counters.wall_seconds += time.perf_counter() - start
+            self._count_wall_time()
         return self._finish()
+
+    def _count_wall_time(self) -> None:
+        """Add the time since ``train`` (or the final validation) started to ``wall_seconds``."""
+        if self._wall_start is not None:
+            self.counters.wall_seconds += time.perf_counter() - self._wall_start
+            self._wall_start = None
 
     def _phase_end(self, step: int, stop_at: int | None) -> int:
         """The step at which the phase starting after ``step`` ends."""
@@ -193,7 +201,7 @@ class Trainer:
             self._stop_requested = self.dist.any(self._stop_requested)  # every rank stops after the same step
             if self._stop_requested:
                 break
-            self._train_step(self.step + 1)
+            self.train_step(self.step + 1)
             bar.update(1)
             if self.step % self.config.training.log_every == 0 or self.step == self.total_steps:
                 self._log_train(bar)
@@ -248,7 +256,9 @@ class Trainer:
         return self.updater.step(step)
 
     # ================================================================ one step
-    def _train_step(self, step: int) -> None:
+    def train_step(self, step: int) -> None:
+        """Optimizer step number ``step``: its micro-batches, clipping, the optimizer and the learning
+        rate; what the loop runs between phase boundaries (and what ``bench train`` times)."""
         started = time.perf_counter()
         model, optimizer = self.model, self.optimizer
         model.train()
@@ -331,11 +341,17 @@ class Trainer:
 
     # ============================================================== validation
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self, final: bool = False) -> dict:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
         self.model.eval()
         sums = torch.zeros(5, dtype=torch.float64)  # mlm loss x masked, masked, correct, nsp loss x n, n
+        sequences = sum(b["input_ids"].shape[0] for b in self.validation)
+        if final and not self.progress and self.dist.is_main:
+            print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
+        bar = tqdm(total=sequences, unit="seq", dynamic_ncols=True, leave=final, disable=not self.progress,
+                   desc="final validation" if final else f"validation @ {self.step}")
         for batch in self.validation:
+            bar.update(batch["input_ids"].shape[0])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.precision.autocast():
                 out = self.model(**batch)
@@ -343,6 +359,7 @@ class Trainer:
             nsp_sum = float(out.nsp_loss) * n if out.nsp_loss is not None else 0.0
             sums += torch.tensor([float(out.mlm_loss) * out.num_masked, out.num_masked, int(out.mlm_correct),
                                   nsp_sum, n], dtype=torch.float64)
+        bar.close()
         self.dist.all_reduce_sum(sums)
         mlm, masked, correct, nsp, sequences = sums.tolist()
         masked, sequences = int(masked), int(sequences)
@@ -412,9 +429,9 @@ class Trainer:
 
     # ================================================================== finish
     def _finish(self) -> dict:
-        val = self.validate()
+        self._wall_start = time.perf_counter()  # the final validation and the writes count as wall time
+        val = self.validate(final=True)
         self.save_checkpoint()
-        summary = self.summary(val)
         if self.dist.is_main:
             from ..data.tokenizer import copy_tokenizer
 
@@ -422,6 +439,9 @@ class Trainer:
             if self.updater is not None:
                 save_explored(self.updater, self.run_dir / EXPLORED_FILE)
             copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
+        self._count_wall_time()
+        summary = self.summary(val)
+        if self.dist.is_main:
             atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
         self.metrics.close()
         self.dist.barrier()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ipu_app.model.sparse_linear import SparseLinear, densify_, sparse_linears, sparsify_
-from ipu_app.sparse.init import seeded_generator
+from ipu_app.seeding import seeded_generator
 from ipu_app.sparse.pattern import PatternError
 
 

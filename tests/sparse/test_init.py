@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ipu_app.sparse.init import derive_seed, init_std, init_values_, random_pattern, seeded_generator
+from ipu_app.seeding import derive_seed, seeded_generator
+from ipu_app.sparse.init import init_std, init_values_, random_pattern
 from ipu_app.sparse.pattern import PatternError
 
 

@@ -128,7 +128,7 @@ def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
         return real(occupied, k, generator)
 
     monkeypatch.setattr("ipu_app.sparse.updater.select_regrow_random", spy)
-    from ipu_app.sparse.init import derive_seed
+    from ipu_app.seeding import derive_seed
 
     updater = PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(100, 10), seed=9)
     updater.step(30)  # third update: index 2
@@ -307,7 +307,7 @@ def test_updater_option_errors():
     ):
         with pytest.raises(UpdaterError, match=match):
             PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2), **kwargs)
-    with pytest.raises(UpdaterError, match="no SparseLinear"):
+    with pytest.raises(UpdaterError, match="no sparse layers"):
         PatternUpdater(nn.Linear(2, 2), None, UpdateSchedule.evenly_spaced(10, 2))
 
 
@@ -389,3 +389,66 @@ def test_grown_pruned_again_counts_the_previous_growth():
         pruned = before[name] - set(layer.pattern.linear_index().tolist())
         assert layer_stats.grown_pruned_again == pytest.approx(len(pruned & grown[name]) / len(grown[name]))
         assert layer_stats.pruned_recently_grown == pytest.approx(len(pruned & grown[name]) / len(pruned))
+
+
+class BareBlockSparse(nn.Module):
+    """Not a SparseLinear: only what ``sparse.layer.SparseWeight`` asks for."""
+
+    def __init__(self, out_features, in_features, block_size, rows, cols, values):
+        super().__init__()
+        self.out_features, self.in_features, self.block_size = out_features, in_features, block_size
+        self.values = nn.Parameter(values)
+        self.register_buffer("block_rows", torch.tensor(rows, dtype=torch.int32))
+        self.register_buffer("block_cols", torch.tensor(cols, dtype=torch.int32))
+        self.target_sparsity = 1 - len(rows) * block_size**2 / (out_features * in_features)
+        self.frozen, self.record_dense_grad, self.dense_grad = None, False, None
+        self.changes = 0
+
+    @property
+    def pattern(self):
+        from ipu_app.sparse.pattern import BlockPattern
+
+        return BlockPattern(self.out_features, self.in_features, self.block_size, self.block_rows, self.block_cols)
+
+    @property
+    def nnz(self):
+        return self.values.shape[0]
+
+    @property
+    def sparsity(self):
+        return self.pattern.sparsity
+
+    def pattern_changed(self):
+        self.changes += 1
+
+
+def test_updater_works_on_any_module_offering_the_interface():
+    # A 4x4 grid of 2x2 blocks with 4 active blocks whose L1 norms are 4, 40, 0.4, 400: at pr = 0.5
+    # the two smallest, (0, 2) and (0, 0), go; two of the 12 free blocks come back at zero.
+    scale = torch.tensor([1.0, 10.0, 0.1, 100.0]).reshape(4, 1, 1)
+    layer = BareBlockSparse(8, 8, 2, [0, 1, 2, 3], [0, 1, 2, 3], torch.ones(4, 2, 2) * scale)
+    model = nn.Sequential(layer)
+    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(4, 2), pruning_ratio=0.5,
+                             pruning_schedule="constant")
+    assert [name for name, _ in updater.layers] == ["0"]
+    stats = updater.step(2)
+    assert stats is not None and layer.changes == 1 and layer.nnz == 4
+    blocks = set(zip(layer.block_rows.tolist(), layer.block_cols.tolist()))
+    assert {(1, 1), (3, 3)} <= blocks and not {(0, 0), (2, 2)} & blocks
+    kept = {(r, c): float(v.abs().sum()) for r, c, v in zip(layer.block_rows.tolist(), layer.block_cols.tolist(),
+                                                           layer.values.detach())}
+    assert kept[(1, 1)] == 40.0 and kept[(3, 3)] == 400.0
+    assert sorted(v for k, v in kept.items() if k not in {(1, 1), (3, 3)}) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("module, foreign", [
+    ("ipu_app.sparse.updater", ("ipu_app.model", "ipu_app.data", "ipu_app.train", "transformers")),
+    ("ipu_app.data.loader", ("ipu_app.model", "ipu_app.sparse", "ipu_app.train")),
+])
+def test_layering_the_dynsparse_core_knows_no_model_and_the_data_no_sparsity(module, foreign):
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({foreign!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

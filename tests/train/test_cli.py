@@ -36,11 +36,18 @@ def test_describe_json_reports_sizes_and_flops(capsys):
     assert info["learning_rate"] == pytest.approx(2.217e-3, rel=1e-3)
     assert (info["pattern_updates"], info["gradient_accumulation"]) == (159, 16)
     assert len(info["layers"]) == 48 and all(r["sparsity"] == pytest.approx(0.9, abs=1e-4) for r in info["layers"])
-    assert info["trainable_nonzero_params"] == info["total_params"]  # inactive weights are not stored
     # the whole-model count: embeddings and heads stay dense, the encoder keeps 10%
     dense = json.loads(run_cli(capsys, "--config", "bert_medium_dense", "--describe", "--json")[1])
-    removed = dense["trainable_nonzero_params"] - info["trainable_nonzero_params"]
+    removed = dense["trained_params"] - info["trained_params"]
     assert removed == info["non_embedding_params"] - info["non_embedding_nonzero_params"]
+    # the dense model's count is the same for both, and is Hugging Face's BertForPreTraining's
+    assert info["dense_model_params"] == dense["dense_model_params"] == dense["trained_params"]
+    from transformers import BertForPreTraining
+
+    from ipu_app.model.bert import ModelConfig
+
+    hf = BertForPreTraining(ModelConfig(size="medium", sparsity_mode="dense").hf_config())
+    assert info["dense_model_params"] == sum(p.numel() for p in hf.parameters())
 
 
 def test_describe_rigl_counts_dense_gradient_steps(capsys):
@@ -145,6 +152,17 @@ def test_entry_point_script(tmp_path):
     assert "--describe" in help_text and "--resume" in help_text
 
 
+def test_help_and_config_checks_import_no_torch():
+    # --help of every command, and loading and checking a config, stay fast: nothing imports torch.
+    code = ("import sys; from ipu_app.train.cli import build_parser; import ipu_app.__main__ as m; "
+            "build_parser().format_help(); m.build_parser().format_help(); "
+            "from ipu_app.config import load_config; c = load_config('bert_medium_sparse', steps=3000); "
+            "c.update_schedule(); c.schedule_warning(); print(sorted(k for k in ('torch', 'numpy', 'transformers') "
+            "if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
 def test_describe_freeze(capsys):
     code, out, _ = run_cli(capsys, "--config", "bert_mini_dense", "--steps", "400", "--set", "sparsity.freeze=early",
                            "--describe", "--json")
@@ -163,3 +181,24 @@ def test_describe_shows_the_schedule_and_its_warning(capsys):
     assert "warning                          pattern updates every 150 steps, below sparsity.min_segment_steps" in out
     code, out, _ = run_cli(capsys, "--config", "bert_tiny_sparse", "--steps", "5000", "--describe")
     assert "pattern updates                  4 (every 1000.0 steps)" in out and "warning " not in out
+
+
+def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_dir):
+    info = json.loads(run_cli(capsys, "--config", "bert_medium_sparse", "--steps", "2000", "--describe", "--json",
+                              "--set", "training.checkpoint_every=300", "--set", f"data.dir={data_dir}")[1])
+    assert info["intervals"] == {"log_every": 100, "validate_every": 500, "checkpoint_every": 300}
+    assert info["adjusted_by_steps"] == {"training.warmup_steps": [10000, 26], "training.validate_every": [10000, 500],
+                                         "sparsity.num_updates": [160, 2]}  # checkpoint_every was set: it wins
+    from ipu_app.data.loader import validation_batches
+
+    available = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 64))
+    assert info["validation"]["available"] == available == info["validation"]["used"] > 0
+    code, out, _ = run_cli(capsys, "--config", "bert_medium_sparse", "--steps", "2000", "--describe",
+                           "--set", f"data.dir={data_dir}", "--set", "data.validation_sequences=3")
+    assert f"validation sequences             3 of {available:,}; set data.validation_sequences=N" in out
+    assert "--steps rescaled                 training.warmup_steps 10000 -> 26, training.validate_every" in out
+    assert "log / validate / checkpoint      every 100 / 500 / 500 steps" in out
+    assert "params of the dense model" in out and "params trained" in out and "active values only" in out
+    # Without --steps nothing is rescaled, and the config dump of a CPU config has no ipu section.
+    info = json.loads(run_cli(capsys, "--config", "bert_medium_sparse", "--describe", "--json")[1])
+    assert info["adjusted_by_steps"] == {} and "ipu" not in info["config"]

@@ -102,6 +102,7 @@ def test_overrides_are_typed():
     ("model.size=huge", "model.size='huge' is not valid"),
     ("sparsity.regrowth=magnitude", "sparsity.regrowth='magnitude' is not valid"),
     ("training.learning_rate=fast", "must be a number or 'auto'"),
+    ("training.learning_rate=inf", "must be a number or 'auto'"),
     ("training.learning_rate=-1", "must be > 0"),
     ("sparsity.modules=[ffn]", "sparsity.modules entry='ffn' is not valid"),
     ("sparsity", "expected section.key=value"),
@@ -126,6 +127,37 @@ def test_steps_shortcut_keeps_the_warmup_fraction():
     assert (c.training.steps, c.training.warmup_steps) == (7570, 100)
     c = load_config("bert_tiny_sparse", ["training.warmup_steps=5"], steps=7570)
     assert c.training.warmup_steps == 5
+
+
+def test_steps_shortcut_caps_the_intervals_to_the_run_and_explicit_values_win():
+    t = load_config("bert_medium_sparse", steps=2000).training  # paper config: 100 / 10,000 / 10,000
+    assert (t.log_every, t.validate_every, t.checkpoint_every) == (100, 500, 500)
+    t = load_config("bert_medium_sparse", steps=40).training
+    assert (t.log_every, t.validate_every, t.checkpoint_every) == (2, 10, 10)
+    t = load_config("bert_medium_sparse", steps=3).training  # never below 1
+    assert (t.log_every, t.validate_every, t.checkpoint_every) == (1, 1, 1)
+    t = load_config("bert_medium_sparse", steps=5_000_000).training  # longer runs keep the config's intervals
+    assert (t.log_every, t.validate_every, t.checkpoint_every) == (100, 10_000, 10_000)
+    c = load_config("bert_medium_sparse", ["training.validate_every=1500", "training.log_every=7"], steps=2000)
+    assert (c.training.log_every, c.training.validate_every, c.training.checkpoint_every) == (7, 1500, 500)
+    assert c.adjusted == {"training.warmup_steps": (10000, 26), "training.checkpoint_every": (10000, 500),
+                          "sparsity.num_updates": (160, 2)}
+    assert load_config("bert_medium_sparse").adjusted == {}
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5e-4", 5e-4), ("0.002", 0.002), ("auto", "auto")])
+def test_learning_rates_as_people_type_them(tmp_path, text, value):
+    assert load_config("bert_tiny_sparse", [f"training.learning_rate={text}"]).training.learning_rate == value
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"base: bert_tiny_sparse\ntraining:\n  learning_rate: {text}\n")  # YAML 1.1: 1e-3 is a string
+    assert load_config(path).training.learning_rate == value
+
+
+def test_config_yaml_holds_the_ipu_section_only_for_ipu_runs():
+    import yaml
+
+    assert "ipu" not in yaml.safe_load(load_config("bert_tiny_sparse").to_yaml())
+    assert yaml.safe_load(load_config("bert_base_sparse_pod16").to_yaml())["ipu"]["replication_factor"] >= 1
 
 
 def test_malformed_and_missing_files(tmp_path):

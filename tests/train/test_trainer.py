@@ -294,3 +294,28 @@ def test_validation_precedes_the_update_and_a_churning_schedule_warns(data_dir, 
     assert "warning: pattern updates every 3 steps, below sparsity.min_segment_steps=1000" in err
     assert err.count("regrown blocks are pruned before they grow") == 1
     assert "step 6: pattern update 2/3, pr(t) 1.000" in err and "pruned_recently_grown 1.00" in err
+
+
+def test_final_validation_is_announced_and_counted_in_wall_time(data_dir, tmp_path, capsys, monkeypatch):
+    import time
+
+    config = small_config(data_dir, "bert_tiny_sparse", "training.steps=4", "training.validate_every=4")
+    trainer = new_trainer(config, tmp_path / "run")
+    original, timed = Trainer.validate, {}
+
+    def slow_validate(self, final=False):
+        started = time.perf_counter()
+        if final:
+            time.sleep(1.5)
+        result = original(self, final)
+        timed[final] = time.perf_counter() - started
+        return result
+
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    summary = trainer.train()
+    assert list(timed) == [True]  # step 4 is the end: one validation, the final one
+    assert summary["wall_time_s"] >= summary["train_time_s"] + timed[True]
+    from ipu_app.data.loader import validation_batches
+
+    sequences = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 4, max_sequences=16))
+    assert f"final validation: {sequences} sequences" in capsys.readouterr().err

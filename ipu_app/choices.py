@@ -1,0 +1,20 @@
+"""The names a config or a command line may choose from, importable without torch.
+
+``config`` checks its values against these, and ``--help`` lists them; the modules that implement
+each choice import their names from here, so there is one list of each.
+"""
+
+SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)  # sparse block edge (sparse/pattern.py)
+FREEZE_MODES = ("none", "early", "late")  # half-run untrained subset (sparse/freeze.py)
+VALUE_INITS = ("trunc_normal", "trunc_normal_rescaled", "glorot", "glorot_rescaled")  # sparse/init.py
+BLOCK_METRICS = ("l1", "l2", "linf")  # block norm that pruning ranks by (sparse/scoring.py)
+REGROWTH_RULES = ("random", "gradient")  # sparse/scoring.py
+PRUNING_SCHEDULES = ("cosine", "constant")  # pr(t) (sparse/schedule.py)
+SPARSE_BACKENDS = ("reference", "cpu", "triton")  # ops/<name>.py
+BACKEND_NAMES = ("auto", *SPARSE_BACKENDS)
+# ``bench kernels`` shapes: name -> (in_features, out_features) of the BERT FFN linears.
+BENCH_SHAPES = {
+    "medium_up": (512, 2048), "medium_down": (2048, 512),
+    "base_up": (768, 3072), "base_down": (3072, 768),
+}
+BENCH_DTYPES = ("fp32", "bf16", "fp16")
