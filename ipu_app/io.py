@@ -1,14 +1,82 @@
-"""Small file helpers shared across the package."""
+"""Small file helpers shared across the package: atomic writes that fail in one line.
+
+A failed write (a full disk, a lost mount) removes its temporary file, leaves the previous
+version of the target in place, and raises ``WriteError`` (an ``OSError``) naming the file and
+the reason, e.g. ``cannot write runs/x/model/model.safetensors: No space left on device``.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
+
+
+class WriteError(OSError):
+    """A file could not be written; the previous version (if any) is untouched."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary sibling and rename it over ``path``: readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` made atomic, with the umask's file mode (safetensors itself
+    creates files readable by their owner only), and with ``WriteError`` on failure."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the process umask lets a new file have it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file written by a library the mode a plain ``open()`` would have given it."""
+    os.chmod(path, umask_mode())
+
+
+_SAFETENSORS_IO = re.compile(r'code: (\d+).*message: "([^"]+)"')
+
+
+def write_error(path: Path, exc: BaseException) -> WriteError:
+    """One-line ``WriteError`` for a failed write of ``path``: the OS reason, also out of a
+    safetensors serialisation error (which carries it only in its text)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code, reason = exc.errno, exc.strerror or str(exc)
+    else:
+        match = _SAFETENSORS_IO.search(str(exc))
+        code, reason = (int(match.group(1)), match.group(2)) if match else (errno.EIO, str(exc).splitlines()[0])
+    return WriteError(code, f"cannot write {path}: {reason}")
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

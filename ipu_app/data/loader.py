@@ -23,7 +23,7 @@ import torch
 
 from ..seeding import derive_seed
 from .corpus import CorpusError
-from .shards import load_manifest
+from .shards import check_tokenizer, load_manifest
 from .tokenizer import load_tokenizer
 
 VALIDATION_SEED = 20210813  # fixed: the validation masks never depend on a run's seed
@@ -83,8 +83,11 @@ class PretrainingDataset:
         self.corpus = ShardedSplit(data_dir, split)
         self.masking = masking.validate()
         self.seed = seed
-        tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
+        tokenizer = load_tokenizer(check_tokenizer(data_dir, self.corpus.manifest))
         self.vocab_size = len(tokenizer)
+        if self.vocab_size != self.corpus.manifest.get("vocab_size", self.vocab_size):
+            raise CorpusError(f"{data_dir}/tokenizer has {self.vocab_size} tokens, the shards were made with "
+                              f"{self.corpus.manifest['vocab_size']}; prepare the data again")
         vocab = tokenizer.get_vocab()
         self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
         self.mask_id, self.pad_id = vocab["[MASK]"], vocab["[PAD]"]

@@ -194,3 +194,21 @@ def load_manifest(data_dir: str | Path) -> dict:
 def source_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
     """sha256 of each input file, for the manifest."""
     return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def check_tokenizer(data_dir: str | Path, manifest: dict) -> Path:
+    """The data directory's ``tokenizer/``, checked against the one the shards were made with."""
+    data_dir = Path(data_dir)
+    directory = data_dir / "tokenizer"
+    if not (directory / "vocab.txt").is_file():
+        raise CorpusError(f"{directory} is missing (no vocab.txt): the shards' tokenizer is gone; prepare the data again")
+    expected = manifest.get("tokenizer_sha256")
+    found = tokenizer_hash(directory)
+    if expected and found != expected:
+        lines = sum(1 for _ in (directory / "vocab.txt").open(encoding="utf-8", errors="replace"))
+        raise CorpusError(
+            f"{directory} is not the tokenizer the shards were made with (vocab.txt: {lines} tokens, sha256 "
+            f"{found[:12]}; manifest.json: {manifest.get('vocab_size')} tokens, sha256 {expected[:12]}); "
+            "put the original back or prepare the data again")
+    return directory
+

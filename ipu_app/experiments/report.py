@@ -489,7 +489,7 @@ def _match_layer(names: list[str], wanted: str) -> str:
 
 
 def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -> None:
-    from ..sparse.updater import EXPLORED_FILE, load_explored
+    from ..sparse.updater import EXPLORED_FILE, UpdaterError, load_explored
 
     runs = _require(runs, "static or DynSparse runs", "exploration", lambda r: r.mode != "dense")
     table = Table(["run", "method", "model", "sparsity", "block_size", "pattern_updates", "initial_dof",
@@ -497,14 +497,18 @@ def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -
     maps = {}
     wanted = layer or DEFAULT_LAYER
     for run in sorted(runs, key=lambda r: (r.sparsity, r.method, r.name)):
-        curve = dof_curve(run)
         layer_dof = None
         path = run.path / EXPLORED_FILE
         if path.is_file():
-            explored, block = load_explored(path)
+            try:
+                explored, block = load_explored(path)
+            except UpdaterError as exc:
+                out.warn(f"skipping run {run.name}: {exc}")
+                continue
             name = _match_layer(sorted(explored), wanted)
             maps[run.name] = (run, name, explored[name], block)
             layer_dof = float(explored[name].mean())
+        curve = dof_curve(run)
         table.add(run=run.name, method=METHOD_LABELS[run.method], model=run.size, sparsity=run.sparsity,
                   block_size=run.block_size, pattern_updates=run.summary.get("pattern_updates", 0),
                   initial_dof=curve[0][1], final_explored_dof=curve[-1][1], layer_explored_dof=layer_dof)

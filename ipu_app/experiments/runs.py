@@ -150,11 +150,16 @@ def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) ->
         if not (path / "summary.json").is_file():
             unfinished.append(path.name)
             continue
-        summary = _read_json(path / "summary.json")
+        try:
+            summary = _read_json(path / "summary.json")
+            config = _read_yaml(path / "config.yaml")
+        except ReportError as exc:  # a damaged run is left out; the others are reported
+            warn(f"skipping run {path.name}: {exc}")
+            continue
         missing = [k for k in REQUIRED_SUMMARY if summary.get(k) is None]
         if missing:
             raise ReportError(f"{path / 'summary.json'} lacks {missing[0]!r}; was it written by this version?")
-        runs.append(Run(name=path.name, path=path, config=_read_yaml(path / "config.yaml"), summary=summary))
+        runs.append(Run(name=path.name, path=path, config=config, summary=summary))
     if unfinished:
         warn(f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished[:5])}"
              + (" ..." if len(unfinished) > 5 else ""))

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainingHeads
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, write_safetensors
 from ..sparse.init import DEFAULT_INIT_STD
 from .mlm_loss import mlm_loss_and_correct
 from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
@@ -163,20 +163,17 @@ class SparseBertForPreTraining(nn.Module):
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` (values and patterns) atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if k != "cls.predictions.decoder.weight" and k != "cls.predictions.decoder.bias"}
         atomic_write_bytes(directory / "model_config.json", self.config.to_json().encode())
-        tmp = directory / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
+        write_safetensors(state, directory / "model.safetensors", metadata={"format": "pt"})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "SparseBertForPreTraining":
         """Rebuild a model written by ``save`` (no code is executed from the files)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -185,7 +182,11 @@ class SparseBertForPreTraining(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: not a saved SparseBertForPreTraining directory")
         model = cls(ModelConfig.from_json(config_path), initialize=False)
-        state = load_file(str(weights_path), device=map_location)
+        try:
+            state = load_file(str(weights_path), device=map_location)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_path} is damaged (not a complete safetensors file: "
+                             f"{str(exc).splitlines()[0]}); write it again, e.g. by resuming the run") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
         if missing or unexpected:

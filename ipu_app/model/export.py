@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import apply_umask, write_safetensors
 from .bert import ModelConfig, SparseBertForPreTraining
 from .sparse_linear import densify_, sparse_linears
 
@@ -30,7 +31,6 @@ class ExportError(ValueError):
 
 def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write the dense HF model, tokenizer files and the sparsity sidecar into a new folder."""
-    from safetensors.torch import save_file
     from transformers import BertForMaskedLM, BertForPreTraining
 
     output_dir = Path(output_dir)
@@ -60,17 +60,34 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     if missing or unexpected:
         raise ExportError(f"model does not map onto {hf_class.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     hf.tie_weights()
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_export(hf, output_dir, sidecar, patterns, model, tokenizer_dir)
+    except BaseException:
+        # A failed export (a full disk) leaves no half-written folder that looks like an export.
+        shutil.rmtree(output_dir, ignore_errors=True) if created else _empty(output_dir)
+        raise
+    return output_dir
+
+
+def _empty(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _write_export(hf, output_dir: Path, sidecar: dict, patterns: dict, model, tokenizer_dir) -> None:
     hf.save_pretrained(str(output_dir))
     (output_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     if patterns:
-        save_file(patterns, str(output_dir / PATTERNS))
+        write_safetensors(patterns, output_dir / PATTERNS)
+    for path in output_dir.glob("*.safetensors"):  # Hugging Face's too: readable as the umask says
+        apply_umask(path)
     (output_dir / MODEL_CONFIG).write_text(model.config.to_json())
     if tokenizer_dir is not None:
         for path in Path(tokenizer_dir).iterdir():
             if path.is_file():
                 shutil.copy2(path, output_dir / path.name)
-    return output_dir
 
 
 def load_sparse_export(directory: str | Path) -> SparseBertForPreTraining:

@@ -14,6 +14,7 @@ the new one is in place.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -55,19 +56,30 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
-    from safetensors.torch import save_file
+    from ..io import WriteError, apply_umask, write_error, write_safetensors
 
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors = _untie(tensors)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-    torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / "state.pt")
-    _fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        write_safetensors(_untie(tensors), tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+        try:
+            torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / "state.pt")
+        except RuntimeError as exc:  # torch's writer reports a full disk as "file write failed"
+            raise write_error(tmp / "state.pt", OSError(errno.EIO, _torch_write_reason(exc, tmp))) from None
+        apply_umask(tmp / "state.pt")
+        _fsync_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = (f"the previous checkpoint ({previous[1].name}) is intact; free space and continue with "
+                f"python run_pretraining.py --resume {run_dir}" if previous else "no checkpoint was kept")
+        reason = exc if isinstance(exc, WriteError) else write_error(tmp, exc)
+        raise CheckpointError(f"checkpoint step {step} was not written ({reason}); {kept}") from None
     if final.exists():  # the same step saved twice (e.g. a stop right at a checkpoint step)
         old = root / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -80,6 +92,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     for _, path in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _torch_write_reason(exc: RuntimeError, directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    first = str(exc).splitlines()[0]
+    if free is not None and free < 1 << 20:
+        return f"No space left on device ({first})"
+    return first
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | None = None) -> dict:

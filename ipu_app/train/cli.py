@@ -102,8 +102,26 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - user-facing errors are one line; bugs keep their traceback
         if not _is_user_error(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(f"error: {exc}")
         return 1
+
+
+def report_error(line: str) -> None:
+    """Print a one-line error; under torchrun, rank 0 alone prints it and every rank hands it to
+    torchrun's error file, so that torchrun's failure block ends with it (its "Root Cause")
+    instead of the "To enable traceback" hint."""
+    import os
+
+    if os.environ.get("RANK", "0") in ("0", ""):
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import time
+
+        try:
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass
 
 
 def _is_user_error(exc: Exception) -> bool:

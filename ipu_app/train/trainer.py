@@ -429,20 +429,24 @@ class Trainer:
 
     # ================================================================== finish
     def _finish(self) -> dict:
-        self._wall_start = time.perf_counter()  # the final validation and the writes count as wall time
+        self._wall_start = time.perf_counter()  # the final validation and checkpoint count as wall time
         val = self.validate(final=True)
         self.save_checkpoint()
-        if self.dist.is_main:
-            from ..data.tokenizer import copy_tokenizer
-
-            self.model.save(self.run_dir / "model")
-            if self.updater is not None:
-                save_explored(self.updater, self.run_dir / EXPLORED_FILE)
-            copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
         self._count_wall_time()
         summary = self.summary(val)
         if self.dist.is_main:
-            atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
+            from ..data.tokenizer import copy_tokenizer
+
+            try:
+                self.model.save(self.run_dir / "model")
+                if self.updater is not None:
+                    save_explored(self.updater, self.run_dir / EXPLORED_FILE)
+                copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
+                atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
+            except OSError as exc:  # summary.json comes last: without it the run resumes and writes again
+                raise CheckpointError(f"{exc}; the final checkpoint (step {self.step}) is in place: free space and "
+                                      f"write the outputs with python run_pretraining.py --resume {self.run_dir}"
+                                      ) from None
         self.metrics.close()
         self.dist.barrier()
         return summary

@@ -207,6 +207,13 @@ def test_exploration_report(runs_root, tmp_path):
     assert float(rows["static"]["final_explored_dof"]) == 0.1 and rows["static"]["method"] == "static"
     assert rows["rigl"]["method"] == "DynSparse (RigL)"
     assert float(rows["random"]["layer_explored_dof"]) == pytest.approx(maps["random"][layer].mean())
+    # A damaged or empty explored.safetensors: that run is skipped with a warning, the rest reported.
+    for content in (b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{trunc"):
+        (runs_root / "rigl" / "explored.safetensors").write_bytes(content)
+        warnings = []
+        build_report(runs_root, "exploration", tmp_path / "damaged", warn=warnings.append)
+        assert sorted(r["run"] for r in read_csv(tmp_path / "damaged" / "exploration.csv")) == ["random", "static"]
+        assert any(w.startswith("skipping run rigl: cannot read") and "explored.safetensors" in w for w in warnings)
     # Another weight by suffix; an ambiguous suffix is an error.
     build_report(runs_root, "exploration", tmp_path / "r2", layer="layer.0.intermediate.dense")
     with pytest.raises(ReportError, match="matches 2 sparse weights"):
@@ -330,10 +337,13 @@ def test_report_errors(runs_root, tmp_path, capsys):
     (runs_root / "mini_sparse" / "summary.json").write_text(json.dumps({"final_val_mlm_loss": 2.0}))
     with pytest.raises(ReportError, match="lacks 'non_embedding_flops_per_sequence'"):
         build_report(runs_root, "exploration")
+    # A damaged summary leaves that run out with a warning naming the file; here no run is left.
     (runs_root / "mini_sparse" / "summary.json").write_text("{not json")
     code = app_main(["report", str(runs_root), "--figure", "exploration", "--output", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: cannot read") and err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and err[-1].startswith("error: ") and "no finished runs" in err[-1]
+    assert any(line.startswith("warning: skipping run mini_sparse: cannot read") and "summary.json" in line
+               for line in err)
 
 
 def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):

@@ -72,3 +72,50 @@ def test_export_refuses_to_overwrite_and_reports_bad_runs(trained_run, tmp_path,
     assert main(["export", "--run", str(tmp_path), "--output", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "holds no saved model" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_export_of_a_damaged_model_file_names_it(trained_run, tmp_path, capsys, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    weights = run / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[: len(data) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage])
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {weights} is damaged") and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_files_are_written_with_the_umask_mode(trained_run, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        trained_run[1].save(tmp_path / "model")
+        export_hf(trained_run[1], tmp_path / "hf")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "model" / "model.safetensors", *(tmp_path / "hf").glob("*.safetensors")]
+    assert len(files) >= 3  # ours, Hugging Face's weights, the patterns
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {oct(0o644)}
+
+
+def test_a_full_disk_during_export_leaves_no_half_written_folder(trained_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    code = main(["export", "--run", str(trained_run[0]), "--output", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after Hugging Face's own progress bar
+    assert code == 1 and err.startswith("error: cannot write ") and err.endswith(": No space left on device")
+    assert not (tmp_path / "hf").exists()

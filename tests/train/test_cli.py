@@ -202,3 +202,24 @@ def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_
     # Without --steps nothing is rescaled, and the config dump of a CPU config has no ipu section.
     info = json.loads(run_cli(capsys, "--config", "bert_medium_sparse", "--describe", "--json")[1])
     assert info["adjusted_by_steps"] == {} and "ipu" not in info["config"]
+
+
+@pytest.mark.parametrize("damage", ["other_vocab", "missing"])
+def test_a_tokenizer_that_does_not_match_the_shards_is_one_line(capsys, tmp_path, data_dir, damage):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    vocab = data / "tokenizer" / "vocab.txt"
+    if damage == "missing":
+        vocab.unlink()
+    else:
+        vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, *small_run_args(data, run))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    if damage == "missing":
+        assert "the shards' tokenizer is gone" in err
+    else:
+        assert f"{data / 'tokenizer'} is not the tokenizer the shards were made with (vocab.txt: 5 tokens" in err
+    assert not run.exists()

@@ -182,3 +182,16 @@ def test_context_from_environment(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key)
     assert not DistContext.from_env().enabled
+
+
+def test_a_config_error_under_torchrun_is_printed_once_and_ends_the_failure_block(data_dir):
+    proc = torchrun("--config", "bert_tiny_sparse", *common_args(data_dir, extra=["training.batch_size=4"]),
+                    "--output-dir", "/nonexistent/never-created", timeout=120)
+    assert proc.returncode != 0
+    message = "training.batch_size=4 is not a multiple of training.micro_batch_size=4 x world size 2"
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and message in ours[0]  # rank 0 alone prints it
+    tail = [line.strip() for line in proc.stderr.strip().splitlines()[-12:]]
+    assert any(line.endswith(f"error: {ours[0][len('error: '):]}") for line in tail[tail.index(
+        "Root Cause (first observed failure):"):])
+    assert "To enable traceback" not in proc.stderr

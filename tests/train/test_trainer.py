@@ -319,3 +319,54 @@ def test_final_validation_is_announced_and_counted_in_wall_time(data_dir, tmp_pa
 
     sequences = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 4, max_sequences=16))
     assert f"final validation: {sequences} sequences" in capsys.readouterr().err
+
+
+def _full_disk_for(monkeypatch, suffix):
+    """safetensors' save_file fails as on a full disk (part of the file written) for paths ending in ``suffix``."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if not str(filename).endswith(suffix):
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(data_dir, tmp_path, monkeypatch):
+    config = small_config(data_dir)
+    run = tmp_path / "run"
+    new_trainer(config, run).train(stop_at=4)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_00000004").iterdir()}
+    _full_disk_for(monkeypatch, "model.safetensors.tmp")
+    with pytest.raises(CheckpointError) as info:
+        new_trainer(config, run, resume=True).train()
+    message = str(info.value)
+    assert message.startswith("checkpoint step 8 was not written (cannot write ") and "\n" not in message
+    assert "No space left on device); the previous checkpoint (step_00000004) is intact" in message
+    assert f"--resume {run}" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]  # no temporary left
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_00000004").iterdir()} == before
+    monkeypatch.undo()
+    summary = new_trainer(config, run, resume=True).train()
+    assert summary["steps"] == 12 and (run / "summary.json").is_file()
+
+
+def test_a_full_disk_at_the_final_model_write_is_finished_by_resume(data_dir, tmp_path, monkeypatch):
+    config = small_config(data_dir)
+    run = tmp_path / "run"
+    _full_disk_for(monkeypatch, "model" + "/model.safetensors.tmp")
+    with pytest.raises(CheckpointError, match=r"cannot write .*model/model.safetensors: No space left on device; "
+                                              r"the final checkpoint \(step 12\) is in place"):
+        new_trainer(config, run).train()
+    assert not (run / "summary.json").exists() and not (run / "model" / "model.safetensors.tmp").exists()
+    monkeypatch.undo()
+    summary = new_trainer(config, run, resume=True).train()
+    assert summary["steps"] == 12 and (run / "model" / "model.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["final_val_mlm_loss"] == summary["final_val_mlm_loss"]
