@@ -82,6 +82,9 @@ class TrainingSection:
     validate_every: int = 10_000
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 2
+    # Optimizer steps in a row with non-finite gradients (all skipped) after which the run stops as
+    # diverged, with a non-zero exit (fp16 loss scaling skips a few steps now and then; 0 = never stop).
+    max_skipped_steps: int = 100
     dist_timeout_s: int = 600  # torchrun: a collective waiting longer on a dead rank fails the job
 
 
@@ -283,6 +286,7 @@ class RunConfig:
         for key in ("log_every", "validate_every", "checkpoint_every"):
             _check(getattr(t, key) >= 1, f"training.{key} must be >= 1, got {getattr(t, key)}")
         _check(t.dist_timeout_s >= 1, f"training.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
+        _check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         _check(t.keep_checkpoints >= 1, f"training.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
         _check(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optimizer.beta1 and beta2 must be in [0, 1)")
         _check(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")

@@ -32,6 +32,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or belongs to another run."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files are incomplete or unreadable (an older kept one may still be good)."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -118,13 +127,17 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
     weights, state_file = path / "model.safetensors", path / "state.pt"
     for file in (weights, state_file):
         if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {file.name} is missing")
+            raise CheckpointDamaged(f"checkpoint {path} is incomplete: {file.name} is missing")
+    if state_file.stat().st_size == 0:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {state_file.name} is empty")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types; all mean the same here
-        raise CheckpointError(f"checkpoint {path} is corrupt ({state_file.name}: {str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean the same here
+        # torch's own text advises weights_only=False, i.e. running the file's code: never the remedy here
+        kind = "not a checkpoint state file" if "weights_only" in str(exc) else _reason(exc)
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({state_file.name}: {kind})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
+        raise CheckpointDamaged(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
     saved_config = _with_defaults(state.get("config")) if config is not None else None
     if config is not None and saved_config != config:
         raise CheckpointError(f"checkpoint {path} was written by a different config "
@@ -132,7 +145,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({weights.name}: {exc})") from None
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({weights.name} is not a complete safetensors "
+                                f"file: {_reason(exc)})") from None
     expected = _untie(model.state_dict())
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -130,11 +130,13 @@ def _is_user_error(exc: Exception) -> bool:
     from ..sparse.updater import UpdaterError
     from .checkpoint import CheckpointError
     from .distributed import PatternMismatchError
+    from .metrics import MetricsError
+    from .trainer import TrainingDiverged
 
     from ..ipu import IpuUnavailable
 
     return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError,
-                            PatternMismatchError, IpuUnavailable, OSError))
+                            PatternMismatchError, IpuUnavailable, OSError, MetricsError, TrainingDiverged))
 
 
 def _main(args) -> int:

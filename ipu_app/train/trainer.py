@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
 from ..sparse.updater import EXPLORED_FILE, PRG_WARN, PatternUpdater, save_explored
 from .distributed import DistContext, check_patterns_consistent
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
 from .metrics import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .describe import kernel_line
@@ -62,6 +64,10 @@ class _Window:
             setattr(self, key, getattr(self, key) + value)
 
 
+class TrainingDiverged(RuntimeError):
+    """``training.max_skipped_steps`` optimizer steps in a row had non-finite gradients."""
+
+
 @dataclass
 class _Counters:
     skipped_steps: int = 0
@@ -72,6 +78,7 @@ class _Counters:
     last_train_loss: float = float("nan")
     wall_seconds: float = 0.0
     high_prg_updates: int = 0  # consecutive updates with mean pruned_recently_grown > PRG_WARN
+    skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for non-finite gradients
     prg_warned: bool = False
 
 
@@ -298,7 +305,9 @@ class Trainer:
             for _, layer in self.sparse_layers:
                 group_lasso_(layer.values, lr, self.config.sparsity.group_lasso)
         optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.step = step
         self._last_lr = lr
         self._last_step_finite = finite
@@ -309,9 +318,13 @@ class Trainer:
         loss_value = (mlm + nsp) / self.accumulation
         if not finite:
             self.counters.skipped_steps += 1
+            self.counters.skipped_in_a_row += 1
             if self.updater is not None:
                 self.updater.discard_dense_grads()
             self.metrics_log_skip(step, grad_norm)
+            self._check_divergence(step)
+        else:
+            self.counters.skipped_in_a_row = 0
         seconds = time.perf_counter() - started
         self.counters.train_seconds += seconds
         self.counters.train_tokens += tokens
@@ -319,6 +332,19 @@ class Trainer:
         self.window.add(steps=1, loss=loss_value, mlm_loss=mlm / self.accumulation, nsp_loss=nsp / self.accumulation,
                         correct=int(correct), masked=int(masked), grad_norm=grad_norm if finite else 0.0,
                         seconds=seconds, tokens=tokens)
+
+    def _check_divergence(self, step: int) -> None:
+        """Stop a run whose every step is skipped (NaN weights, a learning rate far too high)."""
+        limit, run = self.config.training.max_skipped_steps, self.counters.skipped_in_a_row
+        if not limit or run < limit:
+            return
+        found = latest_checkpoint(self.run_dir)
+        self.metrics.log("diverged", step, skipped_in_a_row=run)
+        self.metrics.close()
+        where = (f"the last checkpoint is {found[1]} (step {found[0]})" if found else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: the {run} optimizer steps {step - run + 1}..{step} all had non-finite gradients "
+            f"and were skipped; {where}; lower training.learning_rate (or raise training.max_skipped_steps)")
 
     def metrics_log_skip(self, step: int, grad_norm: float) -> None:
         self.metrics.log("skip", step, what="optimizer_step", reason="non-finite gradients", grad_norm=grad_norm)
@@ -397,11 +423,7 @@ class Trainer:
         return path
 
     def _resume(self) -> int:
-        found = latest_checkpoint(self.run_dir)
-        if found is None:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/step_*)")
-        step, path = found
-        state = load_checkpoint(path, self.model, config=self.config.to_dict())
+        path, state = self._load_latest_intact_checkpoint()
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -426,6 +448,26 @@ class Trainer:
         self._last_lr = float(state["last_lr"])
         self.step = int(state["step"])
         return self.step
+
+    def _load_latest_intact_checkpoint(self) -> tuple[Path, dict]:
+        """The newest checkpoint that loads; a damaged one (a crash, a full disk) is passed over with
+        a warning for the one before it. A checkpoint of another config is an error, not passed over."""
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/step_*)")
+        damaged = []
+        for _, path in reversed(found):
+            try:
+                state = load_checkpoint(path, self.model, config=self.config.to_dict())
+            except CheckpointDamaged as exc:
+                damaged.append(str(exc))
+                continue
+            if damaged and self.dist.is_main:
+                for message in damaged:
+                    print(f"warning: {message}; resuming from the older {path.name}", file=sys.stderr)
+            return path, state
+        raise CheckpointError(f"no intact checkpoint in {self.run_dir}: {damaged[0]}"
+                              + (f" (and {len(damaged) - 1} older)" if len(damaged) > 1 else ""))
 
     # ================================================================== finish
     def _finish(self) -> dict:
@@ -539,4 +581,6 @@ def _update_record(stats) -> dict:
 def _json(value) -> str:
     import json
 
-    return json.dumps(value, indent=2, allow_nan=True)
+    from .metrics import json_safe
+
+    return json.dumps(json_safe(value), indent=2, allow_nan=False)

@@ -137,11 +137,29 @@ def test_resume_errors(data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="different config"):
         new_trainer(other, tmp_path / "run", resume=True)
     (tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="step_00000004 is corrupt"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*step_00000004 is damaged \(state.pt: "
+                                              r"not a checkpoint state file\)") as info:
         new_trainer(config, tmp_path / "run", resume=True)
+    assert "weights_only=False" not in str(info.value)
     (tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="damaged"):
         new_trainer(config, tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("file, content", [("state.pt", b""), ("model.safetensors", bytes(range(256)) * 4)])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(data_dir, tmp_path, capsys, file, content):
+    config = small_config(data_dir)
+    new_trainer(config, tmp_path / "run").train(stop_at=8)  # checkpoints at 4 and 8 (keep 2)
+    target = tmp_path / "run" / "checkpoints" / "step_00000008" / file
+    target.unlink() if content is None else target.write_bytes(content)
+    capsys.readouterr()
+    trainer = new_trainer(config, tmp_path / "run", resume=True)
+    assert trainer.step == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: checkpoint ") and "step_00000008 is " in err and err.endswith(
+        "resuming from the older step_00000004") and "\n" not in err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    assert trainer.train()["steps"] == 12
 
 
 def test_checkpoint_loads_without_pickled_code(data_dir, tmp_path):
@@ -370,3 +388,65 @@ def test_a_full_disk_at_the_final_model_write_is_finished_by_resume(data_dir, tm
     summary = new_trainer(config, run, resume=True).train()
     assert summary["steps"] == 12 and (run / "model" / "model.safetensors").is_file()
     assert json.loads((run / "summary.json").read_text())["final_val_mlm_loss"] == summary["final_val_mlm_loss"]
+
+
+def test_a_diverged_run_stops_with_one_line_and_its_metrics_stay_json(data_dir, tmp_path):
+    from ipu_app.train.trainer import TrainingDiverged
+
+    config = small_config(data_dir, "bert_tiny_sparse", "training.max_skipped_steps=3")
+    trainer = new_trainer(config, tmp_path / "run")
+    trainer.train(stop_at=4)  # a checkpoint at step 4
+    with torch.no_grad():
+        trainer.model.bert.embeddings.word_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("training diverged: the 3 optimizer steps 5..7 all had non-finite gradients")
+    assert "step_00000004 (step 4)" in message and "\n" not in message
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    skips = [r for r in records if r["kind"] == "skip" and r["what"] == "optimizer_step"]
+    assert [r["step"] for r in skips] == [5, 6, 7] and all(r["grad_norm"] is None for r in skips)
+    assert records[-1] == {"kind": "diverged", "step": 7, "skipped_in_a_row": 3}
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_isolated_skipped_steps_do_not_stop_the_run(data_dir, tmp_path):
+    config = small_config(data_dir, "bert_tiny_sparse", "training.max_skipped_steps=2")
+    trainer = new_trainer(config, tmp_path / "run")
+    weight = trainer.model.bert.embeddings.word_embeddings.weight
+    calls = []
+
+    def poison_odd_steps(grad):  # one micro-batch in two: every other step has a NaN gradient
+        calls.append(1)
+        return grad * float("nan") if len(calls) % 4 in (1, 2) else grad
+
+    weight.register_hook(poison_odd_steps)
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 6 and summary["steps"] == 12
+
+
+def test_resume_keeps_every_tensorboard_point_and_tolerates_a_torn_metrics_line(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = small_config(data_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    for stop in (4, 8):
+        trainer = Trainer(config, run, progress=False, tensorboard=True, resume=stop > 4)
+        trainer.train(stop_at=stop)
+        trainer.close()
+    with open(run / "metrics.jsonl", "a") as f:  # a crash in the middle of writing a record
+        f.write('{"kind": "train", "step": 9, "lo')
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 9))
+    trainer = Trainer(config, run, progress=False, tensorboard=True, resume=True)
+    trainer.train()
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 13))
+    assert len(list((run / "tensorboard").iterdir())) == 3  # one event file per start
+    acc = EventAccumulator(str(run / "tensorboard"))  # the whole run, as TensorBoard reads it (purges applied)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))  # the checkpoint steps 4 and 8 kept
