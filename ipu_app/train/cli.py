@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -82,6 +83,37 @@ def prepare_run_dir(path: Path) -> None:
         raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose another --output-dir") from None
 
 
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` for as long as a process trains the run: a second
+    start or ``--resume`` of the same directory is refused in one line (the lock holder's pid in it).
+    The kernel drops the lock when the process dies, so a crash never leaves the directory locked."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+        import os
+
+        self.path = run_dir / self.NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(self._fd, 64).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise ConfigError(f"{run_dir} is being trained by another process (pid {holder}); wait for it to end "
+                              "or stop it (it writes a checkpoint), then --resume") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock; the file stays (removing it would race a new holder)
+            self._fd = None
+
+
 def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
     """Empty a run directory this invocation made (it was new or empty, so nothing else is lost)."""
     import shutil
@@ -95,7 +127,8 @@ def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with _terminate_as_interrupt():
+            return _main(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -104,6 +137,27 @@ def main(argv=None) -> int:
             raise
         report_error(f"error: {exc}")
         return 1
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop) is handled like Ctrl-C outside the training loop too: during
+    start-up the new run directory is removed again and the exit code is 130 (the loop itself and
+    the final writes turn both signals into "checkpoint, then stop")."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report_error(line: str) -> None:
@@ -178,22 +232,44 @@ def _main(args) -> int:
 
 
 def _train(args, ctx, config: RunConfig, run_dir: Path) -> int:
-    from .trainer import Trainer
-
     created = not run_dir.exists()
     ctx.barrier()  # every rank has checked the directory
     if not args.resume and ctx.is_main:
         prepare_run_dir(run_dir)
         atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
+    lock = RunLock(run_dir) if ctx.is_main else None  # one process trains a run directory at a time
     ctx.barrier()
+    try:
+        return _train_locked(args, ctx, config, run_dir, created)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(args, ctx, config: RunConfig, run_dir: Path, created: bool) -> int:
+    from .checkpoint import list_checkpoints
+    from .trainer import Trainer
+
+    resume = bool(args.resume)
+    if resume and not list_checkpoints(run_dir):
+        # Stopped before its first checkpoint: nothing to continue, so it starts again in place.
+        if ctx.is_main:
+            print(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its saved config",
+                  file=sys.stderr)
+        resume = False
+        if ctx.is_main:
+            import shutil
+
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     try:
         if config.backend == "ipu":
             from ..ipu.trainer import IpuTrainer, import_popdist
 
-            trainer = IpuTrainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+            trainer = IpuTrainer(config, run_dir, resume=resume, progress=not args.no_progress,
                                  popdist=import_popdist())
         else:
-            trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, dist=ctx)
+            trainer = Trainer(config, run_dir, resume=resume, progress=not args.no_progress, dist=ctx)
     except BaseException:
         if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
             _remove_new_run_dir(run_dir, created)

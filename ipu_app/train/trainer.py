@@ -181,10 +181,12 @@ class Trainer:
                     if self._stop_requested or (stop_at is not None and self.step >= stop_at):
                         self.save_checkpoint()
                         return None
+                bar.close()
+                self._count_wall_time()
+                return self._finish()  # a signal now waits until the outputs are written (a second one stops)
         finally:
             bar.close()
             self._count_wall_time()
-        return self._finish()
 
     def _count_wall_time(self) -> None:
         """Add the time since ``train`` (or the final validation) started to ``wall_seconds``."""
@@ -533,7 +535,8 @@ class Trainer:
     # ================================================================ signals
     @contextlib.contextmanager
     def _signals_to_checkpoint(self):
-        """SIGINT/SIGTERM finish the current step, write a checkpoint and stop."""
+        """SIGINT/SIGTERM finish the current step, write a checkpoint and stop; once the last step is
+        done (final validation and writes) a signal waits for the outputs. A second signal stops at once."""
         def request_stop(signum, frame):
             if self._stop_requested:  # a second signal: stop now
                 raise KeyboardInterrupt

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,77 @@ def test_a_tokenizer_that_does_not_match_the_shards_is_one_line(capsys, tmp_path
     else:
         assert f"{data / 'tokenizer'} is not the tokenizer the shards were made with (vocab.txt: 5 tokens" in err
     assert not run.exists()
+
+
+def test_a_run_directory_in_use_is_refused(capsys, tmp_path, data_dir):
+    from ipu_app.train.cli import RunLock
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, *small_run_args(data_dir, run, steps=4))[0] == 0
+    (run / "summary.json").unlink()  # as if it were still running
+    before = sorted(p.name for p in run.iterdir())
+    lock = RunLock(run)  # another process trains it
+    try:
+        code, out, err = run_cli(capsys, "--resume", str(run))
+    finally:
+        lock.release()
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert f"{run} is being trained by another process (pid {os.getpid()})" in err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert run_cli(capsys, "--resume", str(run))[0] == 0  # released: it resumes
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(capsys, tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = small_run_args(data_dir, run, steps=4) + ["--set", "training.checkpoint_every=100"]
+    from ipu_app.config import load_config
+
+    config = load_config("bert_tiny_sparse", [a for a in args if "=" in a and not a.startswith("--")], steps=4)
+    run.mkdir()
+    (run / "config.yaml").write_text(config.to_yaml())  # what a kill during start-up leaves
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 99.0}\n')
+    code, out, err = run_cli(capsys, "--resume", str(run))
+    assert code == 0, err
+    assert f"{run} has no checkpoint yet: starting it again from step 0" in err
+    from ipu_app.train.metrics import read_metrics
+
+    train = read_metrics(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 5)) and train[0]["loss"] != 99.0
+    assert (run / "summary.json").is_file()
+
+
+def test_sigterm_during_start_up_leaves_no_run_directory(capsys, tmp_path, data_dir, monkeypatch):
+    import signal
+
+    from ipu_app.train import trainer as trainer_module
+
+    original = trainer_module.Trainer.__init__
+
+    def terminated_while_building(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", terminated_while_building)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *small_run_args(data_dir, run))
+    assert code == 130 and err.strip().endswith("interrupted") and not run.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_a_signal_during_the_final_validation_waits_for_the_outputs(capsys, tmp_path, data_dir, monkeypatch):
+    import signal
+
+    from ipu_app.train import trainer as trainer_module
+
+    original = trainer_module.Trainer.validate
+
+    def interrupted(self, final=False):
+        if final:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, final)
+
+    monkeypatch.setattr(trainer_module.Trainer, "validate", interrupted)
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, *small_run_args(data_dir, run, steps=4))
+    assert code == 0 and json.loads(out)["final_val_mlm_loss"] > 0
+    assert (run / "summary.json").is_file() and (run / "model" / "model.safetensors").is_file()
