@@ -13,7 +13,8 @@ def _prepare_data(args) -> int:
     from .data.prepare import prepare_embedded, prepare_files
 
     if args.input:
-        path = prepare_files(args.input, args.output, args.tokenizer, args.vocab_size, args.document_mode)
+        path = prepare_files(args.input, args.output, args.tokenizer, args.vocab_size, args.document_mode,
+                             overwrite=args.overwrite)
     else:
         path = prepare_embedded(args.tokenizer, args.vocab_size, cache_dir=args.output)
     print(path)
@@ -130,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipu_app", description="DynSparse BERT tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-data", help="text files (or the embedded corpus) -> pre-training shards")
-    p.add_argument("--input", nargs="*", default=[], help="UTF-8 text files; none = the embedded corpus")
+    p.add_argument("--input", nargs="*", default=[],
+                   help="UTF-8 text files or folders (their *.txt files); none = the embedded corpus")
     p.add_argument("--output", help="output directory (embedded corpus: the cache root)")
     p.add_argument("--tokenizer", default="bert-base-uncased", choices=["bert-base-uncased", "train"])
     p.add_argument("--vocab-size", type=int, default=30522)
     p.add_argument("--document-mode", default="blank_lines", choices=["blank_lines", "file"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace prepared data of other input in --output (runs using it must not resume on it)")
     p.set_defaults(func=_prepare_data)
     sub.add_parser("train", help="train one config (the same as python run_pretraining.py; see train --help)",
                    add_help=False)

@@ -47,9 +47,26 @@ def read_text_file(path: Path) -> str:
     if b"\x00" in data[:65536]:
         raise CorpusError(f"{path}: looks binary (contains NUL bytes); give UTF-8 text files")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{path}: not valid UTF-8 at byte {exc.start}; re-encode it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Input files: each file as given, each folder as the ``*.txt`` files under it (sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not found:
+                raise CorpusError(f"{path} is a folder without .txt files; give text files or a folder of them")
+            files += found
+        elif not path.exists():
+            raise CorpusError(f"{path}: no such file or folder")
+        else:
+            files.append(path)
+    return files
 
 
 def file_documents(paths: Iterable[str | Path], mode: str = "blank_lines") -> Iterator[Document]:

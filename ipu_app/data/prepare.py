@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .corpus import CorpusError, embedded_documents, embedded_files, file_documents
+from .corpus import CorpusError, embedded_documents, embedded_files, expand_inputs, file_documents
 from .shards import prepare_data, source_hashes
-from .tokenizer import build_standard_tokenizer, train_tokenizer
+from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer
 
 TOKENIZERS = ("bert-base-uncased", "train")
 
@@ -20,22 +23,55 @@ def cache_root() -> Path:
     return Path(os.environ.get("IPU_APP_CACHE", Path.home() / ".cache" / "ipu_app"))
 
 
+# A trained vocabulary smaller than this is refused: the corpus is too small to learn a tokenizer from.
+MIN_TRAINED_VOCAB = 1000
+
+
 def _tokenizer(kind: str, documents, directory: Path, vocab_size: int) -> Path:
     if kind == "bert-base-uncased":
         return build_standard_tokenizer(directory)
     if kind == "train":
-        return train_tokenizer((d for d in documents if not d.is_validation()), directory, vocab_size)
+        folder = train_tokenizer((d for d in documents if not d.is_validation()), directory, vocab_size)
+        learned = sum(1 for line in (folder / "vocab.txt").open(encoding="utf-8") if line.strip())
+        if learned < min(MIN_TRAINED_VOCAB, vocab_size):
+            raise CorpusError(f"--tokenizer train learned only {learned} tokens from this corpus (asked for "
+                              f"{vocab_size}; at least {MIN_TRAINED_VOCAB} are needed): give more text or use "
+                              "--tokenizer bert-base-uncased")
+        if learned < vocab_size:
+            print(f"trained a WordPiece vocabulary of {learned} tokens (asked for {vocab_size}: the corpus has no "
+                  "more)", file=sys.stderr)
+        return folder
     raise CorpusError(f"unknown tokenizer {kind!r}; use one of {list(TOKENIZERS)}")
 
 
 def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer: str = "bert-base-uncased",
-                  vocab_size: int = 30522, document_mode: str = "blank_lines", progress: bool = True) -> Path:
-    """Text files -> ``output_dir`` (idempotent). The tokenizer is trained on the train split only."""
+                  vocab_size: int = 30522, document_mode: str = "blank_lines", progress: bool = True,
+                  overwrite: bool = False) -> Path:
+    """Text files or folders of them -> ``output_dir`` (idempotent: the same input reuses what is
+    there). Data of other input in ``output_dir`` is replaced only with ``overwrite`` (a run may be
+    training on it). The tokenizer is trained on the train split only."""
     if not paths:
         raise CorpusError("no input files given")
+    paths = expand_inputs(paths)
     documents = list(file_documents(paths, document_mode))
     sources = source_hashes(paths)
-    return _prepare(documents, Path(output_dir), tokenizer, vocab_size, sources, progress)
+    output_dir = Path(output_dir)
+    _check_replacement(output_dir, sources, tokenizer, overwrite)
+    return _prepare(documents, output_dir, tokenizer, vocab_size, sources, progress, overwrite)
+
+
+def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrite: bool) -> None:
+    """Refuse to replace prepared data of other input unless asked."""
+    manifest = output_dir / "manifest.json"
+    if overwrite or not manifest.is_file():
+        return
+    try:
+        old = json.loads(manifest.read_text())
+    except ValueError:
+        return  # a damaged manifest is redone
+    if sorted(old.get("sources", {}).values()) != sorted(sources.values()):
+        raise CorpusError(f"{output_dir} already holds prepared data of other input (runs may use it); choose "
+                          "a new --output, or add --overwrite to replace it")
 
 
 def prepare_embedded(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522, cache_dir: str | Path | None = None,
@@ -59,10 +95,14 @@ def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None)
     return Path(cache_dir or cache_root()) / f"embedded-{key}", sources
 
 
-def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sources: dict, progress: bool) -> Path:
+def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sources: dict, progress: bool,
+             overwrite: bool = False) -> Path:
     if not documents:
         raise CorpusError("no documents found: the input files are empty")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _tokenizer(tokenizer, documents, Path(tmp) / "tokenizer", vocab_size)
+        if overwrite and (output_dir / "tokenizer").exists() and \
+                tokenizer_hash(output_dir / "tokenizer") != tokenizer_hash(tok_dir):
+            shutil.rmtree(output_dir / "tokenizer")  # asked for: the new tokenizer replaces the old
         prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress)
     return output_dir

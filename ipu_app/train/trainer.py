@@ -413,7 +413,13 @@ class Trainer:
             "counters": vars(self.counters).copy(),
             "last_step_finite": self._last_step_finite,
             "last_lr": self._last_lr,
+            "data_manifest_sha256": self._data_manifest_hash(),
         }
+
+    def _data_manifest_hash(self) -> str:
+        import hashlib
+
+        return hashlib.sha256((self.data_dir / "manifest.json").read_bytes()).hexdigest()
 
     def save_checkpoint(self) -> Path | None:
         """Every rank contributes its RNG state; rank 0 writes."""
@@ -426,6 +432,11 @@ class Trainer:
 
     def _resume(self) -> int:
         path, state = self._load_latest_intact_checkpoint()
+        recorded = state.get("data_manifest_sha256")  # absent in checkpoints of older versions
+        if recorded is not None and recorded != self._data_manifest_hash():
+            raise CheckpointError(f"the data in {self.data_dir} changed since {path.name} was written (its "
+                                  "manifest.json differs): resume on the data the run started with, or start a "
+                                  "new run")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

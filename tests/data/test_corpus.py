@@ -43,3 +43,25 @@ def test_validation_split_is_deterministic_by_document():
     held = [d.is_validation() for d in docs]
     assert held == [d.is_validation() for d in docs]
     assert 0.01 < sum(held) / len(held) < 0.03  # wiki: 2%
+
+
+def test_windows_and_old_mac_line_ends_and_a_byte_order_mark(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes("\ufeffFirst doc.\r\nStill first.\r\n\r\nSecond doc.\r\n\r\nThird.".encode())
+    (tmp_path / "cr.txt").write_bytes(b"One.\r\rTwo.")
+    docs = list(file_documents([tmp_path / "crlf.txt", tmp_path / "cr.txt"]))
+    assert [d.text.strip() for d in docs] == ["First doc.\nStill first.", "Second doc.", "Third.", "One.", "Two."]
+
+
+def test_folders_expand_to_their_text_files(tmp_path):
+    from ipu_app.data.corpus import expand_inputs
+
+    (tmp_path / "books" / "b").mkdir(parents=True)
+    for name in ("books/z.txt", "books/b/a.txt", "books/notes.md", "single.txt"):
+        (tmp_path / name).write_text("x")
+    assert expand_inputs([tmp_path / "books", tmp_path / "single.txt"]) == [
+        tmp_path / "books" / "b" / "a.txt", tmp_path / "books" / "z.txt", tmp_path / "single.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="is a folder without .txt files"):
+        expand_inputs([tmp_path / "empty"])
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        expand_inputs([tmp_path / "nope"])

@@ -94,3 +94,38 @@ def test_prepare_data_cli(tmp_path, small_documents, capsys):
     assert main(["prepare-data", "--input", str(tmp_path / "bad.txt"), "--output", str(tmp_path / "x")]) == 1
     assert "not valid UTF-8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_prepare_data_reads_folders_and_never_silently_replaces_data(tmp_path, small_documents, capsys):
+    from ipu_app.__main__ import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(d.text for d in small_documents[:15]), encoding="utf-8")
+    (corpus / "b.txt").write_text("\n\n".join(d.text for d in small_documents[15:30]), encoding="utf-8")
+    out = tmp_path / "data"
+    assert main(["prepare-data", "--input", str(corpus), "--output", str(out)]) == 0
+    manifest = load_manifest(out)
+    assert sorted(manifest["sources"]) == [str(corpus / "a.txt"), str(corpus / "b.txt")]
+    assert main(["prepare-data", "--input", str(corpus), "--output", str(out)]) == 0  # the same input: reused
+    before = (out / "manifest.json").read_bytes()
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(d.text for d in small_documents[30:60]), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["prepare-data", "--input", str(other), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds prepared data of other input" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (out / "manifest.json").read_bytes() == before
+    assert main(["prepare-data", "--input", str(other), "--output", str(out), "--overwrite"]) == 0
+    assert list(load_manifest(out)["sources"]) == [str(other)]
+
+
+def test_a_trained_tokenizer_below_the_floor_is_refused(tmp_path, small_documents):
+    from ipu_app.data.corpus import CorpusError
+    from ipu_app.data.prepare import prepare_files
+
+    (tmp_path / "small.txt").write_text("\n\n".join(d.text for d in small_documents[:12]), encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"--tokenizer train learned only \d+ tokens from this corpus \(asked for "
+                                          r"30522; at least 1000 are needed\)"):
+        prepare_files([tmp_path / "small.txt"], tmp_path / "out", tokenizer="train", progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -450,3 +450,17 @@ def test_resume_keeps_every_tensorboard_point_and_tolerates_a_torn_metrics_line(
     acc = EventAccumulator(str(run / "tensorboard"))  # the whole run, as TensorBoard reads it (purges applied)
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))  # the checkpoint steps 4 and 8 kept
+
+
+def test_resume_on_changed_data_is_refused(data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    config = small_config(data)
+    new_trainer(config, tmp_path / "run").train(stop_at=4)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["documents"] += 1  # as if prepare-data --overwrite had run
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"the data in {data} changed since step_00000004 was written"):
+        new_trainer(config, tmp_path / "run", resume=True)
