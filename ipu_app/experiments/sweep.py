@@ -44,11 +44,11 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, RunConfig, differing_key, load_config
+from ..config import CONFIG_DIR, ConfigError, RunConfig, differing_key, load_config
 from ..io import atomic_write_bytes
 
 SPEC_KEYS = ("figure", "description", "set", "grid")
-SWEEP_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "sweeps"
+SWEEP_DIR = CONFIG_DIR / "sweeps"
 
 
 class SweepError(ValueError):
