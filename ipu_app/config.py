@@ -93,6 +93,9 @@ class TrainingSection:
     # diverged, with a non-zero exit (fp16 loss scaling skips a few steps now and then; 0 = never stop).
     max_skipped_steps: int = 100
     dist_timeout_s: int = 600  # torchrun: a collective waiting longer on a dead rank fails the job
+    # CPU threads of this process (torch's ops and the CPU kernels); null = OMP_NUM_THREADS when set,
+    # else the cores this process may run on. On a shared machine, fewer threads than cores is faster.
+    threads: int | None = None
 
 
 @dataclass
@@ -292,6 +295,7 @@ class RunConfig:
             _check(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
         for key in ("log_every", "validate_every", "checkpoint_every"):
             _check(getattr(t, key) >= 1, f"training.{key} must be >= 1, got {getattr(t, key)}")
+        _check(t.threads is None or t.threads >= 1, f"training.threads must be >= 1 or null, got {t.threads}")
         _check(t.dist_timeout_s >= 1, f"training.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
         _check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         _check(t.keep_checkpoints >= 1, f"training.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

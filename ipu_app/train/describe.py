@@ -103,6 +103,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "validation": validation_size(config),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
         "sparse_kernels": _local_kernel_line(config),
+        "threads": _threads(config),
     }
 
 
@@ -124,6 +125,13 @@ def validation_size(config: RunConfig) -> dict:
     used = available if d.validation_sequences is None or available is None else min(available, d.validation_sequences)
     return {"data_dir": str(path), "available": available, "used": used if used is not None else d.validation_sequences,
             "setting": "data.validation_sequences"}
+
+
+def _threads(config: RunConfig) -> dict:
+    from .precision import resolve_threads
+
+    threads, source = resolve_threads(config.training.threads)
+    return {"threads": threads, "from": source}
 
 
 def _local_kernel_line(config: RunConfig) -> str | None:
@@ -195,6 +203,8 @@ def format_description(info: dict) -> str:
         f"validation sequences             {_validation_text(info['validation'])}",
         *_ipu_lines(info.get("ipu")),
         *([f"kernels (here)                   {info['sparse_kernels']}"] if info.get("sparse_kernels") else []),
+        f"CPU threads (here)               {info['threads']['threads']} ({info['threads']['from']}; "
+        "set training.threads=N)",
         f"params of the dense model        {info['dense_model_params']:,}",
         f"params trained                   {info['trained_params']:,}"
         + ("  (sparse weights: active values only)" if info["trained_params"] != info["dense_model_params"] else ""),

@@ -57,3 +57,20 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"training.precision={requested!r} is not valid; use auto, fp32, bf16 or fp16")
     return Precision(requested, kind)
+
+
+def resolve_threads(setting: int | None) -> tuple[int, str]:
+    """``(threads, where the number comes from)`` for ``training.threads``: the setting, else
+    ``OMP_NUM_THREADS`` (what ``sweep --jobs`` sets for each run), else the cores this process may use."""
+    import os
+
+    if setting:
+        return setting, "training.threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env), "OMP_NUM_THREADS"
+    try:
+        return len(os.sched_getaffinity(0)), "the cores this process may use"
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1, "the cores"
+

@@ -42,7 +42,7 @@ from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, 
 from .metrics import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .describe import kernel_line
-from .precision import Precision, resolve_precision
+from .precision import Precision, resolve_precision, resolve_threads
 
 
 @dataclass
@@ -94,6 +94,9 @@ class Trainer:
         self.progress = progress and dist.is_main
         self.device = torch.device(device) if device else dist.device()
         self.precision: Precision = resolve_precision(config.training.precision, self.device)
+        self.threads, threads_from = resolve_threads(config.training.threads)
+        torch.set_num_threads(self.threads)  # torch's CPU ops and the CPU kernels (they ask torch)
+        self.threads_line = f"CPU threads: {self.threads} ({threads_from})"
         t = config.training
         self.total_steps = t.steps
         self.accumulation = config.accumulation_steps(dist.world_size)
@@ -164,8 +167,8 @@ class Trainer:
         """Train to the end (returns the summary), or until ``stop_at`` steps / a signal
         (writes a checkpoint and returns None)."""
         self._wall_start = time.perf_counter()
-        if self.kernel_line and self.dist.is_main:
-            print(self.kernel_line, file=sys.stderr)
+        if self.dist.is_main:
+            print("; ".join(filter(None, [self.kernel_line, self.threads_line])), file=sys.stderr)
         warning = self.config.schedule_warning()
         if warning and self.dist.is_main and self.step == 0:
             print(f"warning: {warning}", file=sys.stderr)
@@ -533,6 +536,7 @@ class Trainer:
             "precision": self.precision.name,
             "device": str(self.device),
             "sparse_kernels": self.kernel_line,
+            "threads": self.threads,
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,
         }

@@ -464,3 +464,27 @@ def test_resume_on_changed_data_is_refused(data_dir, tmp_path):
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=rf"the data in {data} changed since step_00000004 was written"):
         new_trainer(config, tmp_path / "run", resume=True)
+
+
+def test_the_threads_setting_reaches_torch_and_the_log(data_dir, tmp_path, capsys, monkeypatch):
+    from ipu_app.train.precision import resolve_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads(None) == (3, "OMP_NUM_THREADS") and resolve_threads(2) == (2, "training.threads")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    import os
+
+    assert resolve_threads(None) == (len(os.sched_getaffinity(0)), "the cores this process may use")
+    before = torch.get_num_threads()
+    try:
+        trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "training.threads=1",
+                                           "training.steps=2", "training.warmup_steps=1",
+                                           "sparsity.num_updates=2"), tmp_path / "run")
+        assert torch.get_num_threads() == 1
+        summary = trainer.train()
+    finally:
+        torch.set_num_threads(before)
+    assert summary["threads"] == 1
+    assert "; CPU threads: 1 (training.threads)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="training.threads must be >= 1 or null, got 0"):
+        small_config(data_dir, "bert_tiny_sparse", "training.threads=0")
