@@ -27,14 +27,8 @@ from .choices import (BACKEND_NAMES, BLOCK_METRICS, FREEZE_MODES, PRUNING_SCHEDU
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse.flops import non_embedding_params
 
-def _config_dir() -> Path:
-    """``configs/`` of the checkout, or the copy an installed wheel carries as ``ipu_app/configs``."""
-    checkout = Path(__file__).resolve().parent.parent / "configs"
-    installed = Path(__file__).resolve().parent / "configs"
-    return checkout if (checkout / "base").is_dir() or not installed.is_dir() else installed
-
-
-CONFIG_DIR = _config_dir()
+# In the checkout a link to the top-level configs/; in an installed wheel the copy it carries.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BIAS_CORRECTIONS = ("global", "per_slot")
 INACTIVE = ("zero", "frozen")
