@@ -305,7 +305,7 @@ def test_validation_precedes_the_update_and_a_churning_schedule_warns(data_dir, 
     at_6 = [r["kind"] for r in records if r["step"] == 6 and r["kind"] in ("val", "update")]
     assert at_6 == ["val", "update"]
     prg = [r["mean_pruned_recently_grown"] for r in records if r["kind"] == "update"]
-    assert prg[1:] == [1.0, 1.0] and prg[0] != prg[0]  # NaN: nothing grown before the first update
+    assert prg[1:] == [1.0, 1.0] and prg[0] is None  # NaN (null in the JSON): nothing grown before the first update
     warnings = [r for r in records if r["kind"] == "warning"]
     assert [(w["step"], w["what"]) for w in warnings] == [(9, "pruned_recently_grown")]
     err = capsys.readouterr().err
