@@ -470,12 +470,10 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
 
     def change(section: dict, key: str, new: Any, section_name: str) -> None:
         dotted = f"{section_name}.{key}"
-        if dotted in overridden or section.get(key) == new:
-            return
         old = section.get(key, getattr(SECTION_CLASSES[section_name], key))
-        if old != new:
+        if dotted not in overridden and old != new:
             changed[dotted] = (old, new)
-        section[key] = new
+            section[key] = new
 
     training = raw.setdefault("training", {})
     if not isinstance(training, dict):
@@ -487,7 +485,7 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
     for key, events in SHORT_RUN_EVENTS.items():
         every = training.get(key, getattr(TrainingSection, key))
         if isinstance(every, int) and every > steps // events:
-            change(training, key, max(1, min(every, steps // events)), "training")
+            change(training, key, max(1, steps // events), "training")
     _set_path(raw, "training.steps", steps)
     sparsity = raw.setdefault("sparsity", {})
     if (isinstance(sparsity, dict) and sparsity.get("update_every") is None

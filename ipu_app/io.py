@@ -13,6 +13,12 @@ import re
 from pathlib import Path
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, or its type's name where it has none (one-line errors)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class WriteError(OSError):
     """A file could not be written; the previous version (if any) is untouched."""
 
@@ -71,7 +77,7 @@ def write_error(path: Path, exc: BaseException) -> WriteError:
         code, reason = exc.errno, exc.strerror or str(exc)
     else:
         match = _SAFETENSORS_IO.search(str(exc))
-        code, reason = (int(match.group(1)), match.group(2)) if match else (errno.EIO, str(exc).splitlines()[0])
+        code, reason = (int(match.group(1)), match.group(2)) if match else (errno.EIO, first_line(exc))
     return WriteError(code, f"cannot write {path}: {reason}")
 
 

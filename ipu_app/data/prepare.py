@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .corpus import CorpusError, embedded_documents, embedded_files, expand_inputs, file_documents
 from .shards import prepare_data, source_hashes
-from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer
+from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, vocab_tokens
 
 TOKENIZERS = ("bert-base-uncased", "train")
 
@@ -32,7 +32,7 @@ def _tokenizer(kind: str, documents, directory: Path, vocab_size: int) -> Path:
         return build_standard_tokenizer(directory)
     if kind == "train":
         folder = train_tokenizer((d for d in documents if not d.is_validation()), directory, vocab_size)
-        learned = sum(1 for line in (folder / "vocab.txt").open(encoding="utf-8") if line.strip())
+        learned = vocab_tokens(folder)
         if learned < min(MIN_TRAINED_VOCAB, vocab_size):
             raise CorpusError(f"--tokenizer train learned only {learned} tokens from this corpus (asked for "
                               f"{vocab_size}; at least {MIN_TRAINED_VOCAB} are needed): give more text or use "

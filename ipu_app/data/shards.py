@@ -28,7 +28,7 @@ import numpy as np
 
 from ..io import atomic_write_bytes
 from .corpus import CorpusError, Document, split_sentences
-from .tokenizer import copy_tokenizer, load_tokenizer, tokenizer_hash
+from .tokenizer import copy_tokenizer, load_tokenizer, tokenizer_hash, vocab_tokens
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -201,13 +201,14 @@ def check_tokenizer(data_dir: str | Path, manifest: dict) -> Path:
     data_dir = Path(data_dir)
     directory = data_dir / "tokenizer"
     if not (directory / "vocab.txt").is_file():
-        raise CorpusError(f"{directory} is missing (no vocab.txt): the shards' tokenizer is gone; prepare the data again")
+        raise CorpusError(f"{directory} is missing (no vocab.txt): the shards' tokenizer is gone; "
+                          "prepare the data again")
     expected = manifest.get("tokenizer_sha256")
     found = tokenizer_hash(directory)
     if expected and found != expected:
-        lines = sum(1 for _ in (directory / "vocab.txt").open(encoding="utf-8", errors="replace"))
         raise CorpusError(
-            f"{directory} is not the tokenizer the shards were made with (vocab.txt: {lines} tokens, sha256 "
+            f"{directory} is not the tokenizer the shards were made with (vocab.txt: {vocab_tokens(directory)} "
+            f"tokens, sha256 "
             f"{found[:12]}; manifest.json: {manifest.get('vocab_size')} tokens, sha256 {expected[:12]}); "
             "put the original back or prepare the data again")
     return directory

@@ -82,6 +82,12 @@ def load_tokenizer(directory: str | Path):
     return BertTokenizerFast.from_pretrained(str(directory))
 
 
+def vocab_tokens(directory: str | Path) -> int:
+    """How many tokens a tokenizer folder's ``vocab.txt`` holds (one per non-empty line)."""
+    with open(Path(directory) / "vocab.txt", encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def tokenizer_hash(directory: str | Path) -> str:
     """Identity of a tokenizer: sha256 of its vocabulary."""
     return file_sha256(Path(directory) / "vocab.txt")

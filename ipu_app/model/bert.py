@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainingHeads
 
-from ..io import atomic_write_bytes, write_safetensors
+from ..io import atomic_write_bytes, first_line, write_safetensors
 from ..sparse.init import DEFAULT_INIT_STD
 from .mlm_loss import mlm_loss_and_correct
 from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
@@ -186,7 +186,7 @@ class SparseBertForPreTraining(nn.Module):
             state = load_file(str(weights_path), device=map_location)
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{weights_path} is damaged (not a complete safetensors file: "
-                             f"{str(exc).splitlines()[0]}); write it again, e.g. by resuming the run") from None
+                             f"{first_line(exc)}); write it again, e.g. by resuming the run") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
         if missing or unexpected:

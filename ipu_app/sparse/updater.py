@@ -410,12 +410,14 @@ def load_explored(path) -> tuple[dict[str, np.ndarray], int]:
     """``({layer name: bool block map}, block size)`` from a file written by :func:`save_explored`."""
     from safetensors import SafetensorError, safe_open
 
+    from ..io import first_line
+
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
             maps = {name: f.get_tensor(name).astype(bool) for name in f.keys()}
     except (OSError, ValueError, SafetensorError) as exc:  # missing, empty, truncated or not safetensors
-        raise UpdaterError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UpdaterError(f"cannot read {path}: {first_line(exc)}") from None
     try:
         block_size = int(metadata.get("block_size", "1").split(",")[0])
     except ValueError:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import first_line
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -34,11 +36,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointDamaged(CheckpointError):
     """A checkpoint's files are incomplete or unreadable (an older kept one may still be good)."""
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -108,7 +105,7 @@ def _torch_write_reason(exc: RuntimeError, directory: Path) -> str:
         free = shutil.disk_usage(directory).free
     except OSError:
         free = None
-    first = str(exc).splitlines()[0]
+    first = first_line(exc)
     if free is not None and free < 1 << 20:
         return f"No space left on device ({first})"
     return first
@@ -134,7 +131,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean the same here
         # torch's own text advises weights_only=False, i.e. running the file's code: never the remedy here
-        kind = "not a checkpoint state file" if "weights_only" in str(exc) else _reason(exc)
+        kind = "not a checkpoint state file" if "weights_only" in str(exc) else first_line(exc)
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({state_file.name}: {kind})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointDamaged(f"checkpoint {path} has an unknown format (expected version {FORMAT_VERSION})")
@@ -146,7 +143,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({weights.name} is not a complete safetensors "
-                                f"file: {_reason(exc)})") from None
+                                f"file: {first_line(exc)})") from None
     expected = _untie(model.state_dict())
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -161,7 +158,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config: dict | Non
     try:
         model.load_state_dict(tensors, strict=False)
     except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not load: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not load: {first_line(exc)}") from None
     return state
 
 

@@ -122,9 +122,11 @@ def validation_size(config: RunConfig) -> dict:
             available = len(PretrainingDataset(path, "validation", masking, seed=VALIDATION_SEED))
         except (OSError, ValueError):
             available = None
-    used = available if d.validation_sequences is None or available is None else min(available, d.validation_sequences)
-    return {"data_dir": str(path), "available": available, "used": used if used is not None else d.validation_sequences,
-            "setting": "data.validation_sequences"}
+    if available is None or d.validation_sequences is None:
+        used = available if d.validation_sequences is None else d.validation_sequences
+    else:
+        used = min(available, d.validation_sequences)
+    return {"data_dir": str(path), "available": available, "used": used, "setting": "data.validation_sequences"}
 
 
 def _threads(config: RunConfig) -> dict:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ..config import ConfigError, RunConfig
 from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
-from ..io import atomic_write_bytes
+from ..data.tokenizer import file_sha256
+from ..io import atomic_write_bytes, first_line
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
 from ..seeding import derive_seed
@@ -102,6 +103,7 @@ class Trainer:
         self.accumulation = config.accumulation_steps(dist.world_size)
 
         self.data_dir = resolve_data_dir(config, progress)
+        self.data_manifest_sha256 = file_sha256(self.data_dir / "manifest.json")  # recorded in checkpoints
         masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
         train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
@@ -109,6 +111,7 @@ class Trainer:
                                         max_sequences=config.data.validation_sequences)
         self.validation = validation[dist.rank :: dist.world_size]  # sums are all-reduced
         self.validation_sequences = sum(b["input_ids"].shape[0] for b in validation)
+        self._local_validation_sequences = sum(b["input_ids"].shape[0] for b in self.validation)
         if not self.validation:
             raise ConfigError(f"{self.data_dir} has no validation sequences; prepare more data")
 
@@ -376,10 +379,10 @@ class Trainer:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
         self.model.eval()
         sums = torch.zeros(5, dtype=torch.float64)  # mlm loss x masked, masked, correct, nsp loss x n, n
-        sequences = sum(b["input_ids"].shape[0] for b in self.validation)
         if final and not self.progress and self.dist.is_main:
             print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
-        bar = tqdm(total=sequences, unit="seq", dynamic_ncols=True, leave=final, disable=not self.progress,
+        bar = tqdm(total=self._local_validation_sequences, unit="seq", dynamic_ncols=True, leave=final,
+                   disable=not self.progress,
                    desc="final validation" if final else f"validation @ {self.step}")
         for batch in self.validation:
             bar.update(batch["input_ids"].shape[0])
@@ -416,13 +419,8 @@ class Trainer:
             "counters": vars(self.counters).copy(),
             "last_step_finite": self._last_step_finite,
             "last_lr": self._last_lr,
-            "data_manifest_sha256": self._data_manifest_hash(),
+            "data_manifest_sha256": self.data_manifest_sha256,
         }
-
-    def _data_manifest_hash(self) -> str:
-        import hashlib
-
-        return hashlib.sha256((self.data_dir / "manifest.json").read_bytes()).hexdigest()
 
     def save_checkpoint(self) -> Path | None:
         """Every rank contributes its RNG state; rank 0 writes."""
@@ -436,7 +434,7 @@ class Trainer:
     def _resume(self) -> int:
         path, state = self._load_latest_intact_checkpoint()
         recorded = state.get("data_manifest_sha256")  # absent in checkpoints of older versions
-        if recorded is not None and recorded != self._data_manifest_hash():
+        if recorded is not None and recorded != self.data_manifest_sha256:
             raise CheckpointError(f"the data in {self.data_dir} changed since {path.name} was written (its "
                                   "manifest.json differs): resume on the data the run started with, or start a "
                                   "new run")
@@ -451,7 +449,7 @@ class Trainer:
                 self.freezer.load_state_dict(state["freezer"])
             self.batches.load_state_dict(state["data"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not match this run: {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"checkpoint {path} does not match this run: {first_line(exc)}") from None
         for _, layer in self.sparse_layers:
             layer.pattern_version += 1  # kernels must rebuild their metadata for the loaded patterns
         if len(state["rng"]) != self.dist.world_size:
