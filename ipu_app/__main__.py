@@ -33,7 +33,7 @@ def _sweep(args) -> int:
 
     sweep = load_sweep(args.spec)
     directory = Path(args.output_dir or Path("runs") / "sweeps" / sweep.name)
-    runner = SweepRunner(sweep, directory, jobs=args.jobs, only=args.only)
+    runner = SweepRunner(sweep, directory, jobs=args.jobs, only=args.only, devices=args.devices or [])
     if args.list:
         print(format_plan(runner))
         return 0
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (CPU threads are split)")
     p.add_argument("--output-dir", help="the sweep directory (default runs/sweeps/NAME)")
     p.add_argument("--only", nargs="+", default=[], metavar="RUN", help="run only these runs of the sweep")
+    p.add_argument("--devices", nargs="+", metavar="GPU",
+                   help="GPUs to spread the runs over, e.g. 0,1 (each run sees one as cuda:0; with --jobs above "
+                        "the number of GPUs several small runs share one)")
     p.add_argument("--list", action="store_true", help="list the runs and their state; train nothing")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("report", help="tables and a figure from finished run directories (never trains)")

@@ -90,6 +90,12 @@ class TrainingSection:
     # CPU threads of this process (torch's ops and the CPU kernels); null = OMP_NUM_THREADS when set,
     # else the cores this process may run on. On a shared machine, fewer threads than cores is faster.
     threads: int | None = None
+    # torch.compile the model (inductor; the sparse kernels stay opaque custom ops, and a pattern
+    # update causes no recompilation). Off by default: measured on the CPU it does not pay for its
+    # compile time in short runs (README, "Speed"); on a GPU it is the fast path.
+    compile: bool = False
+    # fp32 matrix products in TF32 on Ampere and newer GPUs (dense linears, attention, the Triton kernels).
+    tf32: bool = True
 
 
 @dataclass
@@ -117,6 +123,10 @@ class DataSection:
     mask_prob: float = 0.15
     max_predictions: int = 20
     validation_sequences: int | None = None  # null = the whole validation split
+    # Batches built ahead by a background thread (pinned memory on a GPU) so the device never waits
+    # for the host; null = 2 on a GPU, 0 (built in the loop) on a CPU, where the thread would only
+    # take cores from the step.
+    prefetch_batches: int | None = None
 
 
 @dataclass
@@ -290,6 +300,10 @@ class RunConfig:
         for key in ("log_every", "validate_every", "checkpoint_every"):
             _check(getattr(t, key) >= 1, f"training.{key} must be >= 1, got {getattr(t, key)}")
         _check(t.threads is None or t.threads >= 1, f"training.threads must be >= 1 or null, got {t.threads}")
+        _check(not (t.compile and self.backend == "ipu"),
+               "training.compile is for the PyTorch path; backend: ipu compiles its own graph (poptorch)")
+        _check(d.prefetch_batches is None or d.prefetch_batches >= 0,
+               f"data.prefetch_batches must be >= 0 or null, got {d.prefetch_batches}")
         _check(t.dist_timeout_s >= 1, f"training.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
         _check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         _check(t.keep_checkpoints >= 1, f"training.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

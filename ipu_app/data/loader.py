@@ -220,6 +220,22 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
+def static_batch(batch: dict, max_predictions: int) -> dict:
+    """A loader batch (``mlm_labels [B, S]`` with -100 where unmasked) with fixed-size masked inputs:
+    ``masked_positions [B, P]`` and ``masked_labels [B, P]`` (-100 padding), P = ``max_predictions``.
+    What a compiled graph needs (IPU, ``torch.compile``, a GPU without a host sync for ``nonzero``);
+    built on the host, before the batch moves to the device."""
+    labels = batch["mlm_labels"]
+    count = int((labels != -100).sum(dim=1).max())
+    if count > max_predictions:
+        raise ValueError(f"a sequence has {count} masked tokens, more than max_predictions={max_predictions}")
+    order = torch.argsort((labels == -100).to(torch.int8), dim=1, stable=True)[:, :max_predictions]
+    out = {k: v for k, v in batch.items() if k != "mlm_labels"}
+    out["masked_positions"] = order.to(torch.int32)
+    out["masked_labels"] = labels.gather(1, order)
+    return out
+
+
 class BatchIterator:
     """Endless training batches for one rank, resumable from ``state_dict()``."""
 
@@ -266,6 +282,82 @@ class BatchIterator:
                 f"this run has {self.world_size} and {self.batch_size}"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class Prefetcher:
+    """A ``BatchIterator`` whose next ``depth`` batches are built ahead by a background thread
+    (``transform`` applied, pinned memory for a fast copy to a GPU), so the device never waits for
+    the host. Batches are exactly those of the wrapped iterator, in order; ``state_dict`` is the
+    position after the last batch *handed out* (not the last one built), so resume stays exact."""
+
+    def __init__(self, batches: BatchIterator, depth: int, transform=None, pin_memory: bool = False) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self.batches, self.depth, self.transform, self.pin_memory = batches, depth, transform, pin_memory
+        self._state = batches.state_dict()
+        self._queue = None
+        self._thread = None
+        self._stop = None
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop), daemon=True,
+                                        name="ipu_app-prefetch")
+        self._thread.start()
+
+    def _work(self, out, stop) -> None:
+        import queue
+
+        while not stop.is_set():
+            try:
+                batch = next(self.batches)
+                if self.transform is not None:
+                    batch = self.transform(batch)
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                item = (batch, self.batches.state_dict(), None)
+            except Exception as exc:  # handed to the training thread, raised there
+                item = (None, None, exc)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        batch, state, exc = self._queue.get()
+        if exc is not None:
+            self.close()
+            raise exc
+        self._state = state
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread and drop the batches built ahead (the state stays at the last handed out)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = self._queue = None
+            self.batches.load_state_dict(self._state)
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.batches.load_state_dict(state)
+        self._state = self.batches.state_dict()
 
 
 def validation_batches(data_dir: str | Path, batch_size: int, masking: MaskingConfig = MaskingConfig(),

@@ -248,6 +248,31 @@ class _Running:
     process: subprocess.Popen
     log: Any
     started: float
+    device: str | None = None  # the GPU it runs on (CUDA_VISIBLE_DEVICES), with --devices
+
+
+def check_devices(devices: list[str], gpu_count: int | None = None) -> list[str]:
+    """``--devices`` entries (GPU indices, or UUIDs as ``CUDA_VISIBLE_DEVICES`` takes them), checked
+    against the GPUs this machine has; ``gpu_count`` overrides what torch reports (tests)."""
+    devices = [d.strip() for item in devices for d in str(item).split(",") if d.strip()]
+    if not devices:
+        return []
+    if gpu_count is None:
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    if gpu_count == 0:
+        raise SweepError("--devices: no CUDA GPU is visible here (torch.cuda.device_count() is 0); "
+                         "leave --devices out to train on the CPU")
+    for device in devices:
+        if device.isdigit() and int(device) >= gpu_count:
+            raise SweepError(f"--devices: GPU {device} does not exist; this machine has {gpu_count} "
+                             f"(0..{gpu_count - 1})")
+        if not device.isdigit() and not device.startswith(("GPU-", "MIG-")):
+            raise SweepError(f"--devices: {device!r} is not a GPU index or UUID; give e.g. --devices 0,1")
+    if len(set(devices)) != len(devices):
+        raise SweepError(f"--devices lists a GPU twice ({','.join(devices)}); use --jobs for several runs per GPU")
+    return devices
 
 
 @dataclass
@@ -258,6 +283,7 @@ class SweepRunner:
     directory: Path
     jobs: int = 1
     only: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # GPUs the runs are spread over (several per GPU allowed)
     echo: Any = print
     results: dict[str, RunResult] = field(default_factory=dict)
     _stop: bool = False
@@ -272,6 +298,7 @@ class SweepRunner:
             missing = [n for n in self.only if n not in names]
             if missing:
                 raise SweepError(f"--only {missing[0]!r} is not a run of this sweep (see --list)")
+        self.devices = check_devices(self.devices)
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.directory / "runs" / run.name
@@ -336,8 +363,10 @@ class SweepRunner:
             while queue or running:
                 while queue and len(running) < self.jobs and not self._stop:
                     spec, resume = queue.pop(0)
-                    running.append(self._start(spec, resume, env))
-                    self.echo(f"[{finished + len(running)}/{total}] {'resume' if resume else 'start '} {spec.name}")
+                    device = self._least_busy_device(running)
+                    running.append(self._start(spec, resume, env, device))
+                    on = f" (GPU {device})" if device is not None else ""
+                    self.echo(f"[{finished + len(running)}/{total}] {'resume' if resume else 'start '} {spec.name}{on}")
                 if not running:
                     break
                 time.sleep(0.2)
@@ -353,20 +382,32 @@ class SweepRunner:
         finally:
             self._restore_signal_handlers(previous_handlers)
 
-    def _start(self, spec: RunSpec, resume: bool, env: dict) -> _Running:
+    def _least_busy_device(self, running: list[_Running]) -> str | None:
+        """The device of ``--devices`` with the fewest runs on it now (the first of equals)."""
+        if not self.devices:
+            return None
+        load = {d: 0 for d in self.devices}
+        for job in running:
+            load[job.device] += 1
+        return min(self.devices, key=lambda d: load[d])
+
+    def _start(self, spec: RunSpec, resume: bool, env: dict, device: str | None = None) -> _Running:
         run_dir = self.run_dir(spec)
         log_path = self.directory / "logs" / f"{spec.name}.log"
         log = open(log_path, "a", encoding="utf-8")
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
+        on = f" on GPU {device}" if device is not None else ""
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}{on}: "
                   f"{' '.join(spec.command(run_dir, resume))}\n")
         log.flush()
         result = self.results[spec.name]
         result.attempts += 1
         result.status = "running"
         self._write_status()
+        if device is not None:
+            env = {**env, "CUDA_VISIBLE_DEVICES": device}  # the run sees its GPU as cuda:0
         process = subprocess.Popen(spec.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
-        return _Running(spec, process, log, time.perf_counter())
+        return _Running(spec, process, log, time.perf_counter(), device)
 
     def _finish(self, job: _Running, rc: int) -> None:
         job.log.close()

@@ -13,21 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.mlm_loss import padded_mlm_loss
 from .options import Placement
-
-
-def static_batch(batch: dict, max_predictions: int) -> dict:
-    """A loader batch (``mlm_labels [B, S]`` with -100 where unmasked) with fixed-size masked inputs:
-    ``masked_positions [B, P]`` and ``masked_labels [B, P]`` (-100 padding), P = ``max_predictions``."""
-    labels = batch["mlm_labels"]
-    count = int((labels != -100).sum(dim=1).max())
-    if count > max_predictions:
-        raise ValueError(f"a sequence has {count} masked tokens, more than max_predictions={max_predictions}")
-    order = torch.argsort((labels == -100).to(torch.int8), dim=1, stable=True)[:, :max_predictions]
-    out = {k: v for k, v in batch.items() if k != "mlm_labels"}
-    out["masked_positions"] = order.to(torch.int32)
-    out["masked_labels"] = labels.gather(1, order)
-    return out
 
 
 class _Heads(nn.Module):
@@ -59,16 +46,12 @@ class IpuPretrainingModel(nn.Module):
         index = masked_positions.long().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         masked_hidden = torch.gather(hidden, 1, index)
         mlm_logits, nsp_logits = self.heads(masked_hidden, out.pooler_output)
-        mlm_logits = mlm_logits.float()
-        labels = masked_labels.long()
-        mlm_loss = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        mlm_loss, correct, num_masked = padded_mlm_loss(mlm_logits, masked_labels)
         loss, nsp_loss = mlm_loss, torch.zeros_like(mlm_loss)
         if nsp_logits is not None and nsp_labels is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels.long())
             loss = mlm_loss + nsp_loss
-        valid = labels != -100
-        correct = ((mlm_logits.argmax(-1) == labels) & valid).sum().float()
-        num_masked = valid.sum().float()
+        correct, num_masked = correct.float(), num_masked.float()
         if self._poptorch is not None:
             loss = self._poptorch.identity_loss(loss, reduction="none")
         return loss, mlm_loss.detach(), nsp_loss.detach(), correct, num_masked

@@ -22,7 +22,8 @@ from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
 from ..train.trainer import Trainer
 from . import import_poptorch
-from .model import IpuPretrainingModel, parallelize, static_batch
+from ..data.loader import static_batch
+from .model import IpuPretrainingModel, parallelize
 from .options import build_options, plan
 from .phase import IpuPatternSync, pattern_buffer_names
 
@@ -114,6 +115,7 @@ class IpuTrainer(Trainer):
         self.half = _half(config)
         self.replicas_here = self.plan.replication_factor // config.ipu.instances
         self.micro_per_call = self.plan.gradient_accumulation * self.replicas_here
+        self._loss_divisor = self.micro_per_call  # window sums: this instance's micro-batches, not reduced
         self.popsparse = None
         if config.ipu.sparse_op == "popsparse" and self.sparse_layers:
             from .custom_ops import PopsparseLayers
@@ -192,8 +194,13 @@ class IpuTrainer(Trainer):
         self.counters.train_seconds += seconds
         self.counters.train_tokens += tokens
         self.counters.last_train_loss = float(loss) / calls
-        self.window.add(steps=1, loss=float(loss) / calls, mlm_loss=float(mlm) / calls, nsp_loss=float(nsp) / calls,
-                        correct=int(correct), masked=int(masked), grad_norm=0.0, seconds=seconds, tokens=tokens)
+        self.window.add(torch.stack([mlm, nsp, correct]), steps=1, masked=int(masked), grad_norm=0.0,
+                        seconds=seconds, tokens=tokens)
+
+    def _global_sums(self, sums, masked):
+        """Logged values are instance 0's: IPU instances do not all-reduce their training sums."""
+        mlm, nsp, correct = sums.tolist()
+        return mlm / self._loss_divisor, nsp / self._loss_divisor, correct, int(masked)
 
     def _host_dense_gradient(self, model, step: int) -> None:
         """RigL: the dense gradient of the step's last micro-batch, on the host."""

@@ -22,7 +22,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrain
 
 from ..io import atomic_write_bytes, first_line, write_safetensors
 from ..sparse.init import DEFAULT_INIT_STD
-from .mlm_loss import mlm_loss_and_correct
+from .mlm_loss import mlm_loss_and_correct, padded_mlm_loss
 from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
 from .sparse_linear import SparseLinear, sparse_linears, sparsify_
 
@@ -98,8 +98,8 @@ class PretrainingOutput:
     mlm_loss: torch.Tensor
     nsp_loss: torch.Tensor | None
     mlm_correct: torch.Tensor  # number of masked tokens predicted exactly
-    num_masked: int
-    mlm_logits: torch.Tensor  # [num_masked, vocab]
+    num_masked: int | torch.Tensor  # a tensor on the fixed-size (masked_positions) path
+    mlm_logits: torch.Tensor  # [num_masked, vocab]; [B * P, vocab] with padding rows on the fixed-size path
     nsp_logits: torch.Tensor | None
 
 
@@ -142,23 +142,36 @@ class SparseBertForPreTraining(nn.Module):
         attention_mask: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         nsp_labels: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        masked_labels: torch.Tensor | None = None,
     ) -> PretrainingOutput:
-        """MLM loss over positions whose label is not -100 (HF convention), plus NSP loss."""
+        """MLM loss over positions whose label is not -100 (HF convention), plus NSP loss.
+
+        The masked tokens come either from ``mlm_labels [B, S]`` (found with ``nonzero``: exact
+        rows, a data-dependent shape) or, for a compiled graph or a GPU, as fixed-size
+        ``masked_positions`` / ``masked_labels [B, P]`` (``data.loader.static_batch``; -100 padding,
+        the same loss, no host sync, ``num_masked`` a tensor)."""
         out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
         hidden = out.last_hidden_state
-        labels = mlm_labels.reshape(-1)
-        positions = torch.nonzero(labels != -100).squeeze(1)
-        masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        targets = labels.index_select(0, positions)
-        mlm_logits = self.cls.predictions(masked_hidden)
-        mlm_loss, correct = mlm_loss_and_correct(mlm_logits, targets)
+        if masked_positions is not None:
+            index = masked_positions.long().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            mlm_logits = self.cls.predictions(torch.gather(hidden, 1, index)).flatten(0, 1)
+            mlm_loss, correct, num_masked = padded_mlm_loss(mlm_logits, masked_labels)
+        else:
+            labels = mlm_labels.reshape(-1)
+            positions = torch.nonzero(labels != -100).squeeze(1)
+            masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+            targets = labels.index_select(0, positions)
+            mlm_logits = self.cls.predictions(masked_hidden)
+            mlm_loss, correct = mlm_loss_and_correct(mlm_logits, targets)
+            num_masked = int(positions.numel())
         loss, nsp_loss, nsp_logits = mlm_loss, None, None
         if self.config.nsp:
             nsp_logits = self.cls.seq_relationship(out.pooler_output)
             if nsp_labels is not None:
                 nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
                 loss = mlm_loss + nsp_loss
-        return PretrainingOutput(loss, mlm_loss, nsp_loss, correct, int(positions.numel()), mlm_logits, nsp_logits)
+        return PretrainingOutput(loss, mlm_loss, nsp_loss, correct, num_masked, mlm_logits, nsp_logits)
 
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> None:

@@ -59,3 +59,15 @@ def mlm_loss_and_correct(logits: torch.Tensor, targets: torch.Tensor,
     if chunk is None:
         chunk = CPU_CHUNK_ROWS if logits.device.type == "cpu" else logits.shape[0]
     return _ChunkedCrossEntropy.apply(logits, targets, max(1, int(chunk)))
+
+
+def padded_mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean cross-entropy, correct, masked)`` over fixed-size masked positions: ``logits``
+    ``[..., vocab]`` and ``labels`` of the same leading shape, -100 at padding (static shapes, no host
+    sync: the compiled and GPU path). Counts are device tensors."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1).long()
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    valid = labels != -100
+    correct = ((logits.argmax(-1) == labels) & valid).sum()
+    return loss, correct, valid.sum()

@@ -25,7 +25,7 @@ from .fast import compute_dtype
 SparseLinearOp = Callable[..., torch.Tensor]
 
 __all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dtype", "describe", "get_backend",
-           "reference", "resolve_backend"]
+           "preload", "reference", "resolve_backend"]
 
 _MODULES = {name: name for name in SPARSE_BACKENDS}
 
@@ -45,8 +45,24 @@ class BackendError(ValueError):
     """A backend name is unknown or the backend cannot run here."""
 
 
+_LOADED: dict[str, object] = {}
+
+
 def _module(name: str):
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    module = _LOADED.get(name)  # a dict lookup torch.compile traces (an import would break the graph)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module
+
+
+def preload() -> None:
+    """Import every backend module now (``torch.compile`` then traces the backend choice without
+    a graph break); a backend that cannot load here is skipped (its calls go to the reference op)."""
+    for name in _MODULES:
+        try:
+            _module(name)
+        except ImportError:
+            pass
 
 
 def resolve_backend(name: str) -> str:

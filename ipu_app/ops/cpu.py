@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .fast import block_sparse_function, make_linear
+from .fast import block_sparse_ops, make_linear
 from .meta import KernelMeta, MetaCache, tile_values
 
 TILE = 16
@@ -123,6 +123,8 @@ def load(path: Path) -> ctypes.CDLL:
 def library() -> ctypes.CDLL:
     """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
     global _lib, _lib_error, _amx
+    if _lib is not None:  # loaded: no lock (also what lets torch.compile trace ``covers``)
+        return _lib
     with _lock:
         if _lib is None and _lib_error is None:
             try:
@@ -231,10 +233,10 @@ def _input_grad(gy, tiles, meta: KernelMeta):
     return _lines(gy, tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None)
 
 
-_Function = block_sparse_function("CpuBlockSparseLinear", _forward, _input_grad, _sddmm)
+_op = block_sparse_ops("cpu_bsmm", _forward, _input_grad, _sddmm, _meta)
 
 
-linear = make_linear(_Function, covers, _meta, "CPU kernels", lambda v: tile_values(v, TILE))
+linear = make_linear(_op, covers, "CPU kernels", lambda v: tile_values(v, TILE))
 
 
 __all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]

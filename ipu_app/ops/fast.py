@@ -1,5 +1,5 @@
-"""What the fast backends share: the autograd wiring of the three products and the call wrapper
-(compute dtype, fallback to the reference op, per-pattern metadata)."""
+"""What the fast backends share: the three products as custom ops with autograd (opaque to
+``torch.compile``) and the call wrapper (compute dtype, fallback to the reference op)."""
 
 from __future__ import annotations
 
@@ -21,33 +21,71 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def block_sparse_function(name: str, forward: Product, input_grad: Product, values_grad: Product):
-    """An autograd Function ``(x2d, values, meta, bias) -> y`` from a backend's three products."""
+def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_grad: Product, cache: MetaCache):
+    """A backend's three products as ``torch.library`` custom ops with autograd:
+    ``ipu_app::{name}_linear(x2d, values, rows, cols, bias, out_features, in_features, block_size)``
+    (and its ``_input_grad`` / ``_values_grad``). The pattern enters as its coordinate tensors and
+    the kernel metadata is looked up inside the op, so ``torch.compile`` sees one opaque op per layer
+    whose shapes do not depend on the pattern: a pattern update changes no shape and no guard, and
+    causes no recompilation. Returns the forward op."""
+    lib = "ipu_app"
+    dims = "int out_features, int in_features, int block_size"
 
-    def fwd(ctx, x2d, values, meta: KernelMeta, bias):
-        x2d, values = x2d.contiguous(), values.contiguous()
-        y = forward(x2d, values, meta, bias)
-        ctx.save_for_backward(x2d, values)
-        ctx.meta = meta
+    def meta_of(rows, cols, out_features, in_features, block_size) -> KernelMeta:
+        return cache.get(BlockPattern(out_features, in_features, block_size, rows, cols))
+
+    @torch.library.custom_op(f"{lib}::{name}_linear", mutates_args=(),
+                             schema=f"(Tensor x2d, Tensor values, Tensor rows, Tensor cols, Tensor? bias, {dims}) -> Tensor")
+    def linear_op(x2d, values, rows, cols, bias, out_features, in_features, block_size):
+        meta = meta_of(rows, cols, out_features, in_features, block_size)
+        return forward(x2d.contiguous(), values.contiguous(), meta, bias)
+
+    @linear_op.register_fake
+    def _(x2d, values, rows, cols, bias, out_features, in_features, block_size):
+        return x2d.new_empty(x2d.shape[0], out_features)
+
+    @torch.library.custom_op(f"{lib}::{name}_input_grad", mutates_args=(),
+                             schema=f"(Tensor gy, Tensor values, Tensor rows, Tensor cols, {dims}) -> Tensor")
+    def input_grad_op(gy, values, rows, cols, out_features, in_features, block_size):
+        meta = meta_of(rows, cols, out_features, in_features, block_size)
+        return input_grad(gy.contiguous(), values.contiguous(), meta)
+
+    @input_grad_op.register_fake
+    def _(gy, values, rows, cols, out_features, in_features, block_size):
+        return gy.new_empty(gy.shape[0], in_features)
+
+    @torch.library.custom_op(f"{lib}::{name}_values_grad", mutates_args=(),
+                             schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) -> Tensor")
+    def values_grad_op(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+        meta = meta_of(rows, cols, out_features, in_features, block_size)
+        return values_grad(gy.contiguous(), x2d.contiguous(), meta).to(values.dtype)
+
+    @values_grad_op.register_fake
+    def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+        return torch.empty_like(values)
+
+    def setup_context(ctx, inputs, output):
+        x2d, values, rows, cols, bias, out_features, in_features, block_size = inputs
+        ctx.save_for_backward(x2d, values, rows, cols)
+        ctx.dims = (out_features, in_features, block_size)
         ctx.has_bias = bias is not None
-        return y
 
-    def bwd(ctx, gy):
-        x2d, values = ctx.saved_tensors
-        gy = gy.contiguous()
-        gx = input_grad(gy, values, ctx.meta) if ctx.needs_input_grad[0] else None
-        gv = values_grad(gy, x2d, ctx.meta).to(values.dtype) if ctx.needs_input_grad[1] else None
-        gb = gy.sum(0, dtype=torch.float32).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return gx, gv, None, gb
+    def backward(ctx, gy):
+        x2d, values, rows, cols = ctx.saved_tensors
+        gx = input_grad_op(gy, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[0] else None
+        gv = values_grad_op(gy, x2d, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[1] else None
+        gb = gy.sum(0, dtype=torch.float32).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return gx, gv, None, None, gb, None, None, None
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    linear_op.register_autograd(backward, setup_context=setup_context)
+    return linear_op
 
 
-def make_linear(function, covers: Callable[..., bool], cache: MetaCache, kernels: str,
+def make_linear(op, covers: Callable[..., bool], kernels: str,
                 to_kernel_values: Callable[[torch.Tensor], torch.Tensor] = lambda v: v):
     """A backend's ``linear`` (``ops.reference.linear``'s signature): the reference op where ``covers``
-    says no, else ``function`` on 2-D inputs in the compute dtype (autocast's, applied here, as
-    ``F.linear`` would) with the pattern's cached metadata."""
+    says no, else the custom ``op`` of :func:`block_sparse_ops` on 2-D inputs in the compute dtype
+    (autocast's, applied here, as ``F.linear`` would)."""
 
     def linear(x: torch.Tensor, values: torch.Tensor, pattern: BlockPattern, bias: torch.Tensor | None = None,
                frozen: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,11 +94,11 @@ def make_linear(function, covers: Callable[..., bool], cache: MetaCache, kernels
         if not covers(device, dtype, pattern.block_size, frozen is not None):
             return reference.linear(x, values, pattern, bias, frozen)
         pattern._check_values(values)
-        meta = cache.get(pattern)
         with torch.autocast(device, enabled=False):
             x2d = x.reshape(-1, pattern.in_features).to(dtype)
             b = None if bias is None else bias.to(dtype)
-            y = function.apply(x2d, to_kernel_values(values.to(dtype)), meta, b)
+            y = op(x2d, to_kernel_values(values.to(dtype)), pattern.rows, pattern.cols, b, pattern.out_features,
+                   pattern.in_features, pattern.block_size)
         return y.reshape(*x.shape[:-1], pattern.out_features)
 
     linear.__doc__ = f"``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the {kernels} where they apply."

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .fast import block_sparse_function, make_linear
+from .fast import block_sparse_ops, make_linear
 from .meta import KernelMeta, MetaCache
 
 try:  # the GPU path is optional: the package works (reference backend) without Triton
@@ -182,7 +182,7 @@ def _values_grad(gy, x2d, meta: KernelMeta):
     return _sddmm_call(gy, x2d, meta, meta.tile)
 
 
-_Function = block_sparse_function("TritonBlockSparseLinear", _forward, _input_grad, _values_grad)
+_op = block_sparse_ops("triton_bsmm", _forward, _input_grad, _values_grad, _meta)
 
 
-linear = make_linear(_Function, covers, _meta, "Triton kernels")
+linear = make_linear(_op, covers, "Triton kernels")

@@ -16,6 +16,7 @@ work) and it keeps the loop readable. Steps count completed optimizer steps, fro
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
@@ -28,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, RunConfig
-from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
+from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, static_batch,
+                           validation_batches)
 from ..data.tokenizer import file_sha256
 from ..io import atomic_write_bytes, first_line
 from ..model.bert import SparseBertForPreTraining
@@ -48,21 +50,35 @@ from .precision import Precision, resolve_precision, resolve_threads
 
 @dataclass
 class _Window:
-    """Sums over the training steps since the last ``train`` log record."""
+    """Sums over the training steps since the last ``train`` log record. The loss sums stay where
+    the model runs (``sums``: this rank's MLM loss, NSP loss and correct predictions, summed over
+    micro-batches and steps) and are read once, at the log interval: no host sync per micro-batch."""
 
     steps: int = 0
-    loss: float = 0.0
-    mlm_loss: float = 0.0
-    nsp_loss: float = 0.0
-    correct: int = 0
     masked: int = 0
     grad_norm: float = 0.0
     seconds: float = 0.0
     tokens: int = 0
+    sums: torch.Tensor | None = None
 
-    def add(self, **values) -> None:
+    def add(self, sums: torch.Tensor, **values) -> None:
+        self.sums = sums.clone() if self.sums is None else self.sums.add_(sums)
         for key, value in values.items():
             setattr(self, key, getattr(self, key) + value)
+
+    def state_dict(self) -> dict:
+        state = {k: v for k, v in vars(self).items() if k != "sums"}
+        state["sums"] = None if self.sums is None else self.sums.tolist()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, divisor: int) -> "_Window":
+        state = dict(state)
+        if "loss" in state:  # a checkpoint of an older version held the averaged losses
+            state = {"sums": [state["mlm_loss"] * divisor, state["nsp_loss"] * divisor, float(state["correct"])],
+                     **{k: state[k] for k in ("steps", "masked", "grad_norm", "seconds", "tokens")}}
+        sums = state.pop("sums")
+        return cls(**state, sums=None if sums is None else torch.tensor(sums, dtype=torch.float64))
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,9 +122,23 @@ class Trainer:
         self.data_manifest_sha256 = file_sha256(self.data_dir / "manifest.json")  # recorded in checkpoints
         masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
         train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
+        # Fixed-size masked positions (no data-dependent shape, no host sync) where a compiled graph
+        # or a GPU runs the model; the exact rows (nonzero) on an eager CPU run.
+        self.static_masks = self.device.type == "cuda" or t.compile
+        self._host_transform = (functools.partial(static_batch, max_predictions=config.data.max_predictions)
+                                if self.static_masks else None)
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
+        prefetch = config.data.prefetch_batches
+        if prefetch is None:
+            prefetch = 2 if self.device.type == "cuda" else 0
+        if prefetch:
+            self.batches = Prefetcher(self.batches, prefetch, self._host_transform,
+                                      pin_memory=self.device.type == "cuda")
+            self._host_transform = None  # the thread applies it
         validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
                                         max_sequences=config.data.validation_sequences)
+        if self.static_masks:
+            validation = [static_batch(b, config.data.max_predictions) for b in validation]
         self.validation = validation[dist.rank :: dist.world_size]  # sums are all-reduced
         self.validation_sequences = sum(b["input_ids"].shape[0] for b in validation)
         self._local_validation_sequences = sum(b["input_ids"].shape[0] for b in self.validation)
@@ -128,6 +158,13 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+            torch.backends.cudnn.allow_tf32 = t.tf32
+        # torch.compile: the training forward (DDP-wrapped where distributed) and the eval forward.
+        # Steps that record RigL's dense gradient (hooks) run eagerly instead of compiling a variant.
+        self.compiled_model = torch.compile(self.forward_model) if t.compile else self.forward_model
+        self.compiled_eval = torch.compile(self.model) if t.compile else self.model
         self.optimizer = self.make_optimizer()
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
@@ -152,6 +189,8 @@ class Trainer:
                                           s.freeze, s.ratio, t.steps, config.seed)
         self.step = 0
         self.window = _Window()
+        self._loss_divisor = self.accumulation * dist.world_size  # summed micro-batch means -> a mean
+        self._last_sums: torch.Tensor | None = None  # the latest step's loss sums, on the device
         self.counters = _Counters()
         self._stop_requested = False
         self._last_step_finite = True
@@ -279,26 +318,31 @@ class Trainer:
         model.train()
         if self.updater is not None:
             self.updater.begin_step(step)  # RigL: dense gradients only before an update
-        sums = torch.zeros(4, dtype=torch.float64)  # mlm loss, nsp loss, correct, masked
-        tokens = 0
+        # RigL's recording steps run eagerly (tensor hooks); the others run the compiled model.
+        recording = self.updater is not None and self.updater.needs_dense_grad(step)
+        forward = self.forward_model if recording else self.compiled_model
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # mlm loss, nsp loss, correct
+        tokens = masked = 0
         for micro in range(self.accumulation):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+            batch = self._next_batch()
+            masked += _masked_tokens(batch)  # counted on the host, before the copy
+            tokens += batch["input_ids"].numel()
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             last = micro == self.accumulation - 1
             # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
             with sync:
                 with self.precision.autocast():
-                    out = self.forward_model(**batch)
+                    out = forward(**batch)
                 loss = out.loss / self.accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
-            sums += torch.tensor([out.mlm_loss.item(), nsp, out.mlm_correct.item(), out.num_masked], dtype=torch.float64)
-            tokens += batch["input_ids"].numel()
+            sums += _output_sums(out)  # on the device: no sync per micro-batch
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if self.freezer is not None:
             self.freezer.before_optimizer_step(step)
         max_norm = self.config.optimizer.max_grad_norm or float("inf")
+        # The step's one host sync: whether the gradients are finite decides the optimizer step.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         finite = math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -319,11 +363,7 @@ class Trainer:
         self.step = step
         self._last_lr = lr
         self._last_step_finite = finite
-        self.dist.all_reduce_sum(sums)  # logged values are those of the global batch
         tokens *= self.dist.world_size
-        mlm, nsp, correct, masked = sums.tolist()
-        mlm, nsp = mlm / self.dist.world_size, nsp / self.dist.world_size
-        loss_value = (mlm + nsp) / self.accumulation
         if not finite:
             self.counters.skipped_steps += 1
             self.counters.skipped_in_a_row += 1
@@ -336,10 +376,27 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.counters.train_seconds += seconds
         self.counters.train_tokens += tokens
-        self.counters.last_train_loss = loss_value
-        self.window.add(steps=1, loss=loss_value, mlm_loss=mlm / self.accumulation, nsp_loss=nsp / self.accumulation,
-                        correct=int(correct), masked=int(masked), grad_norm=grad_norm if finite else 0.0,
-                        seconds=seconds, tokens=tokens)
+        self._last_sums = sums
+        self.window.add(sums, steps=1, masked=masked, grad_norm=grad_norm if finite else 0.0, seconds=seconds,
+                        tokens=tokens)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.batches)
+        return self._host_transform(batch) if self._host_transform is not None else batch
+
+    def _global_sums(self, sums: torch.Tensor, masked: int) -> tuple[float, float, float, int]:
+        """``(mlm loss, nsp loss, correct, masked)`` summed over ranks, the losses as means (a host sync)."""
+        both = torch.cat([sums.to(torch.float64), torch.tensor([float(masked)], dtype=torch.float64,
+                                                                device=sums.device)])
+        mlm, nsp, correct, masked = self.dist.all_reduce_sum(both).tolist()
+        return mlm / self._loss_divisor, nsp / self._loss_divisor, correct, int(masked)
+
+    def _read_last_loss(self) -> None:
+        """``counters.last_train_loss`` from the latest step's sums (read when a checkpoint or the summary needs it)."""
+        if self._last_sums is not None:
+            mlm, nsp, _, _ = self._global_sums(self._last_sums, 0)
+            self.counters.last_train_loss = mlm + nsp
+            self._last_sums = None
 
     def _check_divergence(self, step: int) -> None:
         """Stop a run whose every step is skipped (NaN weights, a learning rate far too high)."""
@@ -361,10 +418,11 @@ class Trainer:
         w = self.window
         if w.steps == 0:
             return
+        mlm, nsp, correct, masked = self._global_sums(w.sums, w.masked)  # the window's one read
         record = self.metrics.log(
             "train", self.step,
-            loss=w.loss / w.steps, mlm_loss=w.mlm_loss / w.steps, nsp_loss=w.nsp_loss / w.steps,
-            mlm_accuracy=w.correct / max(w.masked, 1), grad_norm=w.grad_norm / w.steps,
+            loss=(mlm + nsp) / w.steps, mlm_loss=mlm / w.steps, nsp_loss=nsp / w.steps,
+            mlm_accuracy=correct / max(masked, 1), grad_norm=w.grad_norm / w.steps,
             learning_rate=self._last_lr,
             tokens_per_second=w.tokens / max(w.seconds, 1e-9), steps=w.steps,
         )
@@ -378,24 +436,25 @@ class Trainer:
     def validate(self, final: bool = False) -> dict:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
         self.model.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # mlm loss x masked, masked, correct, nsp loss x n, n
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # mlm loss x masked, correct, nsp loss x n
+        masked = sequences = 0
         if final and not self.progress and self.dist.is_main:
             print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
         bar = tqdm(total=self._local_validation_sequences, unit="seq", dynamic_ncols=True, leave=final,
                    disable=not self.progress,
                    desc="final validation" if final else f"validation @ {self.step}")
         for batch in self.validation:
-            bar.update(batch["input_ids"].shape[0])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            n, m = batch["input_ids"].shape[0], _masked_tokens(batch)
+            bar.update(n)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.precision.autocast():
-                out = self.model(**batch)
-            n = batch["input_ids"].shape[0]
-            nsp_sum = float(out.nsp_loss) * n if out.nsp_loss is not None else 0.0
-            sums += torch.tensor([float(out.mlm_loss) * out.num_masked, out.num_masked, int(out.mlm_correct),
-                                  nsp_sum, n], dtype=torch.float64)
+                out = self.compiled_eval(**batch)
+            mlm, correct, nsp = _output_sums(out)
+            sums += torch.stack([mlm * m, correct, nsp * n])
+            masked, sequences = masked + m, sequences + n
         bar.close()
-        self.dist.all_reduce_sum(sums)
-        mlm, masked, correct, nsp, sequences = sums.tolist()
+        totals = torch.cat([sums, torch.tensor([masked, sequences], dtype=torch.float64, device=self.device)])
+        mlm, correct, nsp, masked, sequences = self.dist.all_reduce_sum(totals).tolist()
         masked, sequences = int(masked), int(sequences)
         result = {"mlm_loss": mlm / max(masked, 1), "mlm_accuracy": correct / max(masked, 1),
                   "sequences": sequences}
@@ -406,6 +465,7 @@ class Trainer:
 
     # ============================================================ checkpoints
     def _state(self) -> dict:
+        self._read_last_loss()
         return {
             "config": self.config.to_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -415,7 +475,7 @@ class Trainer:
             "freezer": self.freezer.state_dict() if self.freezer is not None else None,
             "data": self.batches.state_dict(),
             "rng": self.dist.all_gather_object(rng_state()),  # one entry per rank
-            "window": vars(self.window).copy(),
+            "window": self.window.state_dict(),
             "counters": vars(self.counters).copy(),
             "last_step_finite": self._last_step_finite,
             "last_lr": self._last_lr,
@@ -456,7 +516,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was written by {len(state['rng'])} processes, this run has "
                                   f"{self.dist.world_size}; resume with the same number of processes")
         set_rng_state(state["rng"][self.dist.rank])
-        self.window = _Window(**state["window"])
+        self.window = _Window.from_state(state["window"], self._loss_divisor)
+        if self.window.sums is not None:
+            self.window.sums = self.window.sums.to(self.device)
         self.counters = _Counters(**state["counters"])
         self._last_step_finite = bool(state["last_step_finite"])
         self._last_lr = float(state["last_lr"])
@@ -510,6 +572,7 @@ class Trainer:
     def summary(self, val: dict) -> dict:
         from .describe import run_flops
 
+        self._read_last_loss()
         c = self.counters
         flops = run_flops(self.config, self.model)
         summary = {
@@ -582,6 +645,19 @@ def resolve_data_dir(config: RunConfig, progress: bool = True) -> Path:
         load_manifest(path)  # one-line error when it is not prepared data
         return path
     return prepare_embedded(config.data.tokenizer, config.data.vocab_size, progress=progress)
+
+
+def _masked_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Masked tokens of a host batch (either form of the labels)."""
+    labels = batch["masked_labels"] if "masked_labels" in batch else batch["mlm_labels"]
+    return int((labels != -100).sum())
+
+
+def _output_sums(out) -> torch.Tensor:
+    """``[mlm loss, nsp loss, correct]`` of one forward pass as a float64 tensor where it ran."""
+    mlm = out.mlm_loss.detach().to(torch.float64)
+    nsp = out.nsp_loss.detach().to(torch.float64) if out.nsp_loss is not None else torch.zeros_like(mlm)
+    return torch.stack([mlm, nsp, torch.as_tensor(out.mlm_correct, device=mlm.device).to(torch.float64)])
 
 
 def _next_multiple(step: int, every: int) -> int:

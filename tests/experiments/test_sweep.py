@@ -186,3 +186,41 @@ def test_ctrl_c_checkpoints_and_the_next_start_resumes(tmp_path, data_dir):
     runner = SweepRunner(load_sweep(spec), out, echo=lambda m: None)
     assert runner.plan()[0][1] == "resumable"
     assert os.path.isdir(out / "runs" / "bert_tiny_dense" / "checkpoints")
+
+
+def test_devices_spread_runs_over_gpus_several_per_gpu(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from ipu_app.experiments.sweep import RunSpec
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    spec = write_spec(tmp_path, {"grid": [{"config": "bert_tiny_dense", "seed": [0, 1, 2, 3, 4]}], "figure": "pareto"})
+    # Each "run" records the GPU it was given and sleeps, so that the runs overlap.
+    script = ("import os, sys, time; d = sys.argv[1]; os.makedirs(d, exist_ok=True); "
+              "open(os.path.join(d, 'gpu'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-')); time.sleep(0.5)")
+    monkeypatch.setattr(RunSpec, "command", lambda self, run_dir, resume: [sys.executable, "-c", script, str(run_dir)])
+    lines = []
+    runner = SweepRunner(load_sweep(spec), tmp_path / "sweep", jobs=4, devices=["0,1"], echo=lines.append)
+    runner.run()
+    gpus = [(tmp_path / "sweep" / "runs" / r.name / "gpu").read_text() for r in runner.sweep.runs]
+    # 4 at a time over 2 GPUs: two per GPU, then the fifth goes to the first GPU freed (both free: GPU 0)
+    assert sorted(gpus[:4]) == ["0", "0", "1", "1"] and gpus[4] in ("0", "1")
+    assert any("(GPU 1)" in line for line in lines)
+    log = (tmp_path / "sweep" / "logs" / f"{runner.sweep.runs[1].name}.log").read_text()
+    assert "start on GPU 1:" in log
+
+
+@pytest.mark.parametrize("devices, count, message", [
+    (["0"], 0, "no CUDA GPU is visible"),
+    (["0,2"], 2, "GPU 2 does not exist; this machine has 2"),
+    (["0", "0"], 2, "lists a GPU twice"),
+    (["cuda:0"], 2, "is not a GPU index or UUID"),
+])
+def test_bad_devices_are_one_line(devices, count, message):
+    from ipu_app.experiments.sweep import check_devices
+
+    with pytest.raises(SweepError, match=message):
+        check_devices(devices, gpu_count=count)
+    assert check_devices(["1, 0", "GPU-4b2c"], gpu_count=2) == ["1", "0", "GPU-4b2c"]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ipu_app.config import ConfigError, load_config
-from ipu_app.ipu.model import IpuPretrainingModel, static_batch
+from ipu_app.data.loader import static_batch
+from ipu_app.ipu.model import IpuPretrainingModel
 from ipu_app.ipu.trainer import IpuTrainer, check_ipu_config
 from ipu_app.model.sparse_linear import sparse_linears
 from ipu_app.train.metrics import read_metrics
