@@ -123,6 +123,13 @@ def _add_bench_parser(sub) -> None:
     t.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is kept)")
     t.add_argument("--sparsity", nargs="+", type=float, default=None,
                    help="sparsities to run the config at (default: its own); several give a break-even")
+    t.add_argument("--block-size", nargs="+", type=int, default=None,
+                   help="block sizes to run the sparse config at (default: its own)")
+    t.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
+    t.add_argument("--hf", action="store_true", help="add Hugging Face's BertForPreTraining (eager) of the same size")
+    t.add_argument("--compile", action="store_true", help="add every variant compiled (training.compile)")
+    t.add_argument("--fractions", action="store_true",
+                   help="time the sparse linears alone: the share of the step they take")
     t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
     t.set_defaults(func=_bench)
 

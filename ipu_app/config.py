@@ -127,6 +127,10 @@ class DataSection:
     # for the host; null = 2 on a GPU, 0 (built in the loop) on a CPU, where the thread would only
     # take cores from the step.
     prefetch_batches: int | None = None
+    # The masked tokens as fixed-size [batch, max_predictions] positions (padding ignored) instead of
+    # the exact rows found with nonzero: static shapes and no host sync; null = on a GPU or with
+    # training.compile, off on an eager CPU run (the same loss either way, up to rounding).
+    fixed_size_masks: bool | None = None
 
 
 @dataclass

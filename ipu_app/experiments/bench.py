@@ -283,8 +283,8 @@ def plot_kernels(rows: list[KernelRow], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ train
 @dataclass
 class TrainRow:
-    variant: str          # dense | sparse/<backend> [s=<sparsity>]
-    backend: str          # dense | the sparse config's backend
+    variant: str          # hf | dense[+compile] | sparse/<backend>[ b=<b>][ s=<sparsity>][+compile]
+    backend: str          # hf | dense | the sparse config's backend
     sparsity: float
     kernels: str          # what ran the sparse layers
     step_ms: float
@@ -292,13 +292,91 @@ class TrainRow:
     flops_per_sequence: float
     speedup: float = float("nan")   # dense step time / this step time
     epsilon: float = float("nan")
+    block_size: int = 0
+    compiled: bool = False
+    sparse_fraction: float = float("nan")  # of the step spent in the sparse linears (timed alone)
+
+
+class _HfStep:
+    """A training step of Hugging Face's ``BertForPreTraining`` (eager, SDPA attention) of the same
+    size on one batch of the dense trainer: what a user would otherwise run. AdamW (fused on a GPU),
+    clipping and one host sync per step, like ours; its MLM head scores every position (HF's way)."""
+
+    kernel_line = "Hugging Face BertForPreTraining, eager"
+
+    def __init__(self, dense) -> None:
+        from transformers import BertForPreTraining
+
+        self.device, self.precision, self.config = dense.device, dense.precision, dense.config
+        torch.manual_seed(0)
+        self.model = BertForPreTraining(dense.model.hf_config).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+        from ..data.loader import BatchIterator, Prefetcher
+
+        ours = dense.batches.batches if isinstance(dense.batches, Prefetcher) else dense.batches
+        host = next(BatchIterator(ours.dataset, dense.config.micro_batch_size))
+        self.batch = {"input_ids": host["input_ids"], "token_type_ids": host["token_type_ids"],
+                      "attention_mask": host["attention_mask"], "labels": host["mlm_labels"],
+                      "next_sentence_label": host["nsp_labels"]}
+        self.batch = {k: v.to(self.device) for k, v in self.batch.items()}
+        self.accumulation = dense.accumulation
+        self.step = 0
+
+    def train_step(self, step: int) -> None:
+        self.model.train()
+        for _ in range(self.accumulation):
+            with self.precision.autocast():
+                loss = self.model(**self.batch).loss / self.accumulation
+            loss.backward()
+        float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+
+    def close(self) -> None:
+        pass
+
+
+def sparse_linear_seconds(trainer) -> float:
+    """Seconds per optimizer step spent in the sparse linears' forward and backward: each layer's op
+    timed alone on inputs of the shape it sees in training (micro-batch tokens x in_features, once
+    per micro-batch)."""
+    from ..model.sparse_linear import sparse_linears
+
+    tokens = trainer.config.micro_batch_size * trainer.config.data.seq_len
+    dtype, fns = trainer.precision.dtype, {}
+    for i, (_, layer) in enumerate(sparse_linears(trainer.model)):
+        x = torch.randn(tokens, layer.in_features, device=trainer.device, dtype=dtype, requires_grad=True)
+        values = layer.values.detach().clone().requires_grad_(True)  # the parameter's dtype, as in training
+        gy = torch.randn(tokens, layer.out_features, device=trainer.device, dtype=dtype)
+        fns[str(i)] = _layer_step(layer, x, values, gy, trainer.precision)
+    if not fns:
+        return 0.0
+    times = median_times(fns, trainer.device, repeats=3, warmup=1)
+    return trainer.accumulation * sum(times.values())
+
+
+def _layer_step(layer, x, values, gy, precision):
+    from .. import ops
+
+    op = ops.get_backend(layer.backend)
+
+    def step():
+        with precision.autocast():  # as in the training step
+            y = op(x, values, layer.pattern, layer.bias)
+        return torch.autograd.grad(y, (x, values), gy.to(y.dtype))
+
+    return step
 
 
 def bench_train(config_name: str, overrides: list[str], backends: list[str], steps: int,
-                sparsities: list[float] | None = None,
-                progress: Callable[[str], None] | None = None) -> list[TrainRow]:
+                sparsities: list[float] | None = None, progress: Callable[[str], None] | None = None, *,
+                device: torch.device | None = None, block_sizes: list[int] | None = None, hf: bool = False,
+                compile: bool = False, fractions: bool = False) -> list[TrainRow]:
     """Median step time of the dense model and of the sparse config on each backend (at each of
-    ``sparsities``; default the config's own ratio), steps interleaved round-robin."""
+    ``sparsities`` and ``block_sizes``; default the config's own), steps interleaved round-robin.
+    ``hf`` adds Hugging Face's ``BertForPreTraining``; ``compile`` adds each variant compiled
+    (``training.compile``); ``fractions`` times the sparse linears alone (``sparse_fraction``)."""
     from ..config import load_config
     from ..train.describe import run_flops
     from ..train.trainer import Trainer
@@ -308,45 +386,69 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
         raise BenchError(f"config {config_name!r} is dense; bench train compares a sparse config with its "
                          "dense counterpart (e.g. --config bert_mini_sparse)")
     ratios = sparsities or [base.sparsity.ratio]
-    variants = [("dense", "dense", 0.0,
-                 load_config(config_name, [*overrides, "sparsity.mode=dense", "backend=reference"], steps=10_000))]
+    sizes = block_sizes or [base.sparsity.block_size]
+    dense_overrides = [*overrides, "sparsity.mode=dense", "backend=reference"]
+    variants = [("dense", "dense", 0.0, 0, load_config(config_name, dense_overrides, steps=10_000))]
     for b in backends:
-        for ratio in ratios:
-            name = f"sparse/{b}" + (f" s={ratio:g}" if len(ratios) > 1 else "")
-            config = load_config(config_name, [*overrides, f"backend={b}", f"sparsity.ratio={ratio}"], steps=10_000)
-            variants.append((name, b, ratio, config))
+        for size in sizes:
+            for ratio in ratios:
+                name = (f"sparse/{b}" + (f" b={size}" if len(sizes) > 1 else "")
+                        + (f" s={ratio:g}" if len(ratios) > 1 else ""))
+                config = load_config(config_name, [*overrides, f"backend={b}", f"sparsity.ratio={ratio}",
+                                                   f"sparsity.block_size={size}"], steps=10_000)
+                variants.append((name, b, ratio, size, config))
+    if compile:
+        variants += [(f"{name}+compile", backend, ratio, size, load_config(
+            config_name, [*(dense_overrides if backend == "dense" else [*overrides, f"backend={backend}",
+                                                                           f"sparsity.ratio={ratio}",
+                                                                           f"sparsity.block_size={size}"]),
+                          "training.compile=true"], steps=10_000))
+                     for name, backend, ratio, size, _ in list(variants)]
     trainers = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for i, (name, _, _, config) in enumerate(variants):
+            for i, (name, _, _, _, config) in enumerate(variants):
                 config.data.validation_sequences = 8
                 run_dir = Path(tmp) / str(i)
                 run_dir.mkdir()
-                trainers.append((name, Trainer(config, run_dir, progress=False, tensorboard=False)))
+                trainers.append((name, Trainer(config, run_dir, progress=False, tensorboard=False, device=device)))
+            dense = trainers[0][1]
+            if hf:
+                trainers.insert(0, ("hf", _HfStep(dense)))
+                variants.insert(0, ("hf", "hf", 0.0, 0, dense.config))
             times: dict[str, list[float]] = {name: [] for name, _ in trainers}
-            for _, trainer in trainers:  # warm-up (kernels built, metadata cached)
+            for name, trainer in trainers:  # warm-up (kernels built, metadata cached, graphs compiled)
+                if progress and "+compile" in name:
+                    progress(f"compiling {name} ...")
                 for _ in range(2):
                     trainer.train_step(trainer.step + 1)
             for i in range(steps):  # interleaved, so machine noise hits every variant alike
                 for name, trainer in trainers:
+                    _sync(dense.device)
                     start = time.perf_counter()
                     trainer.train_step(trainer.step + 1)
+                    _sync(dense.device)
                     times[name].append(time.perf_counter() - start)
                 if progress:
                     progress(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {1e3 * t[-1]:.0f} ms" for n, t in times.items()))
             rows = []
-            for (name, trainer), (_, backend, ratio, _) in zip(trainers, variants):
+            for (name, trainer), (_, backend, ratio, size, config) in zip(trainers, variants):
                 t = statistics.median(times[name])
-                tokens = trainer.config.training.batch_size * trainer.config.data.seq_len
-                flops = run_flops(trainer.config, trainer.model)["non_embedding_flops_per_sequence"]
-                rows.append(TrainRow(name, backend, ratio, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops))
+                tokens = config.training.batch_size * config.data.seq_len
+                model = dense.model if backend == "hf" else trainer.model
+                flops = run_flops(config, model)["non_embedding_flops_per_sequence"]
+                row = TrainRow(name, backend, ratio, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops,
+                               block_size=size, compiled="+compile" in name)
+                if fractions and backend not in ("hf", "dense"):
+                    row.sparse_fraction = sparse_linear_seconds(trainer) / t
+                rows.append(row)
         finally:
             for _, trainer in trainers:
                 trainer.close()
-    dense = rows[0]
+    reference = next(r for r in rows if r.variant == "dense")
     for r in rows:
-        r.speedup = dense.step_ms / r.step_ms
-        r.epsilon = (r.step_ms / r.flops_per_sequence) / (dense.step_ms / dense.flops_per_sequence)
+        r.speedup = reference.step_ms / r.step_ms
+        r.epsilon = (r.step_ms / r.flops_per_sequence) / (reference.step_ms / reference.flops_per_sequence)
     return rows
 
 
@@ -361,11 +463,14 @@ def train_break_even(rows: list[TrainRow]) -> list[dict]:
 
 
 def train_table(rows: list[TrainRow]) -> str:
-    lines = ["| variant | step ms | tokens/s | non-emb. FLOPs/seq | speedup vs dense | eps | kernels |",
-             "|---|---|---|---|---|---|---|"]
+    fractions = any(not math.isnan(r.sparse_fraction) for r in rows)
+    head = "| variant | step ms | tokens/s | non-emb. FLOPs/seq | speedup vs dense | eps |"
+    lines = [head + (" in sparse linears |" if fractions else "") + " kernels |",
+             "|---|---|---|---|---|---|" + ("---|" if fractions else "") + "---|"]
     for r in rows:
+        share = (" - |" if math.isnan(r.sparse_fraction) else f" {r.sparse_fraction:.0%} |") if fractions else ""
         lines.append(f"| {r.variant} | {r.step_ms:.1f} | {r.tokens_per_second:,.0f} | {r.flops_per_sequence:.3g} | "
-                     f"{r.speedup:.2f} | {r.epsilon:.2f} | {r.kernels} |")
+                     f"{r.speedup:.2f} | {r.epsilon:.2f} |{share} {r.kernels} |")
     return "\n".join(lines)
 
 
@@ -441,7 +546,12 @@ def main(args) -> int:
             bad_s = [s for s in args.sparsity or [] if not 0.0 <= s < 1.0]
             if bad_s:
                 raise BenchError(f"--sparsity values must be in [0, 1), got {bad_s}")
-            rows = bench_train(args.config, args.overrides, args.backends, args.steps, args.sparsity, progress=say)
+            bad_b = [b for b in args.block_size or [] if b not in (1, 4, 8, 16, 32, 64)]
+            if bad_b:
+                raise BenchError(f"--block-size must be 1, 4, 8, 16, 32 or 64, got {bad_b}")
+            rows = bench_train(args.config, args.overrides, args.backends, args.steps, args.sparsity, progress=say,
+                               device=_device(args.device), block_sizes=args.block_size, hf=args.hf,
+                               compile=args.compile, fractions=args.fractions)
             table = train_table(rows)
             if args.sparsity and len(args.sparsity) > 1:
                 table += "\n\n| backend | break-even sparsity (whole step) |\n|---|---|\n" + "\n".join(

@@ -150,7 +150,12 @@ class SparseBertForPreTraining(nn.Module):
         The masked tokens come either from ``mlm_labels [B, S]`` (found with ``nonzero``: exact
         rows, a data-dependent shape) or, for a compiled graph or a GPU, as fixed-size
         ``masked_positions`` / ``masked_labels [B, P]`` (``data.loader.static_batch``; -100 padding,
-        the same loss, no host sync, ``num_masked`` a tensor)."""
+        the same loss, no host sync, ``num_masked`` a tensor; a 2-D attention mask then becomes the
+        4-D boolean mask attention uses, which spares transformers' check for padding)."""
+        if masked_positions is not None and attention_mask is not None and attention_mask.dim() == 2:
+            # A 4-D mask is used as given; a 2-D one is first checked for padding (a host sync per call).
+            length = attention_mask.shape[-1]
+            attention_mask = attention_mask[:, None, None, :].bool().expand(-1, 1, length, -1)
         out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
         hidden = out.last_hidden_state
         if masked_positions is not None:

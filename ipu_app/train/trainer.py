@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -124,7 +125,8 @@ class Trainer:
         train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
         # Fixed-size masked positions (no data-dependent shape, no host sync) where a compiled graph
         # or a GPU runs the model; the exact rows (nonzero) on an eager CPU run.
-        self.static_masks = self.device.type == "cuda" or t.compile
+        fixed = config.data.fixed_size_masks
+        self.static_masks = (self.device.type == "cuda" or t.compile) if fixed is None else fixed
         self._host_transform = (functools.partial(static_batch, max_predictions=config.data.max_predictions)
                                 if self.static_masks else None)
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
@@ -650,7 +652,7 @@ def resolve_data_dir(config: RunConfig, progress: bool = True) -> Path:
 def _masked_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Masked tokens of a host batch (either form of the labels)."""
     labels = batch["masked_labels"] if "masked_labels" in batch else batch["mlm_labels"]
-    return int((labels != -100).sum())
+    return int(np.count_nonzero(labels.numpy() != -100))  # numpy: never a device read
 
 
 def _output_sums(out) -> torch.Tensor:

@@ -131,3 +131,43 @@ def test_bad_loader_settings(dataset):
         MaskingConfig(mask_prob=0).validate()
     with pytest.raises(CorpusError, match="rank 2"):
         BatchIterator(dataset, 4, rank=2, world_size=2)
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetcher_hands_out_the_iterators_batches_and_resumes_where_it_handed_out(dataset):
+    from ipu_app.data.loader import Prefetcher, static_batch
+
+    plain = BatchIterator(dataset, 4)
+    expected = [next(plain) for _ in range(12)]
+    ahead = Prefetcher(BatchIterator(dataset, 4), depth=3)
+    got = [next(ahead) for _ in range(5)]
+    assert all(_same(g, e) for g, e in zip(got, expected))
+    state = ahead.state_dict()  # 5 handed out, up to 3 more already built by the thread
+    assert state["position"] == 5 * 4
+    resumed = Prefetcher(BatchIterator(dataset, 4), depth=2)
+    resumed.load_state_dict(state)
+    assert all(_same(next(resumed), e) for e in expected[5:9])
+    ahead.load_state_dict(state)  # rewinding a running prefetcher drops what it built ahead
+    assert _same(next(ahead), expected[5])
+    ahead.close()
+    assert _same(next(ahead), expected[6])  # close() leaves it at the last batch handed out; next() restarts
+    transformed = Prefetcher(BatchIterator(dataset, 4), depth=1, transform=lambda b: static_batch(b, 20))
+    assert _same(next(transformed), static_batch(expected[0], 20))
+    for p in (ahead, resumed, transformed):
+        p.close()
+
+
+def test_prefetcher_raises_the_iterators_error_in_the_consumer(dataset):
+    from ipu_app.data.loader import Prefetcher
+
+    def broken(batch):
+        raise CorpusError("shard 3 is damaged")
+
+    ahead = Prefetcher(BatchIterator(dataset, 4), depth=2, transform=broken)
+    with pytest.raises(CorpusError, match="shard 3 is damaged"):
+        next(ahead)
+    with pytest.raises(ValueError, match="prefetch depth must be >= 1"):
+        Prefetcher(BatchIterator(dataset, 4), depth=0)

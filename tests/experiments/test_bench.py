@@ -101,3 +101,31 @@ def test_train_bench_break_even_over_sparsities(data_dir):
 def test_train_bench_refuses_a_dense_config():
     with pytest.raises(bench.BenchError, match="is dense"):
         bench.bench_train("bert_tiny_dense", [], ["auto"], steps=1)
+
+
+def test_train_bench_adds_hf_block_sizes_and_the_sparse_linear_share(data_dir):
+    overrides = [f"data.dir={data_dir}", "training.batch_size=4", "training.micro_batch_size=2",
+                 "training.precision=fp32"]
+    rows = bench.bench_train("bert_tiny_sparse_b16", overrides, ["cpu"], steps=1, block_sizes=[16, 32], hf=True,
+                             fractions=True)
+    assert [(r.variant, r.block_size) for r in rows] == [("hf", 0), ("dense", 0), ("sparse/cpu b=16", 16),
+                                                          ("sparse/cpu b=32", 32)]
+    assert "BertForPreTraining" in rows[0].kernels and rows[0].flops_per_sequence == rows[1].flops_per_sequence
+    assert rows[1].speedup == pytest.approx(1.0)
+    for r in rows[2:]:
+        assert 0.0 < r.sparse_fraction < 1.0  # two micro-batches of 2 x 128 tokens through 12 sparse linears
+    assert all(math.isnan(r.sparse_fraction) for r in rows[:2])
+    table = bench.train_table(rows)
+    assert "in sparse linears" in table and "| - |" in table
+
+
+def test_train_bench_cli_rejects_a_block_size_and_a_missing_gpu(tmp_path, capsys):
+    from ipu_app.__main__ import main as app_main
+
+    assert app_main(["bench", "train", "--config", "bert_tiny_sparse", "--block-size", "3",
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "--block-size must be 1, 4, 8, 16, 32 or 64" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert app_main(["bench", "train", "--config", "bert_tiny_sparse", "--device", "cuda",
+                         "--output", str(tmp_path / "o")]) == 2
+        assert "no CUDA GPU here" in capsys.readouterr().err

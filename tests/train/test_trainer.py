@@ -488,3 +488,42 @@ def test_the_threads_setting_reaches_torch_and_the_log(data_dir, tmp_path, capsy
     assert "; CPU threads: 1 (training.threads)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="training.threads must be >= 1 or null, got 0"):
         small_config(data_dir, "bert_tiny_sparse", "training.threads=0")
+
+
+def _scalar_reads(trainer, step):
+    """Tensor-to-Python reads (``.item()``, ``float()``, ``int()``: a host sync on a GPU) in one step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        trainer.train_step(step)
+    return Count.reads
+
+
+def test_host_reads_do_not_grow_with_micro_batches_and_prefetching_trains_alike(data_dir, tmp_path):
+    reads = {}
+    for micro in (8, 2):  # one micro-batch per step vs four
+        for fixed in (False, True):  # exact rows (eager CPU) and the fixed-size masks (GPU, compile)
+            config = small_config(data_dir, "bert_tiny_sparse", f"training.micro_batch_size={micro}",
+                                  "training.log_every=100", f"data.fixed_size_masks={str(fixed).lower()}")
+            trainer = new_trainer(config, tmp_path / f"m{micro}{fixed}")
+            trainer.train_step(1)
+            reads[micro, fixed] = _scalar_reads(trainer, 2)
+    # The GPU path reads nothing per micro-batch (the loss sums stay on the device, masked tokens are
+    # counted on the host, the attention mask needs no padding check); the eager CPU path keeps
+    # transformers' padding check, one read per micro-batch, which costs nothing on a CPU.
+    assert reads[2, True] == reads[8, True]
+    assert reads[2, False] - reads[8, False] <= 3
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    new_trainer(small_config(data_dir), plain).train()
+    trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "data.prefetch_batches=3"), ahead)
+    assert type(trainer.batches).__name__ == "Prefetcher"
+    trainer.train()
+    assert train_losses(ahead) == train_losses(plain)  # the same batches, bit for bit
