@@ -91,8 +91,8 @@ class TrainingSection:
     # else the cores this process may run on. On a shared machine, fewer threads than cores is faster.
     threads: int | None = None
     # torch.compile the model (inductor; the sparse kernels stay opaque custom ops, and a pattern
-    # update causes no recompilation). Off by default: measured on the CPU it does not pay for its
-    # compile time in short runs (README, "Speed"); on a GPU it is the fast path.
+    # update causes no recompilation). Off by default: on a CPU the compiled step measured slower
+    # than eager (README, Benchmarks); on a GPU it is still to be measured.
     compile: bool = False
     # fp32 matrix products in TF32 on Ampere and newer GPUs (dense linears, attention, the Triton kernels).
     tf32: bool = True
