@@ -567,7 +567,7 @@ class Trainer:
                 raise CheckpointError(f"{exc}; the final checkpoint (step {self.step}) is in place: free space and "
                                       f"write the outputs with python run_pretraining.py --resume {self.run_dir}"
                                       ) from None
-        self.metrics.close()
+        self.close()
         self.dist.barrier()
         return summary
 
@@ -609,6 +609,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if isinstance(self.batches, Prefetcher):
+            self.batches.close()  # stop the thread building batches ahead
 
     # ================================================================ signals
     @contextlib.contextmanager

@@ -527,4 +527,5 @@ def test_host_reads_do_not_grow_with_micro_batches_and_prefetching_trains_alike(
     trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "data.prefetch_batches=3"), ahead)
     assert type(trainer.batches).__name__ == "Prefetcher"
     trainer.train()
+    assert trainer.batches._thread is None  # the finished run stopped its prefetch thread
     assert train_losses(ahead) == train_losses(plain)  # the same batches, bit for bit
