@@ -387,23 +387,19 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
                          "dense counterpart (e.g. --config bert_mini_sparse)")
     ratios = sparsities or [base.sparsity.ratio]
     sizes = block_sizes or [base.sparsity.block_size]
-    dense_overrides = [*overrides, "sparsity.mode=dense", "backend=reference"]
-    variants = [("dense", "dense", 0.0, 0, load_config(config_name, dense_overrides, steps=10_000))]
+    specs = [("dense", "dense", 0.0, 0, [*overrides, "sparsity.mode=dense", "backend=reference"])]
     for b in backends:
         for size in sizes:
             for ratio in ratios:
                 name = (f"sparse/{b}" + (f" b={size}" if len(sizes) > 1 else "")
                         + (f" s={ratio:g}" if len(ratios) > 1 else ""))
-                config = load_config(config_name, [*overrides, f"backend={b}", f"sparsity.ratio={ratio}",
-                                                   f"sparsity.block_size={size}"], steps=10_000)
-                variants.append((name, b, ratio, size, config))
+                specs.append((name, b, ratio, size, [*overrides, f"backend={b}", f"sparsity.ratio={ratio}",
+                                                     f"sparsity.block_size={size}"]))
     if compile:
-        variants += [(f"{name}+compile", backend, ratio, size, load_config(
-            config_name, [*(dense_overrides if backend == "dense" else [*overrides, f"backend={backend}",
-                                                                           f"sparsity.ratio={ratio}",
-                                                                           f"sparsity.block_size={size}"]),
-                          "training.compile=true"], steps=10_000))
-                     for name, backend, ratio, size, _ in list(variants)]
+        specs += [(f"{name}+compile", b, ratio, size, [*sets, "training.compile=true"])
+                  for name, b, ratio, size, sets in list(specs)]
+    variants = [(name, b, ratio, size, load_config(config_name, sets, steps=10_000))
+                for name, b, ratio, size, sets in specs]
     trainers = []
     with tempfile.TemporaryDirectory() as tmp:
         try:

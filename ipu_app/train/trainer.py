@@ -165,6 +165,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = t.tf32
         # torch.compile: the training forward (DDP-wrapped where distributed) and the eval forward.
         # Steps that record RigL's dense gradient (hooks) run eagerly instead of compiling a variant.
+        if t.compile:
+            from .. import ops
+
+            ops.preload()  # dynamo traces the backend choice as a dict lookup, not an import (no graph break)
         self.compiled_model = torch.compile(self.forward_model) if t.compile else self.forward_model
         self.compiled_eval = torch.compile(self.model) if t.compile else self.model
         self.optimizer = self.make_optimizer()

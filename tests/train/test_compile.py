@@ -108,6 +108,7 @@ def test_compiled_training_trains_like_eager_and_compiles_once_over_pattern_upda
     trainer.train(stop_at=7)  # the train graph, the eval graph (validation at 6), updates at 3 and 6
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per forward
     trainer.train()  # the update at 9, the validation at 12: nothing compiled again
     assert counters["stats"]["unique_graphs"] == graphs
     eager = [(r["step"], r["loss"]) for r in read_metrics(eager_run, "train")]
