@@ -14,7 +14,8 @@ def _prepare_data(args) -> int:
 
     if args.input:
         path = prepare_files(args.input, args.output, args.tokenizer, args.vocab_size, args.document_mode,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, input_format=args.input_format, text_field=args.text_field,
+                             id_field=args.id_field, dataset_split=args.dataset_split, workers=args.workers)
     else:
         path = prepare_embedded(args.tokenizer, args.vocab_size, cache_dir=args.output)
     print(path)
@@ -137,9 +138,20 @@ def _add_bench_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipu_app", description="DynSparse BERT tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare-data", help="text files (or the embedded corpus) -> pre-training shards")
+    p = sub.add_parser("prepare-data", help="text, JSON Lines, Parquet or datasets folders (or the embedded "
+                                            "corpus) -> pre-training shards")
     p.add_argument("--input", nargs="*", default=[],
-                   help="UTF-8 text files or folders (their *.txt files); none = the embedded corpus")
+                   help="files (.txt, .jsonl, .parquet; .txt/.jsonl may be .gz), folders of them, or folders saved "
+                        "with datasets' save_to_disk; none = the embedded corpus")
+    p.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet", "datasets"],
+                   help="auto: by file suffix (a save_to_disk folder: datasets)")
+    p.add_argument("--text-field", default="text", help="JSON Lines field / Parquet or datasets column of the text")
+    p.add_argument("--id-field", default=None,
+                   help="field / column of a document id (the train/validation split hashes it); default: the "
+                        "document's position")
+    p.add_argument("--dataset-split", default=None, help="the split of a saved DatasetDict (when it has several)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenising processes (default: the cores this process may use)")
     p.add_argument("--output", help="output directory (embedded corpus: the cache root)")
     p.add_argument("--tokenizer", default="bert-base-uncased", choices=["bert-base-uncased", "train"])
     p.add_argument("--vocab-size", type=int, default=30522)

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .corpus import CorpusError, embedded_documents, embedded_files, expand_inputs, file_documents
-from .shards import prepare_data, source_hashes
+from .corpus import CorpusError, CorpusReader, embedded_documents, embedded_files, expand_inputs
+from .shards import default_workers, prepare_data, source_hashes
 from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, vocab_tokens
 
 TOKENIZERS = ("bert-base-uncased", "train")
@@ -46,18 +46,20 @@ def _tokenizer(kind: str, documents, directory: Path, vocab_size: int) -> Path:
 
 def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer: str = "bert-base-uncased",
                   vocab_size: int = 30522, document_mode: str = "blank_lines", progress: bool = True,
-                  overwrite: bool = False) -> Path:
-    """Text files or folders of them -> ``output_dir`` (idempotent: the same input reuses what is
-    there). Data of other input in ``output_dir`` is replaced only with ``overwrite`` (a run may be
-    training on it). The tokenizer is trained on the train split only."""
+                  overwrite: bool = False, *, input_format: str = "auto", text_field: str = "text",
+                  id_field: str | None = None, dataset_split: str | None = None, workers: int | None = None) -> Path:
+    """Input files or folders -> ``output_dir`` (idempotent: the same input reuses what is there).
+    Documents are streamed (memory does not grow with the corpus) and tokenised by ``workers``
+    processes (None: the cores). Data of other input in ``output_dir`` is replaced only with
+    ``overwrite`` (a run may be training on it). The tokenizer is trained on the train split only."""
     if not paths:
         raise CorpusError("no input files given")
-    paths = expand_inputs(paths)
-    documents = list(file_documents(paths, document_mode))
-    sources = source_hashes(paths)
+    reader = CorpusReader(expand_inputs(paths, input_format), document_mode, text_field, id_field, dataset_split)
+    reader.check()  # a missing field or column fails now, before any work
+    sources = source_hashes(i.path for i in reader.inputs)
     output_dir = Path(output_dir)
     _check_replacement(output_dir, sources, tokenizer, overwrite)
-    return _prepare(documents, output_dir, tokenizer, vocab_size, sources, progress, overwrite)
+    return _prepare(reader, output_dir, tokenizer, vocab_size, sources, progress, overwrite, workers)
 
 
 def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrite: bool) -> None:
@@ -80,7 +82,7 @@ def prepare_embedded(tokenizer: str = "bert-base-uncased", vocab_size: int = 305
     output_dir, sources = _embedded_dir(tokenizer, vocab_size, cache_dir)
     if (output_dir / "manifest.json").is_file():
         return output_dir
-    return _prepare(list(embedded_documents()), output_dir, tokenizer, vocab_size, sources, progress)
+    return _prepare(list(embedded_documents()), output_dir, tokenizer, vocab_size, sources, progress, workers=1)
 
 
 def embedded_data_dir(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522,
@@ -96,13 +98,12 @@ def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None)
 
 
 def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sources: dict, progress: bool,
-             overwrite: bool = False) -> Path:
-    if not documents:
-        raise CorpusError("no documents found: the input files are empty")
+             overwrite: bool = False, workers: int | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _tokenizer(tokenizer, documents, Path(tmp) / "tokenizer", vocab_size)
         if overwrite and (output_dir / "tokenizer").exists() and \
                 tokenizer_hash(output_dir / "tokenizer") != tokenizer_hash(tok_dir):
             shutil.rmtree(output_dir / "tokenizer")  # asked for: the new tokenizer replaces the old
-        prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress)
+        prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress,
+                     workers=default_workers() if workers is None else workers)
     return output_dir

@@ -17,12 +17,13 @@ temporary names and renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from .tokenizer import copy_tokenizer, load_tokenizer, tokenizer_hash, vocab_tok
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 MIN_TRAIN_DOCUMENTS = 2  # NSP needs a second document to draw random segments from
+SHARD_BYTES = 32 << 20  # a shard is closed at this much text (or documents_per_shard documents)
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -45,40 +47,80 @@ def _doc_hash(doc: Document) -> str:
     return hashlib.sha256(f"{doc.source}\0{doc.doc_id}\0{doc.text}".encode()).hexdigest()
 
 
-@dataclass
+@dataclasses.dataclass
 class ShardPlan:
     split: str
     index: int
     documents: list[Document]
     key: str
+    input_bytes: int = 0  # of the inputs behind these documents: the progress bar's unit
 
     @property
     def name(self) -> str:
         return f"{self.split}-{self.index:05d}"
 
 
-def plan_shards(documents: Sequence[Document], tok_hash: str, documents_per_shard: int) -> list[ShardPlan]:
-    """Split documents into train/validation (document level, by hash) and into shards."""
-    by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
+def _plan(split: str, index: int, docs: list[Document], tok_hash: str, input_bytes: int = 0) -> ShardPlan:
+    key = hashlib.sha256((tok_hash + "".join(_doc_hash(d) for d in docs)).encode()).hexdigest()
+    return ShardPlan(split, index, docs, key, input_bytes)
+
+
+def _too_small(count: int) -> CorpusError:
+    if not count:
+        return CorpusError("no documents found: the input files are empty")
+    return CorpusError(f"corpus too small: {count} documents; need at least {MIN_TRAIN_DOCUMENTS + 1} "
+                       "(documents are separated by blank lines, or one per file)")
+
+
+def stream_shards(documents: Iterable[Document], tok_hash: str, documents_per_shard: int,
+                  shard_bytes: int = SHARD_BYTES, input_bytes=None) -> Iterator[ShardPlan]:
+    """Documents -> shard plans, streamed: each document goes to train or validation by its hash
+    (document level) and into that split's open shard, which is closed at ``documents_per_shard``
+    documents or ``shard_bytes`` of text. Only the open shards are held. ``input_bytes()`` (the
+    reader's count) gives each plan the input bytes read up to it."""
+    open_docs: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    open_bytes = dict.fromkeys(SPLITS, 0)
+    closed = dict.fromkeys(SPLITS, 0)
+    counted, total = 0, 0
+
+    def close(split: str) -> ShardPlan:
+        nonlocal counted
+        read = input_bytes() if input_bytes else total
+        plan = _plan(split, closed[split], open_docs[split], tok_hash, read - counted)
+        counted = read
+        closed[split] += 1
+        open_docs[split], open_bytes[split] = [], 0
+        return plan
+
     for doc in documents:
-        by_split["validation" if doc.is_validation() else "train"].append(doc)
-    if not by_split["validation"] and len(by_split["train"]) > MIN_TRAIN_DOCUMENTS:
+        split = "validation" if doc.is_validation() else "train"
+        open_docs[split].append(doc)
+        size = len(doc.text.encode())
+        open_bytes[split] += size
+        total += size
+        if len(open_docs[split]) >= documents_per_shard or open_bytes[split] >= shard_bytes:
+            yield close(split)
+    train, held = open_docs["train"], open_docs["validation"]
+    if not closed["validation"] and not held and not closed["train"] and len(train) > MIN_TRAIN_DOCUMENTS:
         # Tiny corpora: hold out the document with the smallest hash so validation is never empty.
-        held = min(by_split["train"], key=_doc_hash)
-        by_split["train"].remove(held)
-        by_split["validation"].append(held)
-    if len(by_split["train"]) < MIN_TRAIN_DOCUMENTS or not by_split["validation"]:
-        raise CorpusError(
-            f"corpus too small: {len(documents)} documents; need at least {MIN_TRAIN_DOCUMENTS + 1} "
-            "(documents are separated by blank lines, or one per file)"
-        )
-    plans = []
-    for split, docs in by_split.items():
-        for i in range(0, len(docs), documents_per_shard):
-            chunk = docs[i : i + documents_per_shard]
-            key = hashlib.sha256((tok_hash + "".join(_doc_hash(d) for d in chunk)).encode()).hexdigest()
-            plans.append(ShardPlan(split, i // documents_per_shard, chunk, key))
-    return plans
+        chosen = min(train, key=_doc_hash)
+        train.remove(chosen)
+        held.append(chosen)
+    n_train = closed["train"] * documents_per_shard + len(train)  # a lower bound is enough here
+    if (n_train < MIN_TRAIN_DOCUMENTS and not closed["train"]) or (not held and not closed["validation"]):
+        if closed["train"]:
+            raise CorpusError("no document fell in the validation split (are all document ids equal? check "
+                              "--id-field)")
+        raise _too_small(len(train) + len(held))
+    for split in SPLITS:
+        if open_docs[split]:
+            yield close(split)
+
+
+def plan_shards(documents: Sequence[Document], tok_hash: str, documents_per_shard: int,
+                shard_bytes: int = SHARD_BYTES) -> list[ShardPlan]:
+    """All shard plans of a list of documents (see ``stream_shards``)."""
+    return list(stream_shards(documents, tok_hash, documents_per_shard, shard_bytes))
 
 
 def _shard_finished(directory: Path, plan: ShardPlan) -> dict | None:
@@ -91,22 +133,40 @@ def _shard_finished(directory: Path, plan: ShardPlan) -> dict | None:
     return info if info.get("key") == plan.key and arrays_present else None
 
 
+ENCODE_BATCH = 4096  # sentences per encode call: bounds the Python lists of ids held at once
+
+
 def _write_shard(directory: Path, plan: ShardPlan, tokenizer) -> dict:
-    sentences_per_doc, all_sentences = [], []
+    """Sentence-split and tokenise one shard's documents (the fast tokenizer's batch encoding, in
+    batches of ``ENCODE_BATCH`` sentences turned into arrays at once) and write its arrays, then
+    its marker."""
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    sentences_per_doc, pending, token_parts, length_parts = [], [], [], []
+
+    def flush() -> None:
+        ids = [e.ids for e in encode(pending, add_special_tokens=False)]
+        length_parts.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+        token_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
+                                       count=int(length_parts[-1].sum())))
+        pending.clear()
+
     for doc in plan.documents:
         sentences = split_sentences(doc.text)
         sentences_per_doc.append(len(sentences))
-        all_sentences.extend(sentences)
-    ids = tokenizer(all_sentences, add_special_tokens=False)["input_ids"] if all_sentences else []
-    keep = [i for i, s in enumerate(ids) if s]  # sentences that tokenise to nothing are dropped
-    lengths = np.array([len(ids[i]) for i in keep], dtype=np.int64)
-    kept = np.zeros(len(ids), dtype=bool)
-    kept[keep] = True
-    doc_sentence_counts = [int(kept[a:b].sum()) for a, b in _ranges(sentences_per_doc)]
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    tokens = np.fromiter((t for i in keep for t in ids[i]), dtype=dtype, count=int(lengths.sum()))
-    sentences = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    documents = np.concatenate([[0], np.cumsum([c for c in doc_sentence_counts if c])]).astype(np.int64)
+        pending.extend(sentences)
+        if len(pending) >= ENCODE_BATCH:
+            flush()
+    if pending:
+        flush()
+    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
+    tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype)
+    kept = lengths > 0  # sentences that tokenise to nothing are dropped
+    owner = np.repeat(np.arange(len(sentences_per_doc)), sentences_per_doc)
+    per_doc = np.bincount(owner, weights=kept, minlength=len(sentences_per_doc)).astype(np.int64)
+    sentences = np.concatenate([[0], np.cumsum(lengths[kept])]).astype(np.int64)
+    documents = np.concatenate([[0], np.cumsum(per_doc[per_doc > 0])]).astype(np.int64)
     for part, array in (("tokens", tokens), ("sentences", sentences), ("documents", documents)):
         _atomic_npy(directory / f"{plan.name}.{part}.npy", array)
     info = {
@@ -120,11 +180,23 @@ def _write_shard(directory: Path, plan: ShardPlan, tokenizer) -> dict:
     return info
 
 
-def _ranges(counts: Iterable[int]):
-    start = 0
-    for c in counts:
-        yield start, start + c
-        start += c
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process: the processes are the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+
+
+def _worker_write(directory: str, plan: ShardPlan) -> dict:
+    return _write_shard(Path(directory), plan, _WORKER_TOKENIZER)
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def prepare_data(
@@ -134,35 +206,77 @@ def prepare_data(
     documents_per_shard: int = 2000,
     sources: dict[str, str] | None = None,
     progress: bool = True,
+    workers: int = 1,
+    shard_bytes: int = SHARD_BYTES,
 ) -> dict:
-    """Tokenise documents into shards under ``output_dir``; reuse finished shards; return the manifest."""
+    """Tokenise documents into shards under ``output_dir``; reuse finished shards; return the manifest.
+
+    ``documents`` is streamed (a ``CorpusReader`` or any iterable): shards are planned as documents
+    arrive and tokenised by ``workers`` processes (1: in this process), with at most two shards per
+    worker waiting, so memory does not grow with the corpus. The manifest is written last."""
     from tqdm.auto import tqdm
 
+    if workers < 1:
+        raise CorpusError(f"--workers must be >= 1, got {workers}")
     output_dir = Path(output_dir)
-    documents = list(documents)
-    if not documents:
-        raise CorpusError("no documents found: the input files are empty")
     tok_hash = tokenizer_hash(tokenizer_dir)
-    plans = plan_shards(documents, tok_hash, documents_per_shard)
-    manifest_path = output_dir / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("plan") == [p.key for p in plans] and all(_shard_finished(output_dir, p) for p in plans):
-            return manifest
-    output_dir.mkdir(parents=True, exist_ok=True)
     if (output_dir / "tokenizer").exists() and tokenizer_hash(output_dir / "tokenizer") != tok_hash:
         raise CorpusError(f"{output_dir} holds data of another tokenizer; choose a new output directory")
-    copy_tokenizer(tokenizer_dir, output_dir / "tokenizer")
+    reader_bytes = getattr(documents, "bytes_read", None)
+    total = getattr(documents, "total_bytes", None)
+    if total is None:
+        documents = list(documents)
+        total = sum(len(d.text.encode()) for d in documents)
+    plans = stream_shards(documents, tok_hash, documents_per_shard, shard_bytes,
+                          (lambda: documents.bytes_read) if reader_bytes is not None else None)
     tokenizer = load_tokenizer(tokenizer_dir)
     splits = {s: {"shards": [], "documents": 0, "sentences": 0, "tokens": 0} for s in SPLITS}
-    bar = tqdm(total=len(documents), desc="preparing shards", unit="doc", disable=not progress)
-    for plan in plans:
-        info = _shard_finished(output_dir, plan) or _write_shard(output_dir, plan, tokenizer)
+    keys: list[str] = []
+    bar = tqdm(total=total, desc="preparing shards", unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress, dynamic_ncols=True)
+
+    def record(plan: ShardPlan, info: dict) -> None:
         split = splits[plan.split]
         split["shards"].append(plan.name)
         for k in ("documents", "sentences", "tokens"):
             split[k] += info[k]
-        bar.update(len(plan.documents))
+        bar.update(plan.input_bytes)
+
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the workers start clean (no forked tokenizer threads), one core each
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(str(tokenizer_dir),))
+    pending: list = []  # (plan, future or finished info), in plan order
+    try:
+        started = False
+        for plan in plans:
+            if not started:  # the first shard exists: the corpus is usable
+                output_dir.mkdir(parents=True, exist_ok=True)
+                copy_tokenizer(tokenizer_dir, output_dir / "tokenizer")
+                started = True
+            keys.append(plan.key)
+            info = _shard_finished(output_dir, plan)
+            if info is None and pool is None:
+                info = _write_shard(output_dir, plan, tokenizer)
+            job = dataclasses.replace(plan)  # holds the documents until the worker has them
+            plan.documents = []
+            pending.append((plan, info if info is not None else pool.submit(_worker_write, str(output_dir), job)))
+            while pending and (len(pending) > 2 * workers or not hasattr(pending[0][1], "result")):
+                done, result = pending.pop(0)
+                record(done, result.result() if hasattr(result, "result") else result)
+        for done, result in pending:
+            record(done, result.result() if hasattr(result, "result") else result)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # finished shards stay; none is half-written
+        bar.close()
+        raise
+    if pool is not None:
+        pool.shutdown()
     bar.close()
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -170,10 +284,13 @@ def prepare_data(
         "vocab_size": len(tokenizer),
         "sources": sources or {},
         "documents_per_shard": documents_per_shard,
-        "plan": [p.key for p in plans],
+        "plan": keys,
         "splits": splits,
     }
-    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    manifest_path = output_dir / "manifest.json"
+    encoded = json.dumps(manifest, indent=2).encode()
+    if not manifest_path.is_file() or manifest_path.read_bytes() != encoded:
+        atomic_write_bytes(manifest_path, encoded)
     return manifest
 
 
@@ -192,8 +309,20 @@ def load_manifest(data_dir: str | Path) -> dict:
 
 
 def source_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
-    """sha256 of each input file, for the manifest."""
-    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+    """sha256 of each input (read in 1 MiB blocks; a folder: of its files' names and bytes), for the
+    manifest."""
+    hashes = {}
+    for path in map(Path, paths):
+        digest = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if path.is_dir():
+                digest.update(str(file.relative_to(path)).encode() + b"\0")
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        hashes[str(path)] = digest.hexdigest()
+    return hashes
 
 
 def check_tokenizer(data_dir: str | Path, manifest: dict) -> Path:

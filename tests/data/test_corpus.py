@@ -58,10 +58,16 @@ def test_folders_expand_to_their_text_files(tmp_path):
     (tmp_path / "books" / "b").mkdir(parents=True)
     for name in ("books/z.txt", "books/b/a.txt", "books/notes.md", "single.txt"):
         (tmp_path / name).write_text("x")
-    assert expand_inputs([tmp_path / "books", tmp_path / "single.txt"]) == [
-        tmp_path / "books" / "b" / "a.txt", tmp_path / "books" / "z.txt", tmp_path / "single.txt"]
+    (tmp_path / "books" / "c.jsonl.gz").write_bytes(b"")
+    (tmp_path / "books" / "d.parquet").write_bytes(b"")
+    assert [(i.path, i.format) for i in expand_inputs([tmp_path / "books", tmp_path / "single.txt"])] == [
+        (tmp_path / "books" / "b" / "a.txt", "text"), (tmp_path / "books" / "c.jsonl.gz", "jsonl"),
+        (tmp_path / "books" / "d.parquet", "parquet"), (tmp_path / "books" / "z.txt", "text"),
+        (tmp_path / "single.txt", "text")]
+    # a forced format reads every file of a folder as that format
+    assert [i.format for i in expand_inputs([tmp_path / "books" / "notes.md"], "jsonl")] == ["jsonl"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CorpusError, match="is a folder without .txt files"):
+    with pytest.raises(CorpusError, match="is a folder without input files"):
         expand_inputs([tmp_path / "empty"])
     with pytest.raises(CorpusError, match="no such file or folder"):
         expand_inputs([tmp_path / "nope"])
