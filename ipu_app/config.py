@@ -127,6 +127,10 @@ class DataSection:
     # for the host; null = 2 on a GPU, 0 (built in the loop) on a CPU, where the thread would only
     # take cores from the step.
     prefetch_batches: int | None = None
+    # Processes building the training batches (a torch DataLoader: each builds whole batches,
+    # prefetch_batches ahead (null: 2), pinned memory on a GPU); 0 = in the training process. The
+    # batches are the same for any number; resume stays exact.
+    num_workers: int = 0
     # The masked tokens as fixed-size [batch, max_predictions] positions (padding ignored) instead of
     # the exact rows found with nonzero: static shapes and no host sync; null = on a GPU or with
     # training.compile, off on an eager CPU run (the same loss either way, up to rounding).
@@ -306,6 +310,8 @@ class RunConfig:
         _check(t.threads is None or t.threads >= 1, f"training.threads must be >= 1 or null, got {t.threads}")
         _check(not (t.compile and self.backend == "ipu"),
                "training.compile is for the PyTorch path; backend: ipu compiles its own graph (poptorch)")
+        _check(isinstance(d.num_workers, int) and d.num_workers >= 0,
+               f"data.num_workers must be an integer >= 0, got {d.num_workers!r}")
         _check(d.prefetch_batches is None or d.prefetch_batches >= 0,
                f"data.prefetch_batches must be >= 0 or null, got {d.prefetch_batches}")
         _check(t.dist_timeout_s >= 1, f"training.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")

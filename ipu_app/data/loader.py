@@ -1,9 +1,12 @@
 """Masked-LM + NSP batches from prepared shards.
 
-* Instances (segment pairs) are built per epoch from ``(seed, epoch)``: a document's
-  sentences are packed to ``seq_len - 3`` tokens and cut into A and B; with
-  probability 0.5 B is a random segment of another document (NSP label 1), else the
-  true continuation (label 0; a one-sentence chunk is split inside the sentence).
+* The sample index is built once per ``seq_len``, not per epoch: each document's
+  sentences are packed greedily into chunks of ``seq_len - 3`` tokens (vectorised over
+  documents, cached memory-mapped under ``DATA_DIR/index/``). Sample ``i`` of an epoch is
+  chunk ``i`` cut into A and B by draws that depend only on ``(seed, epoch, i)``: with
+  probability 0.5 B is a random segment of another document (NSP label 1; the chunk's
+  sentences after A are not used in that epoch), else the true continuation (label 0; a
+  one-sentence chunk is split inside the sentence). An epoch starts with one permutation.
 * Whole-word masking: whole words are drawn until ``mask_prob`` of the tokens (at
   most ``max_predictions``) are chosen; each chosen token becomes [MASK] (80%), a
   random token (10%) or stays (10%). Masks depend only on ``(seed, epoch, sample)``.
@@ -15,6 +18,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,32 +52,91 @@ class MaskingConfig:
 
 
 class ShardedSplit:
-    """The memory-mapped shards of one split as one corpus of documents."""
+    """The memory-mapped shards of one split as one corpus of documents (picklable: a worker process
+    reopens the maps instead of copying them)."""
 
     def __init__(self, data_dir: str | Path, split: str) -> None:
         self.data_dir = Path(data_dir)
+        self.split = split
         self.manifest = load_manifest(data_dir)
         if split not in self.manifest["splits"]:
             raise CorpusError(f"{data_dir} has no split {split!r}")
-        self.tokens, doc_sentences, doc_shards = [], [], []
-        self.sentence_offsets = []
-        for shard_index, name in enumerate(self.manifest["splits"][split]["shards"]):
-            try:
-                tokens = np.load(self.data_dir / f"{name}.tokens.npy", mmap_mode="r")
-                sentences = np.load(self.data_dir / f"{name}.sentences.npy")
-                documents = np.load(self.data_dir / f"{name}.documents.npy")
-            except (OSError, ValueError) as exc:
-                raise CorpusError(f"shard {name} in {data_dir} is unreadable ({exc}); prepare the data again") from None
-            if sentences[-1] != len(tokens) or documents[-1] != len(sentences) - 1:
-                raise CorpusError(f"shard {name} in {data_dir} is inconsistent; prepare the data again")
-            self.tokens.append(tokens)
-            self.sentence_offsets.append(sentences)
-            doc_sentences.append(np.stack([documents[:-1], documents[1:]], 1))
-            doc_shards.append(np.full(len(documents) - 1, shard_index))
-        # documents as (shard, first sentence, end sentence)
-        self.documents = np.concatenate([np.column_stack([s, d]) for s, d in zip(doc_shards, doc_sentences)])
+        self._open()
         if len(self.documents) < 2:
             raise CorpusError(f"split {split!r} of {data_dir} has {len(self.documents)} documents; need at least 2")
+
+    def _open(self) -> None:
+        self.tokens, self.sentence_offsets, tables = [], [], []
+        for shard_index, name in enumerate(self.manifest["splits"][self.split]["shards"]):
+            try:
+                tokens = np.load(self.data_dir / f"{name}.tokens.npy", mmap_mode="r")
+                sentences = np.load(self.data_dir / f"{name}.sentences.npy", mmap_mode="r")
+                documents = np.load(self.data_dir / f"{name}.documents.npy")
+            except (OSError, ValueError) as exc:
+                raise CorpusError(f"shard {name} in {self.data_dir} is unreadable ({exc}); prepare the data "
+                                  "again") from None
+            if len(sentences) == 0 or sentences[-1] != len(tokens) or documents[-1] != len(sentences) - 1:
+                raise CorpusError(f"shard {name} in {self.data_dir} is inconsistent; prepare the data again")
+            self.tokens.append(tokens)
+            self.sentence_offsets.append(sentences)
+            tables.append(np.column_stack([np.full(len(documents) - 1, shard_index), documents[:-1],
+                                           documents[1:]]))
+        # documents as (shard, first sentence, end sentence)
+        self.documents = np.concatenate(tables).astype(np.int64) if tables else np.zeros((0, 3), np.int64)
+
+    def __getstate__(self) -> dict:
+        return {"data_dir": self.data_dir, "split": self.split, "manifest": self.manifest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def chunks(self, target: int) -> np.ndarray:
+        """``[N, 3]`` int32 (document, first sentence, end sentence): every document's sentences packed
+        greedily into chunks of at least ``target`` tokens (the last of a document may be shorter);
+        chunks under 2 tokens (no pair) are left out. Built once, vectorised over the documents of a
+        shard, and cached memory-mapped in ``DATA_DIR/index/`` (computed in memory when the data
+        directory is read-only)."""
+        plan = self.manifest.get("plan") or self.manifest["splits"][self.split]["shards"]
+        key = hashlib.sha256(repr((INDEX_VERSION, self.split, target, plan)).encode()).hexdigest()[:16]
+        path = self.data_dir / "index" / f"{self.split}-chunks-{target}-{key}.npy"
+        try:
+            cached = np.load(path, mmap_mode="r")
+            if cached.ndim == 2 and cached.shape[1] == 3:
+                return cached
+        except (OSError, ValueError):
+            pass
+        built = self._build_chunks(target)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, built)
+            os.replace(tmp, path)  # ranks building it at once write the same array
+        except OSError:
+            pass
+        return built
+
+    def _build_chunks(self, target: int) -> np.ndarray:
+        parts = []
+        for shard, offsets in enumerate(self.sentence_offsets):
+            rows = np.flatnonzero(self.documents[:, 0] == shard)
+            offsets = np.asarray(offsets)
+            start, end = self.documents[rows, 1].copy(), self.documents[rows, 2]
+            while rows.size:
+                nxt = np.clip(np.searchsorted(offsets, offsets[start] + target, side="left"), start + 1, end)
+                keep = offsets[nxt] - offsets[start] >= 2
+                parts.append(np.column_stack([rows[keep], start[keep], nxt[keep]]))
+                more = nxt < end
+                rows, start, end = rows[more], nxt[more], end[more]
+        if not parts:
+            return np.zeros((0, 3), np.int32)
+        chunks = np.concatenate(parts)
+        chunks = chunks[np.lexsort((chunks[:, 1], chunks[:, 0]))]  # document order, then position
+        dtype = np.int32 if chunks.max(initial=0) < np.iinfo(np.int32).max else np.int64
+        return chunks.astype(dtype)
+
+
+INDEX_VERSION = 1  # of the cached chunk index: a change rebuilds it
 
 
 class PretrainingDataset:
@@ -95,67 +159,52 @@ class PretrainingDataset:
         self.is_continuation = np.zeros(self.vocab_size, dtype=bool)
         for token, i in vocab.items():
             self.is_continuation[i] = token.startswith("##")
-        self._epoch, self._instances = None, None
-
-    # ------------------------------------------------------------ instances
-    def instances(self, epoch: int) -> np.ndarray:
-        """``[N, 7]`` int64: (a_shard, a_start, a_end, b_shard, b_start, b_end, nsp_label) token ranges."""
-        if self._epoch != epoch:
-            self._instances = self._build_instances(epoch)
-            self._epoch = epoch
-        return self._instances
+        self.chunks = self.corpus.chunks(self.masking.seq_len - 3)
+        if not len(self.chunks):
+            raise CorpusError(f"no training pairs could be built from split {split!r} of {data_dir}: the "
+                              "documents are too short")
 
     def __len__(self) -> int:
-        return len(self.instances(0))
+        """Samples per epoch (the same in every epoch): one per chunk."""
+        return len(self.chunks)
 
-    def _build_instances(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng(derive_seed(self.seed, epoch, 0x1A57))
+    # ------------------------------------------------------------ instances
+    def instance(self, epoch: int, index: int, rng: np.random.Generator | None = None) -> tuple[int, ...]:
+        """Sample ``index``'s segment pair ``(a_shard, a_start, a_end, b_shard, b_start, b_end, nsp_label)``
+        (token ranges), drawn from ``rng`` (default: the sample's own generator)."""
+        if rng is None:
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, index))
         corpus, target = self.corpus, self.masking.seq_len - 3
         docs = corpus.documents
-        out = []
-        for doc_index, (shard, first, end) in enumerate(docs):
-            offsets = corpus.sentence_offsets[shard]
-            i, chunk_start = first, first
-            while i < end:
-                i += 1
-                if offsets[i] - offsets[chunk_start] < target and i < end:
-                    continue
-                chunk = (chunk_start, i)  # sentences [chunk_start, i)
-                chunk_start = i
-                random_next = rng.random() < self.masking.nsp_random_prob
-                n_sent = chunk[1] - chunk[0]
-                if random_next:
-                    a_sents = int(rng.integers(1, n_sent)) if n_sent > 1 else 1
-                    a0, a1 = offsets[chunk[0]], offsets[chunk[0] + a_sents]
-                    other = int(rng.integers(len(docs) - 1))
-                    other += other >= doc_index  # any other document
-                    o_shard, o_first, o_end = docs[other]
-                    o_offsets = corpus.sentence_offsets[o_shard]
-                    start = int(rng.integers(o_first, o_end))
-                    b0 = o_offsets[start]
-                    b1 = min(o_offsets[o_end], b0 + max(target - (a1 - a0), 1))
-                    # sentences of this chunk not used by A go back to the stream
-                    i = chunk_start = chunk[0] + a_sents if a_sents < n_sent else chunk_start
-                    b_shard = o_shard
-                else:
-                    if n_sent > 1:
-                        cut = offsets[chunk[0] + int(rng.integers(1, n_sent))]
-                    else:
-                        length = offsets[chunk[1]] - offsets[chunk[0]]
-                        if length < 2:
-                            continue  # a one-token document cannot form a pair
-                        cut = offsets[chunk[0]] + int(rng.integers(1, length))
-                    a0, a1, b0, b1, b_shard = offsets[chunk[0]], cut, cut, offsets[chunk[1]], shard
-                a0, a1, b0, b1 = _truncate_pair(int(a0), int(a1), int(b0), int(b1), target)
-                out.append((shard, a0, a1, b_shard, b0, b1, int(random_next)))
-        if not out:
-            raise CorpusError("no training pairs could be built: the documents are too short")
-        return np.asarray(out, dtype=np.int64)
+        doc, c0, c1 = (int(x) for x in self.chunks[index])
+        shard = int(docs[doc, 0])
+        offsets = corpus.sentence_offsets[shard]
+        n_sent = c1 - c0
+        random_next = rng.random() < self.masking.nsp_random_prob
+        if random_next:
+            a_sents = int(rng.integers(1, n_sent)) if n_sent > 1 else 1
+            a0, a1 = int(offsets[c0]), int(offsets[c0 + a_sents])
+            other = int(rng.integers(len(docs) - 1))
+            other += other >= doc  # any other document
+            b_shard, o_first, o_end = (int(x) for x in docs[other])
+            o_offsets = corpus.sentence_offsets[b_shard]
+            b0 = int(o_offsets[int(rng.integers(o_first, o_end))])
+            b1 = min(int(o_offsets[o_end]), b0 + max(target - (a1 - a0), 1))
+        else:
+            if n_sent > 1:
+                cut = int(offsets[c0 + int(rng.integers(1, n_sent))])
+            else:
+                cut = int(offsets[c0]) + int(rng.integers(1, int(offsets[c1] - offsets[c0])))
+            a0, a1, b0, b1, b_shard = int(offsets[c0]), cut, cut, int(offsets[c1]), shard
+        a0, a1, b0, b1 = _truncate_pair(a0, a1, b0, b1, target)
+        return shard, a0, a1, b_shard, b0, b1, int(random_next)
 
     # --------------------------------------------------------------- samples
     def sample(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """One masked sample; identical for identical ``(seed, epoch, index)``."""
-        a_shard, a0, a1, b_shard, b0, b1, nsp = self.instances(epoch)[index]
+        """One masked sample; identical for identical ``(seed, epoch, index)``: the pair and then the
+        mask are drawn from one generator seeded by them."""
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, index))
+        a_shard, a0, a1, b_shard, b0, b1, nsp = self.instance(epoch, index, rng)
         tokens = self.corpus.tokens
         a, b = np.asarray(tokens[a_shard][a0:a1], np.int64), np.asarray(tokens[b_shard][b0:b1], np.int64)
         seq_len = self.masking.seq_len
@@ -166,7 +215,6 @@ class PretrainingDataset:
         token_types[len(a) + 2 : n] = 1
         attention = np.zeros(seq_len, dtype=np.int64)
         attention[:n] = 1
-        rng = np.random.default_rng(derive_seed(self.seed, epoch, index))
         ids, labels = self._mask(ids, n, rng)
         return {"input_ids": ids, "token_type_ids": token_types, "attention_mask": attention,
                 "mlm_labels": labels, "nsp_labels": np.int64(nsp)}
@@ -207,13 +255,18 @@ class PretrainingDataset:
 
 
 def _truncate_pair(a0: int, a1: int, b0: int, b1: int, target: int) -> tuple[int, int, int, int]:
-    """Trim the longer segment from its end until both fit in ``target`` tokens (each keeps >= 1)."""
-    while (a1 - a0) + (b1 - b0) > target:
-        if a1 - a0 >= b1 - b0:
-            a1 -= 1
-        else:
-            b1 -= 1
-    return a0, a1, b0, b1
+    """Trim the longer segment from its end (A on a tie), one token at a time, until both fit in
+    ``target`` tokens; in closed form."""
+    la, lb = a1 - a0, b1 - b0
+    excess = la + lb - target
+    if excess <= 0:
+        return a0, a1, b0, b1
+    gap = abs(la - lb)
+    if excess <= gap:  # only the longer one is trimmed
+        return (a0, a1 - excess, b0, b1) if la > lb else (a0, a1, b0, b1 - excess)
+    rest = excess - gap  # both equal now; A first
+    short = min(la, lb)
+    return a0, a0 + short - (rest + 1) // 2, b0, b0 + short - rest // 2
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -250,26 +303,36 @@ class BatchIterator:
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            n = len(self.dataset.instances(epoch))
-            self._order = np.random.default_rng(derive_seed(self.dataset.seed, epoch, 0x0D3)).permutation(n)
-            self._order_epoch = epoch
+            n = len(self.dataset)
+            index = np.arange(n, dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
+            rng = np.random.default_rng(derive_seed(self.dataset.seed, epoch, 0x0D3))
+            rng.shuffle(index)  # the permutation(n) order, in half the memory
+            self._order, self._order_epoch = index, epoch
         return self._order
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def next_request(self) -> tuple[int, np.ndarray]:
+        """Advance by one batch and return what it holds: ``(epoch, sample indices)``, not built."""
         global_batch = self.batch_size * self.world_size
-        order = self._order_for(self.epoch)
-        if len(order) < global_batch:
-            raise CorpusError(f"the split has {len(order)} samples, fewer than one global batch of {global_batch}")
-        if self.position + global_batch > len(order):
+        n = len(self.dataset)
+        if n < global_batch:
+            raise CorpusError(f"the split has {n} samples (chunks of seq_len tokens), fewer than one global "
+                              f"batch of {global_batch}; use a smaller batch or more data")
+        if self.position + global_batch > n:
             self.epoch, self.position = self.epoch + 1, 0
-            order = self._order_for(self.epoch)
+        order = self._order_for(self.epoch)
         start = self.position + self.rank * self.batch_size
         indices = order[start : start + self.batch_size]
         self.position += global_batch
-        return collate([self.dataset.sample(self.epoch, int(i)) for i in indices])
+        return self.epoch, indices
+
+    def build(self, epoch: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate([self.dataset.sample(epoch, int(i)) for i in indices])
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.build(*self.next_request())
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
@@ -350,6 +413,92 @@ class Prefetcher:
             self._thread.join()
             self._thread = self._queue = None
             self.batches.load_state_dict(self._state)
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.batches.load_state_dict(state)
+        self._state = self.batches.state_dict()
+
+
+class _Requests(torch.utils.data.Sampler):
+    """The endless ``(epoch, indices, state after)`` requests of a ``BatchIterator`` from its current
+    position (a copy advances; the iterator itself is left where it was)."""
+
+    def __init__(self, batches: BatchIterator) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        cursor = BatchIterator(self.batches.dataset, self.batches.batch_size, self.batches.rank,
+                               self.batches.world_size)
+        cursor.load_state_dict(self.batches.state_dict())
+        while True:
+            epoch, indices = cursor.next_request()
+            yield epoch, indices, cursor.state_dict()
+
+
+def _worker_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the training process: it finishes the step, checkpoints and then
+    stops them (a Ctrl-C reaches the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _BatchBuilder(torch.utils.data.Dataset):
+    """Builds one whole batch per request, in a worker process."""
+
+    def __init__(self, dataset: PretrainingDataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __getitem__(self, request):
+        epoch, indices, state = request
+        batch = collate([self.dataset.sample(epoch, int(i)) for i in indices])
+        return (batch if self.transform is None else self.transform(batch)), state
+
+
+class WorkerLoader:
+    """A ``BatchIterator`` whose batches are built by ``num_workers`` processes (a torch
+    ``DataLoader`` over whole-batch requests, ``prefetch`` batches ahead per worker, pinned memory
+    for a GPU). The batches are those of the iterator, in order, for any number of workers (a
+    sample depends only on ``(seed, epoch, index)``); ``state_dict`` is the position after the last
+    batch handed out, so resume stays exact."""
+
+    def __init__(self, batches: BatchIterator, num_workers: int, transform=None, pin_memory: bool = False,
+                 prefetch: int = 2) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.batches, self.num_workers, self.transform = batches, num_workers, transform
+        self.pin_memory, self.prefetch = pin_memory, max(1, prefetch)
+        self._state = batches.state_dict()
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self.batches.load_state_dict(self._state)
+            loader = torch.utils.data.DataLoader(
+                _BatchBuilder(self.batches.dataset, self.transform), batch_size=None,
+                sampler=_Requests(self.batches), num_workers=self.num_workers, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=_worker_signals)
+            self._iterator = iter(loader)
+        batch, state = next(self._iterator)
+        self._state = state
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (the state stays at the last batch handed out)."""
+        if self._iterator is not None:
+            shutdown = getattr(self._iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._iterator = None
+        self.batches.load_state_dict(self._state)
 
     def state_dict(self) -> dict:
         return dict(self._state)

@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, RunConfig
-from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, static_batch,
-                           validation_batches)
+from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
+                           static_batch, validation_batches)
 from ..data.tokenizer import file_sha256
 from ..io import atomic_write_bytes, first_line
 from ..model.bert import SparseBertForPreTraining
@@ -131,9 +131,14 @@ class Trainer:
                                 if self.static_masks else None)
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
         prefetch = config.data.prefetch_batches
-        if prefetch is None:
+        if config.data.num_workers:
+            self.batches = WorkerLoader(self.batches, config.data.num_workers, self._host_transform,
+                                        pin_memory=self.device.type == "cuda",
+                                        prefetch=2 if prefetch is None else max(prefetch, 1))
+            self._host_transform = None  # the workers apply it
+        elif prefetch is None:
             prefetch = 2 if self.device.type == "cuda" else 0
-        if prefetch:
+        if prefetch and not config.data.num_workers:
             self.batches = Prefetcher(self.batches, prefetch, self._host_transform,
                                       pin_memory=self.device.type == "cuda")
             self._host_transform = None  # the thread applies it
@@ -613,8 +618,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-        if isinstance(self.batches, Prefetcher):
-            self.batches.close()  # stop the thread building batches ahead
+        if isinstance(self.batches, (Prefetcher, WorkerLoader)):
+            self.batches.close()  # stop the thread or the processes building batches ahead
 
     # ================================================================ signals
     @contextlib.contextmanager

@@ -1,9 +1,14 @@
+import functools
+import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ipu_app.data.corpus import CorpusError
-from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
+from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset, collate, validation_batches
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def test_sequence_layout(dataset):
 
 def test_masking_statistics_and_whole_words(dataset):
     masked = mask_token = random = kept = candidates = 0
-    for i in range(len(dataset.instances(0))):
+    for i in range(len(dataset)):
         s = dataset.sample(0, i)
         ids, labels = s["input_ids"], s["mlm_labels"]
         n = int(s["attention_mask"].sum())
@@ -56,7 +61,7 @@ def test_max_predictions_cap(data_dir):
 
 
 def test_nsp_balance_and_pairs_from_other_documents(dataset):
-    rows = dataset.instances(0)
+    rows = np.array([dataset.instance(0, i) for i in range(len(dataset))])
     labels = rows[:, 6]
     assert labels.mean() == pytest.approx(0.5, abs=0.06)
     corpus = dataset.corpus
@@ -120,7 +125,7 @@ def test_ranks_split_the_global_batch(dataset):
 
 def test_epochs_roll_over(dataset):
     it = BatchIterator(dataset, 64)
-    n = len(dataset.instances(0)) // 64
+    n = len(dataset) // 64
     for _ in range(n + 1):
         next(it)
     assert it.epoch == 1 and it.position == 64
@@ -171,3 +176,86 @@ def test_prefetcher_raises_the_iterators_error_in_the_consumer(dataset):
         next(ahead)
     with pytest.raises(ValueError, match="prefetch depth must be >= 1"):
         Prefetcher(BatchIterator(dataset, 4), depth=0)
+
+
+def test_worker_loader_gives_the_same_batches_for_any_number_of_workers_and_resumes(dataset):
+    from ipu_app.data.loader import WorkerLoader, static_batch
+
+    plain = BatchIterator(dataset, 4)
+    expected = [next(plain) for _ in range(10)]
+    for workers in (1, 2):
+        loader = WorkerLoader(BatchIterator(dataset, 4), workers, prefetch=2)
+        got = [next(loader) for _ in range(4)]
+        assert all(_same(g, e) for g, e in zip(got, expected))
+        state = loader.state_dict()  # 4 handed out; the workers have built more ahead
+        assert state["position"] == 4 * 4
+        loader.close()
+        assert _same(next(loader), expected[4])  # close() leaves it at the last batch handed out
+        resumed = WorkerLoader(BatchIterator(dataset, 4), workers)
+        resumed.load_state_dict(state)
+        assert all(_same(next(resumed), e) for e in expected[4:7])
+        for x in (loader, resumed):
+            x.close()
+    transformed = WorkerLoader(BatchIterator(dataset, 4), 2, transform=functools.partial(static_batch,
+                                                                                          max_predictions=20))
+    assert _same(next(transformed), static_batch(expected[0], 20))
+    transformed.close()
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        WorkerLoader(BatchIterator(dataset, 4), 0)
+
+
+def test_a_dataset_pickles_without_its_memory_maps(dataset):
+    import pickle
+
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 200_000  # the token arrays are reopened, not copied
+    again = pickle.loads(blob)
+    assert _same(collate([again.sample(2, 7)]), collate([dataset.sample(2, 7)]))
+
+
+def test_chunks_pack_each_documents_sentences_in_order_and_are_cached(data_dir, dataset):
+    corpus, target = dataset.corpus, dataset.masking.seq_len - 3
+    chunks = np.asarray(dataset.chunks)
+    for doc, (shard, first, end) in enumerate(corpus.documents):
+        mine = chunks[chunks[:, 0] == doc]
+        offsets = corpus.sentence_offsets[shard]
+        # the reference: a sequential greedy packing of this document's sentences
+        expected, start = [], first
+        while start < end:
+            i = start + 1
+            while i < end and offsets[i] - offsets[start] < target:
+                i += 1
+            if offsets[i] - offsets[start] >= 2:
+                expected.append((start, i))
+            start = i
+        assert [tuple(r) for r in mine[:, 1:]] == expected
+    cached = sorted((data_dir / "index").glob("train-chunks-125-*.npy"))
+    assert len(cached) == 1 and np.array_equal(np.load(cached[0]), chunks)
+    # a different seq_len is another index; the cached one is read back, not rebuilt
+    assert isinstance(PretrainingDataset(data_dir, "train", MaskingConfig(), seed=0).chunks, np.memmap)
+
+
+def test_the_chunk_index_is_computed_in_memory_when_it_cannot_be_written(tmp_path, data_dir):
+    import shutil
+
+    copy = tmp_path / "ro"
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("index"))
+    (copy / "index").write_text("a file where the index folder would go")  # writing fails, as when read-only
+    fresh = PretrainingDataset(copy, "train", MaskingConfig(seq_len=64), seed=0)
+    reference = PretrainingDataset(data_dir, "train", MaskingConfig(seq_len=64), seed=0)
+    assert not isinstance(fresh.chunks, np.memmap) and np.array_equal(fresh.chunks, reference.chunks)
+
+
+@given(st.integers(0, 200), st.integers(1, 200), st.integers(1, 200), st.integers(2, 300))
+def test_truncation_in_closed_form_is_the_token_by_token_trim(a0, la, lb, target):
+    from ipu_app.data.loader import _truncate_pair
+
+    a1, b0 = a0 + la, a0 + la + 7
+    b1 = b0 + lb
+    x0, x1, y0, y1 = a0, a1, b0, b1
+    while (x1 - x0) + (y1 - y0) > target:  # the definition
+        if x1 - x0 >= y1 - y0:
+            x1 -= 1
+        else:
+            y1 -= 1
+    assert _truncate_pair(a0, a1, b0, b1, target) == (x0, x1, y0, y1)

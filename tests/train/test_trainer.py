@@ -529,3 +529,11 @@ def test_host_reads_do_not_grow_with_micro_batches_and_prefetching_trains_alike(
     trainer.train()
     assert trainer.batches._thread is None  # the finished run stopped its prefetch thread
     assert train_losses(ahead) == train_losses(plain)  # the same batches, bit for bit
+    workers = tmp_path / "workers"
+    trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "data.num_workers=2"), workers)
+    assert type(trainer.batches).__name__ == "WorkerLoader"
+    trainer.train()
+    assert trainer.batches._iterator is None  # the finished run stopped its worker processes
+    assert train_losses(workers) == train_losses(plain)
+    with pytest.raises(ConfigError, match="data.num_workers must be an integer >= 0, got -1"):
+        small_config(data_dir, "bert_tiny_sparse", "data.num_workers=-1")
