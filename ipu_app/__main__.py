@@ -15,7 +15,8 @@ def _prepare_data(args) -> int:
     if args.input:
         path = prepare_files(args.input, args.output, args.tokenizer, args.vocab_size, args.document_mode,
                              overwrite=args.overwrite, input_format=args.input_format, text_field=args.text_field,
-                             id_field=args.id_field, dataset_split=args.dataset_split, workers=args.workers)
+                             id_field=args.id_field, dataset_split=args.dataset_split, workers=args.workers,
+                             documents_per_shard=args.documents_per_shard, shard_bytes=int(args.shard_mb * 2**20))
     else:
         path = prepare_embedded(args.tokenizer, args.vocab_size, cache_dir=args.output)
     print(path)
@@ -98,13 +99,18 @@ def _build_kernels(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.bench_command == "data":
+        from .experiments import bench_data
+
+        return bench_data.main(args)
     from .experiments import bench
 
     return bench.main(args)
 
 
 def _add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure the sparse kernels (bench kernels) or training steps (bench train)")
+    p = sub.add_parser("bench", help="measure the sparse kernels (bench kernels), training steps (bench train) or "
+                                     "the data pipeline (bench data)")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     k = bsub.add_parser("kernels", help="forward+backward of one sparse linear vs dense and PyTorch BSR")
     k.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), choices=list(BENCH_SHAPES))
@@ -133,6 +139,19 @@ def _add_bench_parser(sub) -> None:
                    help="time the sparse linears alone: the share of the step they take")
     t.add_argument("--output", default="bench_results/train", help="directory for train.{csv,md,png}")
     t.set_defaults(func=_bench)
+    d = bsub.add_parser("data", help="prepare-data MB/s and peak memory at two corpus sizes, the tokenizer's raw "
+                                     "speed, the sample index and loader tokens/s by workers")
+    d.add_argument("--sizes", nargs="+", type=float, default=[64, 256],
+                   help="synthetic corpus sizes in MiB (memory must stay flat from the first to the last)")
+    d.add_argument("--workers", type=int, default=None, help="prepare-data --workers (default: the cores)")
+    d.add_argument("--loader-workers", nargs="+", type=int, default=[0, 1, 2])
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--batches", type=int, default=100, help="timed loader batches per worker count")
+    d.add_argument("--work-dir", default=None, help="where the corpora and shards go (deleted after; default: "
+                                                  "the system temp folder)")
+    d.add_argument("--output", default="bench_results/data", help="directory for data.{json,md}")
+    d.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-split", default=None, help="the split of a saved DatasetDict (when it has several)")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenising processes (default: the cores this process may use)")
+    p.add_argument("--documents-per-shard", type=int, default=2000, help="a shard is closed at this many documents")
+    p.add_argument("--shard-mb", type=float, default=32, help="... or at this many MiB of text")
     p.add_argument("--output", help="output directory (embedded corpus: the cache root)")
     p.add_argument("--tokenizer", default="bert-base-uncased", choices=["bert-base-uncased", "train"])
     p.add_argument("--vocab-size", type=int, default=30522)

@@ -205,7 +205,8 @@ def _jsonl_documents(path: Path, text_field: str, id_field: str | None, progress
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one "
+            msg = exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg
+            raise CorpusError(f"{where}: not valid JSON ({msg} at column {exc.colno}); each line must be one "
                               "JSON object") from None
         if not isinstance(record, dict):
             raise CorpusError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be one "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .corpus import CorpusError, CorpusReader, embedded_documents, embedded_files, expand_inputs
-from .shards import default_workers, prepare_data, source_hashes
+from .shards import SHARD_BYTES, default_workers, prepare_data, source_hashes
 from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, vocab_tokens
 
 TOKENIZERS = ("bert-base-uncased", "train")
@@ -47,7 +47,8 @@ def _tokenizer(kind: str, documents, directory: Path, vocab_size: int) -> Path:
 def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer: str = "bert-base-uncased",
                   vocab_size: int = 30522, document_mode: str = "blank_lines", progress: bool = True,
                   overwrite: bool = False, *, input_format: str = "auto", text_field: str = "text",
-                  id_field: str | None = None, dataset_split: str | None = None, workers: int | None = None) -> Path:
+                  id_field: str | None = None, dataset_split: str | None = None, workers: int | None = None,
+                  documents_per_shard: int = 2000, shard_bytes: int = SHARD_BYTES) -> Path:
     """Input files or folders -> ``output_dir`` (idempotent: the same input reuses what is there).
     Documents are streamed (memory does not grow with the corpus) and tokenised by ``workers``
     processes (None: the cores). Data of other input in ``output_dir`` is replaced only with
@@ -59,7 +60,11 @@ def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer
     sources = source_hashes(i.path for i in reader.inputs)
     output_dir = Path(output_dir)
     _check_replacement(output_dir, sources, tokenizer, overwrite)
-    return _prepare(reader, output_dir, tokenizer, vocab_size, sources, progress, overwrite, workers)
+    if documents_per_shard < 1 or shard_bytes < 1:
+        raise CorpusError(f"shards need at least one document and one byte, got --documents-per-shard "
+                          f"{documents_per_shard} and {shard_bytes} bytes")
+    return _prepare(reader, output_dir, tokenizer, vocab_size, sources, progress, overwrite, workers,
+                    dict(documents_per_shard=documents_per_shard, shard_bytes=shard_bytes))
 
 
 def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrite: bool) -> None:
@@ -98,12 +103,12 @@ def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None)
 
 
 def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sources: dict, progress: bool,
-             overwrite: bool = False, workers: int | None = None) -> Path:
+             overwrite: bool = False, workers: int | None = None, shard_sizes: dict | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _tokenizer(tokenizer, documents, Path(tmp) / "tokenizer", vocab_size)
         if overwrite and (output_dir / "tokenizer").exists() and \
                 tokenizer_hash(output_dir / "tokenizer") != tokenizer_hash(tok_dir):
             shutil.rmtree(output_dir / "tokenizer")  # asked for: the new tokenizer replaces the old
         prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress,
-                     workers=default_workers() if workers is None else workers)
+                     workers=default_workers() if workers is None else workers, **(shard_sizes or {}))
     return output_dir

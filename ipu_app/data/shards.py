@@ -136,13 +136,24 @@ def _shard_finished(directory: Path, plan: ShardPlan) -> dict | None:
 ENCODE_BATCH = 4096  # sentences per encode call: bounds the Python lists of ids held at once
 
 
+def fast_tokenizer(directory: str | Path):
+    """The Rust tokenizer of a tokenizer folder (``tokenizer.json``), without importing transformers
+    (a worker starts in a fraction of the time); a folder without one goes through transformers."""
+    path = Path(directory) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+    return load_tokenizer(directory).backend_tokenizer
+
+
 def _write_shard(directory: Path, plan: ShardPlan, tokenizer) -> dict:
-    """Sentence-split and tokenise one shard's documents (the fast tokenizer's batch encoding, in
+    """Sentence-split and tokenise one shard's documents (the Rust tokenizer's batch encoding, in
     batches of ``ENCODE_BATCH`` sentences turned into arrays at once) and write its arrays, then
     its marker."""
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets: faster
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
     sentences_per_doc, pending, token_parts, length_parts = [], [], [], []
 
     def flush() -> None:
@@ -185,9 +196,12 @@ _WORKER_TOKENIZER = None
 
 def _worker_init(tokenizer_dir: str) -> None:
     global _WORKER_TOKENIZER
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the main process, which waits for the shards
     os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process: the processes are the parallelism
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+    _WORKER_TOKENIZER = fast_tokenizer(tokenizer_dir)
 
 
 def _worker_write(directory: str, plan: ShardPlan) -> dict:
@@ -229,7 +243,7 @@ def prepare_data(
         total = sum(len(d.text.encode()) for d in documents)
     plans = stream_shards(documents, tok_hash, documents_per_shard, shard_bytes,
                           (lambda: documents.bytes_read) if reader_bytes is not None else None)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = fast_tokenizer(tokenizer_dir)
     splits = {s: {"shards": [], "documents": 0, "sentences": 0, "tokens": 0} for s in SPLITS}
     keys: list[str] = []
     bar = tqdm(total=total, desc="preparing shards", unit="B", unit_scale=True, unit_divisor=1024,
@@ -281,7 +295,7 @@ def prepare_data(
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok_hash,
-        "vocab_size": len(tokenizer),
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "sources": sources or {},
         "documents_per_shard": documents_per_shard,
         "plan": keys,
