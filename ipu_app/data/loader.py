@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,7 +466,30 @@ class _BatchBuilder(torch.utils.data.Dataset):
     def __getitem__(self, request):
         epoch, indices, state = request
         batch = collate([self.dataset.sample(epoch, int(i)) for i in indices])
-        return (batch if self.transform is None else self.transform(batch)), state
+        return _pack(batch if self.transform is None else self.transform(batch)), state
+
+
+def _pack(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """A batch as one byte tensor + its layout: a worker hands over one shared-memory buffer per batch
+    instead of one per field (each costs a segment and a file descriptor, ~1 ms)."""
+    layout, offset, parts = [], 0, []
+    for name, tensor in batch.items():
+        raw = tensor.contiguous().view(-1).view(torch.uint8) if tensor.dim() else tensor.reshape(1).view(torch.uint8)
+        layout.append((name, tensor.dtype, tuple(tensor.shape), offset))
+        pad = -raw.numel() % 8  # every field starts 8-byte aligned
+        parts += [raw, torch.zeros(pad, dtype=torch.uint8)]
+        offset += raw.numel() + pad
+    return torch.cat(parts), layout
+
+
+def _unpack(packed: tuple[torch.Tensor, list]) -> dict[str, torch.Tensor]:
+    """Views of the one buffer (no copy; pinned with it)."""
+    buffer, layout = packed
+    out = {}
+    for name, dtype, shape, offset in layout:
+        size = dtype.itemsize * math.prod(shape)
+        out[name] = buffer[offset : offset + size].view(dtype).view(shape)
+    return out
 
 
 class WorkerLoader:
@@ -495,9 +519,9 @@ class WorkerLoader:
                 sampler=_Requests(self.batches), num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=_worker_signals)
             self._iterator = iter(loader)
-        batch, state = next(self._iterator)
+        packed, state = next(self._iterator)
         self._state = state
-        return batch
+        return _unpack(packed)
 
     def close(self) -> None:
         """Stop the worker processes (the state stays at the last batch handed out)."""

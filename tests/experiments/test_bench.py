@@ -129,3 +129,25 @@ def test_train_bench_cli_rejects_a_block_size_and_a_missing_gpu(tmp_path, capsys
         assert app_main(["bench", "train", "--config", "bert_tiny_sparse", "--device", "cuda",
                          "--output", str(tmp_path / "o")]) == 2
         assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_data_bench_measures_preparation_memory_the_ceiling_the_index_and_the_loader(tmp_path, capsys):
+    import json
+
+    from ipu_app.__main__ import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "data", "--sizes", "1", "0.5", "--workers", "1", "--loader-workers", "0", "1",
+                 "--batches", "3", "--batch-size", "4", "--work-dir", str(tmp_path), "--output", str(out)]) == 0
+    result = json.loads((out / "data.json").read_text())
+    prep = result["prepare"]
+    assert [r["corpus_mb"] for r in prep] == [0.5, 1.0]  # smallest first: the growth is last minus first
+    assert prep[1]["tokens"] > 1.5 * prep[0]["tokens"] > 0
+    assert all(r["mb_per_s"] > 0 and r["peak_rss_mb"] > 20 for r in prep)  # the process tree was sampled
+    assert result["ceiling_mb_per_s"] > 0 and result["index"]["samples"] > 100
+    assert [r["workers"] for r in result["loader"]] == [0, 1] and all(r["tokens_per_s"] > 0 for r in result["loader"])
+    table = capsys.readouterr().out
+    assert "% of raw tokenizer" in table and "CPU:" in table and (out / "data.md").read_text().strip() == table.strip()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the corpora and shards were deleted
+    assert main(["bench", "data", "--sizes", "0", "--output", str(out)]) == 2
+    assert "--sizes must be positive" in capsys.readouterr().err
