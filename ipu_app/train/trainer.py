@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, RunConfig
+from ..data.corpus import CorpusError
 from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
                            static_batch, validation_batches)
 from ..data.tokenizer import file_sha256
@@ -129,6 +130,11 @@ class Trainer:
         self.static_masks = (self.device.type == "cuda" or t.compile) if fixed is None else fixed
         self._host_transform = (functools.partial(static_batch, max_predictions=config.data.max_predictions)
                                 if self.static_masks else None)
+        global_micro = config.micro_batch_size * dist.world_size
+        if len(train_set) < global_micro:
+            raise CorpusError(f"{self.data_dir} has {len(train_set)} training samples of seq_len "
+                              f"{config.data.seq_len}, fewer than one batch of {global_micro}; prepare more data "
+                              "or lower training.micro_batch_size")
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
         prefetch = config.data.prefetch_batches
         if config.data.num_workers:

@@ -119,6 +119,20 @@ def test_bad_data_dir_leaves_no_run_dir(capsys, tmp_path):
     assert not run.exists()  # the next attempt is not refused as "already holds a run"
 
 
+def test_a_corpus_smaller_than_one_batch_is_one_line_and_leaves_no_run_dir(capsys, tmp_path, small_documents,
+                                                                           tokenizer_dir):
+    from ipu_app.data.shards import prepare_data
+
+    data = tmp_path / "tiny"
+    prepare_data(small_documents[:12], tokenizer_dir, data, progress=False)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "--config", "bert_tiny_sparse", "--output-dir", str(run), "--no-progress",
+                           "--set", f"data.dir={data}", "--set", "training.micro_batch_size=64",
+                           "--set", "training.batch_size=64")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert "fewer than one batch of 64" in err and not run.exists()
+
+
 def test_train_refuse_existing_and_resume(capsys, tmp_path, data_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, *small_run_args(data_dir, run))
