@@ -82,6 +82,7 @@ def stream_shards(documents: Iterable[Document], tok_hash: str, documents_per_sh
     open_bytes = dict.fromkeys(SPLITS, 0)
     closed = dict.fromkeys(SPLITS, 0)
     counted, total = 0, 0
+    seen = dict.fromkeys(SPLITS, 0)  # documents per split
 
     def close(split: str) -> ShardPlan:
         nonlocal counted
@@ -95,6 +96,7 @@ def stream_shards(documents: Iterable[Document], tok_hash: str, documents_per_sh
     for doc in documents:
         split = "validation" if doc.is_validation() else "train"
         open_docs[split].append(doc)
+        seen[split] += 1
         size = len(doc.text.encode())
         open_bytes[split] += size
         total += size
@@ -106,12 +108,12 @@ def stream_shards(documents: Iterable[Document], tok_hash: str, documents_per_sh
         chosen = min(train, key=_doc_hash)
         train.remove(chosen)
         held.append(chosen)
-    n_train = closed["train"] * documents_per_shard + len(train)  # a lower bound is enough here
-    if (n_train < MIN_TRAIN_DOCUMENTS and not closed["train"]) or (not held and not closed["validation"]):
-        if closed["train"]:
+        seen["train"], seen["validation"] = seen["train"] - 1, 1
+    if seen["train"] < MIN_TRAIN_DOCUMENTS or not seen["validation"]:
+        if closed["train"] and seen["train"] >= MIN_TRAIN_DOCUMENTS:  # large, yet no validation document
             raise CorpusError("no document fell in the validation split (are all document ids equal? check "
                               "--id-field)")
-        raise _too_small(len(train) + len(held))
+        raise _too_small(seen["train"] + seen["validation"])
     for split in SPLITS:
         if open_docs[split]:
             yield close(split)

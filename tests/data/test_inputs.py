@@ -181,3 +181,10 @@ def test_prepare_data_cli_reads_jsonl_with_a_named_field(tmp_path, small_documen
     assert main(base + ["--text-field", "body", "--id-field", "title"]) == 0
     manifest = load_manifest(out)
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == 50
+
+
+def test_too_small_is_counted_in_documents_even_when_shards_close_by_size(tmp_path, small_documents, tokenizer_dir):
+    train = next(d for d in small_documents if not d.is_validation())
+    held = next(d for d in small_documents if d.is_validation())
+    with pytest.raises(CorpusError, match="corpus too small: 2 documents"):
+        prepare_data([train, held], tokenizer_dir, tmp_path / "d", progress=False, shard_bytes=1)
