@@ -85,12 +85,15 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def _file_format(path: Path, forced: str) -> str | None:
+    """The format of a file: forced, else by suffix (only text and JSON Lines may be gzipped)."""
     if forced != "auto":
         return forced
     suffixes = path.suffixes[-2:]
-    if suffixes and suffixes[-1] == ".gz":
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    if gzipped:
         suffixes = suffixes[:-1]
-    return SUFFIXES.get(suffixes[-1]) if suffixes else None
+    fmt = SUFFIXES.get(suffixes[-1]) if suffixes else None
+    return None if gzipped and fmt not in ("text", "jsonl") else fmt
 
 
 def expand_inputs(paths: Iterable[str | Path], input_format: str = "auto") -> list[Input]:
@@ -107,8 +110,7 @@ def expand_inputs(paths: Iterable[str | Path], input_format: str = "auto") -> li
                               "dataset_dict.json)")
         elif path.is_dir():
             found = [Input(p, fmt) for p in sorted(path.rglob("*"))
-                     if p.is_file() and (fmt := _file_format(p, input_format)) is not None
-                     and (input_format != "auto" or p.suffix != ".gz" or fmt in ("text", "jsonl"))]
+                     if p.is_file() and (fmt := _file_format(p, input_format)) is not None]
             if not found:
                 kinds = ".txt, .jsonl, .parquet" if input_format == "auto" else f"{input_format} files"
                 raise CorpusError(f"{path} is a folder without input files ({kinds}); give text, JSON Lines or "

@@ -282,6 +282,11 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
+def build_batch(dataset: "PretrainingDataset", epoch: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch of samples ``indices`` of ``epoch``."""
+    return collate([dataset.sample(epoch, int(i)) for i in indices])
+
+
 def static_batch(batch: dict, max_predictions: int) -> dict:
     """A loader batch (``mlm_labels [B, S]`` with -100 where unmasked) with fixed-size masked inputs:
     ``masked_positions [B, P]`` and ``masked_labels [B, P]`` (-100 padding), P = ``max_predictions``.
@@ -337,11 +342,8 @@ class BatchIterator:
         self.position += global_batch
         return self.epoch, indices
 
-    def build(self, epoch: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return collate([self.dataset.sample(epoch, int(i)) for i in indices])
-
     def __next__(self) -> dict[str, torch.Tensor]:
-        return self.build(*self.next_request())
+        return build_batch(self.dataset, *self.next_request())
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
@@ -356,7 +358,35 @@ class BatchIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-class Prefetcher:
+class _BuiltAhead:
+    """A ``BatchIterator`` whose batches are built ahead elsewhere (a thread, worker processes): its
+    state is the one after the last batch *handed out*, not the last one built, so resume stays
+    exact. Subclasses stop their builders in ``close`` and call ``_rewind`` there."""
+
+    def __init__(self, batches: BatchIterator) -> None:
+        self.batches = batches
+        self._state = batches.state_dict()
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _rewind(self) -> None:
+        """Put the iterator back at the last batch handed out (what was built ahead is dropped)."""
+        self.batches.load_state_dict(self._state)
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.batches.load_state_dict(state)
+        self._state = self.batches.state_dict()
+
+
+class Prefetcher(_BuiltAhead):
     """A ``BatchIterator`` whose next ``depth`` batches are built ahead by a background thread
     (``transform`` applied, pinned memory for a fast copy to a GPU), so the device never waits for
     the host. Batches are exactly those of the wrapped iterator, in order; ``state_dict`` is the
@@ -365,8 +395,8 @@ class Prefetcher:
     def __init__(self, batches: BatchIterator, depth: int, transform=None, pin_memory: bool = False) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
-        self.batches, self.depth, self.transform, self.pin_memory = batches, depth, transform, pin_memory
-        self._state = batches.state_dict()
+        super().__init__(batches)
+        self.depth, self.transform, self.pin_memory = depth, transform, pin_memory
         self._queue = None
         self._thread = None
         self._stop = None
@@ -402,9 +432,6 @@ class Prefetcher:
             if item[2] is not None:
                 return
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._thread is None:
             self._start()
@@ -421,15 +448,7 @@ class Prefetcher:
             self._stop.set()
             self._thread.join()
             self._thread = self._queue = None
-            self.batches.load_state_dict(self._state)
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.close()
-        self.batches.load_state_dict(state)
-        self._state = self.batches.state_dict()
+            self._rewind()
 
 
 class _Requests(torch.utils.data.Sampler):
@@ -465,7 +484,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
 
     def __getitem__(self, request):
         epoch, indices, state = request
-        batch = collate([self.dataset.sample(epoch, int(i)) for i in indices])
+        batch = build_batch(self.dataset, epoch, indices)
         return _pack(batch if self.transform is None else self.transform(batch)), state
 
 
@@ -492,7 +511,7 @@ def _unpack(packed: tuple[torch.Tensor, list]) -> dict[str, torch.Tensor]:
     return out
 
 
-class WorkerLoader:
+class WorkerLoader(_BuiltAhead):
     """A ``BatchIterator`` whose batches are built by ``num_workers`` processes (a torch
     ``DataLoader`` over whole-batch requests, ``prefetch`` batches ahead per worker, pinned memory
     for a GPU). The batches are those of the iterator, in order, for any number of workers (a
@@ -503,13 +522,10 @@ class WorkerLoader:
                  prefetch: int = 2) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self.batches, self.num_workers, self.transform = batches, num_workers, transform
+        super().__init__(batches)
+        self.num_workers, self.transform = num_workers, transform
         self.pin_memory, self.prefetch = pin_memory, max(1, prefetch)
-        self._state = batches.state_dict()
         self._iterator = None
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
@@ -530,15 +546,7 @@ class WorkerLoader:
             if shutdown is not None:
                 shutdown()
             self._iterator = None
-        self.batches.load_state_dict(self._state)
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.close()
-        self.batches.load_state_dict(state)
-        self._state = self.batches.state_dict()
+        self._rewind()
 
 
 def validation_batches(data_dir: str | Path, batch_size: int, masking: MaskingConfig = MaskingConfig(),

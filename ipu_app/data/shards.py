@@ -251,7 +251,10 @@ def prepare_data(
     bar = tqdm(total=total, desc="preparing shards", unit="B", unit_scale=True, unit_divisor=1024,
                disable=not progress, dynamic_ncols=True)
 
-    def record(plan: ShardPlan, info: dict) -> None:
+    def record(plan: ShardPlan, info) -> None:
+        """Count a finished shard (its info, or the future of a worker writing it)."""
+        if not isinstance(info, dict):
+            info = info.result()
         split = splits[plan.split]
         split["shards"].append(plan.name)
         for k in ("documents", "sentences", "tokens"):
@@ -281,11 +284,11 @@ def prepare_data(
             job = dataclasses.replace(plan)  # holds the documents until the worker has them
             plan.documents = []
             pending.append((plan, info if info is not None else pool.submit(_worker_write, str(output_dir), job)))
-            while pending and (len(pending) > 2 * workers or not hasattr(pending[0][1], "result")):
-                done, result = pending.pop(0)
-                record(done, result.result() if hasattr(result, "result") else result)
+            # hand on, in plan order, what is done; wait only when too many shards are in flight
+            while pending and (len(pending) > 2 * workers or isinstance(pending[0][1], dict)):
+                record(*pending.pop(0))
         for done, result in pending:
-            record(done, result.result() if hasattr(result, "result") else result)
+            record(done, result)
     except BaseException:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)  # finished shards stay; none is half-written

@@ -136,18 +136,14 @@ class Trainer:
                               f"{config.data.seq_len}, fewer than one batch of {global_micro}; prepare more data "
                               "or lower training.micro_batch_size")
         self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
-        prefetch = config.data.prefetch_batches
+        prefetch, pin = config.data.prefetch_batches, self.device.type == "cuda"
         if config.data.num_workers:
-            self.batches = WorkerLoader(self.batches, config.data.num_workers, self._host_transform,
-                                        pin_memory=self.device.type == "cuda",
+            self.batches = WorkerLoader(self.batches, config.data.num_workers, self._host_transform, pin_memory=pin,
                                         prefetch=2 if prefetch is None else max(prefetch, 1))
-            self._host_transform = None  # the workers apply it
-        elif prefetch is None:
-            prefetch = 2 if self.device.type == "cuda" else 0
-        if prefetch and not config.data.num_workers:
-            self.batches = Prefetcher(self.batches, prefetch, self._host_transform,
-                                      pin_memory=self.device.type == "cuda")
-            self._host_transform = None  # the thread applies it
+        elif prefetch or (prefetch is None and pin):  # null: 2 ahead on a GPU, none on a CPU
+            self.batches = Prefetcher(self.batches, prefetch or 2, self._host_transform, pin_memory=pin)
+        if not isinstance(self.batches, BatchIterator):
+            self._host_transform = None  # the thread or the workers apply it
         validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
                                         max_sequences=config.data.validation_sequences)
         if self.static_masks:
