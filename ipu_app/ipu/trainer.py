@@ -20,6 +20,7 @@ from ..config import ConfigError, RunConfig
 from ..train.distributed import DistContext
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
+from ..train.sums import TRAIN_FIELDS, Sums
 from ..train.trainer import Trainer
 from . import import_poptorch
 from ..data.loader import static_batch
@@ -178,29 +179,17 @@ class IpuTrainer(Trainer):
         started = time.perf_counter()
         batch = self._call_batch()
         lr = self.scheduler.get_last_lr()[0]
+        # Outputs are per micro-batch of the call; summed here (no all-reduce: instances do not share
+        # sums, so logged training losses are instance 0's replicas').
         loss, mlm, nsp, correct, masked = (torch.as_tensor(t).double().sum() for t in self.executor(**batch))
-        calls = self.micro_per_call  # outputs are summed over the micro-batches of the call
         self.scheduler.step()
         self.executor.setOptimizer(self.optimizer)  # the new learning rate, without recompiling
-        finite = bool(torch.isfinite(loss))
-        self.step = step
-        self._last_lr = lr
-        self._last_step_finite = finite
-        if not finite:
-            self.counters.skipped_steps += 1
-            self.metrics_log_skip(step, float("nan"))
-        seconds = time.perf_counter() - started
-        tokens = batch["input_ids"].numel()
-        self.counters.train_seconds += seconds
-        self.counters.train_tokens += tokens
-        self.counters.last_train_loss = float(loss) / calls
-        self.window.add(torch.stack([mlm, nsp, correct]), steps=1, masked=int(masked), grad_norm=0.0,
-                        seconds=seconds, tokens=tokens)
-
-    def _global_sums(self, sums, masked):
-        """Logged values are instance 0's: IPU instances do not all-reduce their training sums."""
-        mlm, nsp, correct = sums.tolist()
-        return mlm / self._loss_divisor, nsp / self._loss_divisor, correct, int(masked)
+        sums = Sums(TRAIN_FIELDS).add(mlm_loss=mlm, nsp_loss=nsp, mlm_correct=correct)
+        # The skip record, the non-finite steps in a row and the divergence stop are the torch step's.
+        self.end_step(step, finite=bool(torch.isfinite(loss)), grad_norm=float("nan"), lr=lr, sums=sums,
+                      masked=int(masked), tokens=batch["input_ids"].numel(),
+                      real_tokens=int(batch["attention_mask"].count_nonzero()),
+                      seconds=time.perf_counter() - started)
 
     def _host_dense_gradient(self, model, step: int) -> None:
         """RigL: the dense gradient of the step's last micro-batch, on the host."""

@@ -47,30 +47,37 @@ from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, 
 from .metrics import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .describe import kernel_line
+from .sums import TRAIN_FIELDS, Sums, output_sums
 from .precision import Precision, resolve_precision, resolve_threads
 
 
 @dataclass
 class _Window:
     """Sums over the training steps since the last ``train`` log record. The loss sums stay where
-    the model runs (``sums``: this rank's MLM loss, NSP loss and correct predictions, summed over
-    micro-batches and steps) and are read once, at the log interval: no host sync per micro-batch."""
+    the model runs (``sums``: this rank's MLM loss, NSP loss and correct predictions by name, summed
+    over micro-batches and steps) and are read once, at the log interval: no host sync per micro-batch.
+    ``tokens`` counts every position of the batches (padding included), ``real_tokens`` the positions
+    the attention mask keeps."""
 
     steps: int = 0
     masked: int = 0
     grad_norm: float = 0.0
     seconds: float = 0.0
     tokens: int = 0
-    sums: torch.Tensor | None = None
+    real_tokens: int = 0
+    sums: Sums | None = None
 
-    def add(self, sums: torch.Tensor, **values) -> None:
-        self.sums = sums.clone() if self.sums is None else self.sums.add_(sums)
+    def add(self, sums: Sums, **values) -> None:
+        if self.sums is None:
+            self.sums = sums.clone()
+        else:
+            self.sums += sums
         for key, value in values.items():
             setattr(self, key, getattr(self, key) + value)
 
     def state_dict(self) -> dict:
         state = {k: v for k, v in vars(self).items() if k != "sums"}
-        state["sums"] = None if self.sums is None else self.sums.tolist()
+        state["sums"] = None if self.sums is None else self.sums.state_dict()
         return state
 
     @classmethod
@@ -80,7 +87,7 @@ class _Window:
             state = {"sums": [state["mlm_loss"] * divisor, state["nsp_loss"] * divisor, float(state["correct"])],
                      **{k: state[k] for k in ("steps", "masked", "grad_norm", "seconds", "tokens")}}
         sums = state.pop("sums")
-        return cls(**state, sums=None if sums is None else torch.tensor(sums, dtype=torch.float64))
+        return cls(**state, sums=None if sums is None else Sums.from_state(sums, TRAIN_FIELDS))
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,6 +101,7 @@ class _Counters:
     pattern_updates: int = 0
     train_seconds: float = 0.0
     train_tokens: int = 0
+    train_real_tokens: int = 0  # positions the attention mask keeps (train_tokens less padding)
     last_train_loss: float = float("nan")
     wall_seconds: float = 0.0
     high_prg_updates: int = 0  # consecutive updates with mean pruned_recently_grown > PRG_WARN
@@ -203,7 +211,7 @@ class Trainer:
         self.step = 0
         self.window = _Window()
         self._loss_divisor = self.accumulation * dist.world_size  # summed micro-batch means -> a mean
-        self._last_sums: torch.Tensor | None = None  # the latest step's loss sums, on the device
+        self._last_sums: Sums | None = None  # the latest step's loss sums, on the device
         self.counters = _Counters()
         self._stop_requested = False
         self._last_step_finite = True
@@ -246,11 +254,14 @@ class Trainer:
             bar.close()
             self._count_wall_time()
 
-    def _count_wall_time(self) -> None:
-        """Add the time since ``train`` (or the final validation) started to ``wall_seconds``."""
+    def _count_wall_time(self, restart: bool = False) -> None:
+        """Add the time since ``train`` (or the final validation) started to ``wall_seconds``;
+        ``restart``: go on counting from now (a checkpoint records the wall time so far, so that a
+        resumed run's ``wall_time_s`` covers every process that trained it)."""
         if self._wall_start is not None:
-            self.counters.wall_seconds += time.perf_counter() - self._wall_start
-            self._wall_start = None
+            now = time.perf_counter()
+            self.counters.wall_seconds += now - self._wall_start
+            self._wall_start = now if restart else None
 
     def _phase_end(self, step: int, stop_at: int | None) -> int:
         """The step at which the phase starting after ``step`` ends."""
@@ -334,12 +345,13 @@ class Trainer:
         # RigL's recording steps run eagerly (tensor hooks); the others run the compiled model.
         recording = self.updater is not None and self.updater.needs_dense_grad(step)
         forward = self.forward_model if recording else self.compiled_model
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # mlm loss, nsp loss, correct
-        tokens = masked = 0
+        sums = Sums(TRAIN_FIELDS, self.device)
+        tokens = real_tokens = masked = 0
         for micro in range(self.accumulation):
             batch = self._next_batch()
             masked += _masked_tokens(batch)  # counted on the host, before the copy
             tokens += batch["input_ids"].numel()
+            real_tokens += _real_tokens(batch)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             last = micro == self.accumulation - 1
             # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
@@ -349,7 +361,7 @@ class Trainer:
                     out = forward(**batch)
                 loss = out.loss / self.accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            sums += _output_sums(out)  # on the device: no sync per micro-batch
+            sums.add(**output_sums(out))  # on the device: no sync per micro-batch
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if self.freezer is not None:
@@ -373,10 +385,19 @@ class Trainer:
         with warnings.catch_warnings():  # a skipped first step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
+        self.end_step(step, finite=finite, grad_norm=grad_norm, lr=lr, sums=sums, masked=masked,
+                      tokens=tokens * self.dist.world_size, real_tokens=real_tokens * self.dist.world_size,
+                      seconds=time.perf_counter() - started)
+
+    def end_step(self, step: int, *, finite: bool, grad_norm: float, lr: float, sums: Sums, masked: int,
+                 tokens: int, real_tokens: int, seconds: float) -> None:
+        """The bookkeeping of optimizer step ``step``, the same for every backend: the skip record and
+        the non-finite-steps-in-a-row count with its divergence stop, time and token counters, and the
+        log window. ``tokens`` and ``real_tokens`` are global (all ranks), ``sums`` and ``masked`` this
+        rank's; ``grad_norm`` is NaN where the backend does not report it."""
         self.step = step
         self._last_lr = lr
         self._last_step_finite = finite
-        tokens *= self.dist.world_size
         if not finite:
             self.counters.skipped_steps += 1
             self.counters.skipped_in_a_row += 1
@@ -386,29 +407,26 @@ class Trainer:
             self._check_divergence(step)
         else:
             self.counters.skipped_in_a_row = 0
-        seconds = time.perf_counter() - started
         self.counters.train_seconds += seconds
         self.counters.train_tokens += tokens
+        self.counters.train_real_tokens += real_tokens
         self._last_sums = sums
         self.window.add(sums, steps=1, masked=masked, grad_norm=grad_norm if finite else 0.0, seconds=seconds,
-                        tokens=tokens)
+                        tokens=tokens, real_tokens=real_tokens)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         batch = next(self.batches)
         return self._host_transform(batch) if self._host_transform is not None else batch
 
-    def _global_sums(self, sums: torch.Tensor, masked: int) -> tuple[float, float, float, int]:
-        """``(mlm loss, nsp loss, correct, masked)`` summed over ranks, the losses as means (a host sync)."""
-        both = torch.cat([sums.to(torch.float64), torch.tensor([float(masked)], dtype=torch.float64,
-                                                                device=sums.device)])
-        mlm, nsp, correct, masked = self.dist.all_reduce_sum(both).tolist()
-        return mlm / self._loss_divisor, nsp / self._loss_divisor, correct, int(masked)
+    def _read_sums(self, sums: Sums, **host: float) -> dict[str, float]:
+        """``sums`` and the ``host`` counts summed over ranks, in one read (a host sync)."""
+        return sums.read(self.dist.all_reduce_sum, **host)
 
     def _read_last_loss(self) -> None:
         """``counters.last_train_loss`` from the latest step's sums (read when a checkpoint or the summary needs it)."""
         if self._last_sums is not None:
-            mlm, nsp, _, _ = self._global_sums(self._last_sums, 0)
-            self.counters.last_train_loss = mlm + nsp
+            read = self._read_sums(self._last_sums)
+            self.counters.last_train_loss = (read["mlm_loss"] + read["nsp_loss"]) / self._loss_divisor
             self._last_sums = None
 
     def _check_divergence(self, step: int) -> None:
@@ -431,14 +449,21 @@ class Trainer:
         w = self.window
         if w.steps == 0:
             return
-        mlm, nsp, correct, masked = self._global_sums(w.sums, w.masked)  # the window's one read
+        read = self._read_sums(w.sums, masked=w.masked)  # the window's one read
+        per_step = self._loss_divisor * w.steps  # the sums add one mean per micro-batch and rank
+        mlm, nsp = read["mlm_loss"] / per_step, read["nsp_loss"] / per_step
         record = self.metrics.log(
             "train", self.step,
-            loss=(mlm + nsp) / w.steps, mlm_loss=mlm / w.steps, nsp_loss=nsp / w.steps,
-            mlm_accuracy=correct / max(masked, 1), grad_norm=w.grad_norm / w.steps,
+            loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp,
+            mlm_accuracy=read["mlm_correct"] / max(read["masked"], 1), grad_norm=w.grad_norm / w.steps,
             learning_rate=self._last_lr,
-            tokens_per_second=w.tokens / max(w.seconds, 1e-9), steps=w.steps,
+            tokens_per_second=w.tokens / max(w.seconds, 1e-9),
+            real_tokens_per_second=w.real_tokens / max(w.seconds, 1e-9), steps=w.steps,
         )
+        if self.dist.is_main and (bar is None or bar.disable):  # logs without a bar (sweeps) get a line
+            print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f} (mlm {mlm:.4f}, nsp {nsp:.4f}), "
+                  f"mlm accuracy {record['mlm_accuracy']:.4f}, lr {self._last_lr:.3g}, "
+                  f"{record['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
         extra = {} if math.isnan(self._last_prg) else {"prg": f"{self._last_prg:.2f}"}
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}", **extra,
                         refresh=False)
@@ -449,7 +474,8 @@ class Trainer:
     def validate(self, final: bool = False) -> dict:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
         self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # mlm loss x masked, correct, nsp loss x n
+        # Token-weighted MLM loss, sequence-weighted NSP loss: each batch's mean times its count.
+        sums = Sums(TRAIN_FIELDS, self.device)
         masked = sequences = 0
         if final and not self.progress and self.dist.is_main:
             print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
@@ -462,23 +488,23 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.precision.autocast():
                 out = self.compiled_eval(**batch)
-            mlm, correct, nsp = _output_sums(out)
-            sums += torch.stack([mlm * m, correct, nsp * n])
+            got = output_sums(out)
+            sums.add(mlm_loss=got["mlm_loss"] * m, nsp_loss=got["nsp_loss"] * n, mlm_correct=got["mlm_correct"])
             masked, sequences = masked + m, sequences + n
         bar.close()
-        totals = torch.cat([sums, torch.tensor([masked, sequences], dtype=torch.float64, device=self.device)])
-        mlm, correct, nsp, masked, sequences = self.dist.all_reduce_sum(totals).tolist()
-        masked, sequences = int(masked), int(sequences)
-        result = {"mlm_loss": mlm / max(masked, 1), "mlm_accuracy": correct / max(masked, 1),
-                  "sequences": sequences}
+        read = self._read_sums(sums, masked=masked, sequences=sequences)
+        masked, sequences = int(read["masked"]), int(read["sequences"])
+        result = {"mlm_loss": read["mlm_loss"] / max(masked, 1), "mlm_accuracy": read["mlm_correct"] / max(masked, 1),
+                  "sequences": sequences, "masked_tokens": masked}
         if self.config.model.nsp:
-            result["nsp_loss"] = nsp / max(sequences, 1)
+            result["nsp_loss"] = read["nsp_loss"] / max(sequences, 1)
         self.metrics.log("val", self.step, **result)
         return result
 
     # ============================================================ checkpoints
     def _state(self) -> dict:
         self._read_last_loss()
+        self._count_wall_time(restart=True)  # the checkpoint holds the wall time so far
         return {
             "config": self.config.to_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -605,6 +631,7 @@ class Trainer:
             "skipped_steps": c.skipped_steps,
             "skipped_updates": c.skipped_updates,
             "tokens_per_second": c.train_tokens / max(c.train_seconds, 1e-9),
+            "real_tokens_per_second": c.train_real_tokens / max(c.train_seconds, 1e-9),
             "train_time_s": c.train_seconds,
             "wall_time_s": c.wall_seconds,
             "precision": self.precision.name,
@@ -668,11 +695,9 @@ def _masked_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(np.count_nonzero(labels.numpy() != -100))  # numpy: never a device read
 
 
-def _output_sums(out) -> torch.Tensor:
-    """``[mlm loss, nsp loss, correct]`` of one forward pass as a float64 tensor where it ran."""
-    mlm = out.mlm_loss.detach().to(torch.float64)
-    nsp = out.nsp_loss.detach().to(torch.float64) if out.nsp_loss is not None else torch.zeros_like(mlm)
-    return torch.stack([mlm, nsp, torch.as_tensor(out.mlm_correct, device=mlm.device).to(torch.float64)])
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions of a host batch that the attention mask keeps (the batch's tokens less padding)."""
+    return int(np.count_nonzero(batch["attention_mask"].numpy()))
 
 
 def _next_multiple(step: int, every: int) -> int:
