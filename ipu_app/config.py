@@ -122,7 +122,7 @@ class DataSection:
     seq_len: int = 128
     mask_prob: float = 0.15
     max_predictions: int = 20
-    validation_sequences: int | None = None  # null = the whole validation split
+    validation_sequences: int | None = None  # null = the whole validation split; N = a fixed random N of it
     # Batches built ahead by a background thread (pinned memory on a GPU) so the device never waits
     # for the host; null = 2 on a GPU, 0 (built in the loop) on a CPU, where the thread would only
     # take cores from the step.

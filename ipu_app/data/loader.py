@@ -549,15 +549,27 @@ class WorkerLoader(_BuiltAhead):
         self._rewind()
 
 
+def validation_indices(available: int, wanted: int | None) -> np.ndarray:
+    """Which validation samples a run validates on: all of them, or a fixed random ``wanted`` of
+    them (drawn with ``VALIDATION_SEED``, in ascending order). The draw depends only on the split's
+    size, so every run on the same data, whatever its seed, validates on the same sequences; a
+    subset of the first N would not be representative (documents come in corpus order)."""
+    if wanted is None or wanted >= available:
+        return np.arange(available)
+    rng = np.random.default_rng(derive_seed(VALIDATION_SEED, available))
+    return np.sort(rng.choice(available, size=wanted, replace=False))
+
+
 def validation_batches(data_dir: str | Path, batch_size: int, masking: MaskingConfig = MaskingConfig(),
                        max_batches: int | None = None, max_sequences: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """The fixed validation set: pairs and masks drawn once with ``VALIDATION_SEED``; the first
-    ``max_sequences`` (or ``max_batches`` batches) of it when given, whatever the batch size."""
+    """The fixed validation set: pairs and masks drawn once with ``VALIDATION_SEED``; a fixed random
+    ``max_sequences`` (or ``max_batches`` batches) of it when given (``validation_indices``), whatever
+    the batch size."""
     dataset = PretrainingDataset(data_dir, "validation", masking, seed=VALIDATION_SEED)
-    n = len(dataset)
+    wanted = None
     if max_batches is not None:
-        n = min(n, max_batches * batch_size)
+        wanted = max_batches * batch_size
     if max_sequences is not None:
-        n = min(n, max_sequences)
-    samples = [dataset.sample(0, i) for i in range(n)]
-    return [collate(samples[i : i + batch_size]) for i in range(0, n, batch_size)]
+        wanted = max_sequences if wanted is None else min(wanted, max_sequences)
+    samples = [dataset.sample(0, int(i)) for i in validation_indices(len(dataset), wanted)]
+    return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]

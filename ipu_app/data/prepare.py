@@ -112,3 +112,21 @@ def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sourc
         prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress,
                      workers=default_workers() if workers is None else workers, **(shard_sizes or {}))
     return output_dir
+
+
+def data_vocabulary(data) -> dict:
+    """The tokenizer a run with the ``data`` config section trains with, read from the prepared
+    data's manifest: ``{"tokenizer", "vocab_size", "from"}``. ``tokenizer`` is ``bert-base-uncased``
+    when the data's vocabulary is that one, else ``train`` (a vocabulary learned on a corpus);
+    ``from`` is ``data`` (the manifest) or ``config`` (the data is not prepared yet: the values asked
+    for, which a trained vocabulary may fall short of)."""
+    from .shards import load_manifest
+    from .tokenizer import BERT_UNCASED_VOCAB_SHA256
+
+    path = Path(data.dir) if data.dir else embedded_data_dir(data.tokenizer, data.vocab_size)
+    if not (path / "manifest.json").is_file():
+        return {"tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "from": "config"}
+    manifest = load_manifest(path)  # a data.dir that is not prepared data: one line
+    standard = manifest.get("tokenizer_sha256") == BERT_UNCASED_VOCAB_SHA256
+    return {"tokenizer": "bert-base-uncased" if standard else "train", "vocab_size": int(manifest["vocab_size"]),
+            "from": "data"}

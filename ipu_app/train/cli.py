@@ -204,6 +204,7 @@ def _main(args) -> int:
     else:
         config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed)
         run_dir = Path(args.output_dir or Path("runs") / config.name)
+        _adopt_data_vocabulary(config)
     config.accumulation_steps(ctx.world_size)  # batch = micro x accumulation x processes, or a clear error
     if args.describe:
         from .describe import describe, format_description
@@ -229,6 +230,18 @@ def _main(args) -> int:
         return _train(args, ctx, config, run_dir)
     finally:
         ctx.shutdown()
+
+
+def _adopt_data_vocabulary(config: RunConfig) -> None:
+    """With ``data.dir``, ``data.tokenizer`` and ``data.vocab_size`` are the prepared data's (its
+    manifest), so that ``config.yaml`` and ``--describe`` record the model actually built; for the
+    embedded corpus they stay what was asked (they name its cache)."""
+    from ..data.prepare import data_vocabulary
+
+    if config.data.dir:
+        found = data_vocabulary(config.data)
+        if found["from"] == "data":
+            config.data.tokenizer, config.data.vocab_size = found["tokenizer"], found["vocab_size"]
 
 
 def _train(args, ctx, config: RunConfig, run_dir: Path) -> int:

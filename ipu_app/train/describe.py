@@ -66,7 +66,10 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
     """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
     if config.backend == "ipu":  # the batch is split over replicas, not processes
         world_size = config.ipu.replication_factor
-    model = SparseBertForPreTraining(config.model_config(), initialize=False)  # counts need no values
+    from ..data.prepare import data_vocabulary
+
+    vocabulary = data_vocabulary(config.data)  # the data's tokenizer, not the config's request
+    model = SparseBertForPreTraining(config.model_config(vocabulary["vocab_size"]), initialize=False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = layer_sparsity(model)
     t, s = config.training, config.sparsity
@@ -101,6 +104,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
         "adjusted_by_steps": {key: list(change) for key, change in config.adjusted.items()},
         "validation": validation_size(config),
+        "vocabulary": vocabulary,
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
         "sparse_kernels": _local_kernel_line(config),
         "threads": _threads(config),
@@ -172,10 +176,19 @@ def _ipu_lines(ipu: dict | None) -> list[str]:
 
 def _validation_text(v: dict) -> str:
     if v["available"] is None:
-        used = "all" if v["used"] is None else f"the first {v['used']}"
+        used = "all" if v["used"] is None else f"a fixed random {v['used']}"
         return f"{used} (data not prepared yet: {v['data_dir']})"
     return (f"{v['used']:,} of {v['available']:,}" + (" (all)" if v["used"] == v["available"] else "")
-            + f"; set {v['setting']}=N to validate on the first N")
+            + f"; set {v['setting']}=N to validate on a fixed random N (the same for every run on this data)")
+
+
+def _vocabulary_text(v: dict, data: dict) -> str:
+    text = f"{v['vocab_size']:,} tokens ({v['tokenizer']})"
+    if v["from"] == "config":
+        return text + " as asked (the embedded corpus is not prepared yet; a trained vocabulary may be smaller)"
+    if not data.get("dir") and v["vocab_size"] != data["vocab_size"]:
+        return text + f", trained on the corpus (asked for {data['vocab_size']:,})"
+    return text + (f", from {data['dir']}" if data.get("dir") else "")
 
 
 def format_description(info: dict) -> str:
@@ -203,6 +216,7 @@ def format_description(info: dict) -> str:
                                                          info["adjusted_by_steps"].items())]
           if info.get("adjusted_by_steps") else []),
         f"validation sequences             {_validation_text(info['validation'])}",
+        f"vocabulary                       {_vocabulary_text(info['vocabulary'], c['data'])}",
         *_ipu_lines(info.get("ipu")),
         *([f"kernels (here)                   {info['sparse_kernels']}"] if info.get("sparse_kernels") else []),
         f"CPU threads (here)               {info['threads']['threads']} ({info['threads']['from']}; "

@@ -90,6 +90,10 @@ class _Window:
         return cls(**state, sums=None if sums is None else Sums.from_state(sums, TRAIN_FIELDS))
 
 
+# What summary.json's "metrics_version" says; see summary().
+METRICS_VERSION = 2
+
+
 class TrainingDiverged(RuntimeError):
     """``training.max_skipped_steps`` optimizer steps in a row had non-finite gradients."""
 
@@ -458,7 +462,7 @@ class Trainer:
             mlm_accuracy=read["mlm_correct"] / max(read["masked"], 1), grad_norm=w.grad_norm / w.steps,
             learning_rate=self._last_lr,
             tokens_per_second=w.tokens / max(w.seconds, 1e-9),
-            real_tokens_per_second=w.real_tokens / max(w.seconds, 1e-9), steps=w.steps,
+            real_tokens_per_second=w.real_tokens / max(w.seconds, 1e-9), steps=w.steps, seconds=w.seconds,
         )
         if self.dist.is_main and (bar is None or bar.disable):  # logs without a bar (sweeps) get a line
             print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f} (mlm {mlm:.4f}, nsp {nsp:.4f}), "
@@ -470,34 +474,18 @@ class Trainer:
         self.window = _Window()
 
     # ============================================================== validation
-    @torch.no_grad()
     def validate(self, final: bool = False) -> dict:
-        """MLM loss, NSP loss and MLM accuracy on the fixed validation set (token-weighted)."""
+        """MLM loss, NSP loss and MLM accuracy on the fixed validation set (``evaluate_batches``)."""
         self.model.eval()
-        # Token-weighted MLM loss, sequence-weighted NSP loss: each batch's mean times its count.
-        sums = Sums(TRAIN_FIELDS, self.device)
-        masked = sequences = 0
         if final and not self.progress and self.dist.is_main:
             print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
         bar = tqdm(total=self._local_validation_sequences, unit="seq", dynamic_ncols=True, leave=final,
                    disable=not self.progress,
                    desc="final validation" if final else f"validation @ {self.step}")
-        for batch in self.validation:
-            n, m = batch["input_ids"].shape[0], _masked_tokens(batch)
-            bar.update(n)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.precision.autocast():
-                out = self.compiled_eval(**batch)
-            got = output_sums(out)
-            sums.add(mlm_loss=got["mlm_loss"] * m, nsp_loss=got["nsp_loss"] * n, mlm_correct=got["mlm_correct"])
-            masked, sequences = masked + m, sequences + n
+        result = evaluate_batches(self.compiled_eval, self.validation, device=self.device,
+                                  autocast=self.precision.autocast, reduce=self.dist.all_reduce_sum,
+                                  nsp=self.config.model.nsp, on_batch=bar.update)
         bar.close()
-        read = self._read_sums(sums, masked=masked, sequences=sequences)
-        masked, sequences = int(read["masked"]), int(read["sequences"])
-        result = {"mlm_loss": read["mlm_loss"] / max(masked, 1), "mlm_accuracy": read["mlm_correct"] / max(masked, 1),
-                  "sequences": sequences, "masked_tokens": masked}
-        if self.config.model.nsp:
-            result["nsp_loss"] = read["nsp_loss"] / max(sequences, 1)
         self.metrics.log("val", self.step, **result)
         return result
 
@@ -616,10 +604,14 @@ class Trainer:
         flops = run_flops(self.config, self.model)
         summary = {
             "config": self.config.name,
+            # 2: validation NSP loss and MLM accuracy read by name (version 1 runs, without this key,
+            # may hold them swapped; report flags them); real_tokens_per_second.
+            "metrics_version": METRICS_VERSION,
             "steps": self.step,
             "final_val_mlm_loss": val["mlm_loss"],
             "final_val_nsp_loss": val.get("nsp_loss"),
             "final_val_mlm_accuracy": val["mlm_accuracy"],
+            "final_val_sequences": val["sequences"],
             "final_train_loss": c.last_train_loss,
             "non_embedding_flops_per_sequence": flops["non_embedding_flops_per_sequence"],
             "non_embedding_nonzero_params": flops["non_embedding_nonzero_params"],
@@ -640,6 +632,7 @@ class Trainer:
             "threads": self.threads,
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,
+            "vocab_size": self.model.config.vocab_size,
         }
         if self.updater is not None:
             summary["mean_explored_dof"] = self.updater.mean_explored_dof()
@@ -693,6 +686,34 @@ def _masked_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Masked tokens of a host batch (either form of the labels)."""
     labels = batch["masked_labels"] if "masked_labels" in batch else batch["mlm_labels"]
     return int(np.count_nonzero(labels.numpy() != -100))  # numpy: never a device read
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, *, device: torch.device, autocast=contextlib.nullcontext,
+                     reduce=None, nsp: bool = True, on_batch=None) -> dict:
+    """MLM loss and accuracy over the masked tokens of ``batches`` (token-weighted) and NSP loss over
+    their sequences, as validation reports them: ``{"mlm_loss", "mlm_accuracy", "nsp_loss" (with
+    ``nsp``), "sequences", "masked_tokens"}``. ``reduce`` sums over ranks; ``on_batch(sequences)``
+    is called after each batch (a progress bar)."""
+    sums = Sums(TRAIN_FIELDS, device)
+    masked = sequences = 0
+    for batch in batches:
+        n, m = batch["input_ids"].shape[0], _masked_tokens(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            out = model(**batch)
+        got = output_sums(out)  # batch means: weighted by their counts here
+        sums.add(mlm_loss=got["mlm_loss"] * m, nsp_loss=got["nsp_loss"] * n, mlm_correct=got["mlm_correct"])
+        masked, sequences = masked + m, sequences + n
+        if on_batch is not None:
+            on_batch(n)
+    read = sums.read(reduce, masked=masked, sequences=sequences)
+    masked, sequences = int(read["masked"]), int(read["sequences"])
+    result = {"mlm_loss": read["mlm_loss"] / max(masked, 1), "mlm_accuracy": read["mlm_correct"] / max(masked, 1),
+              "sequences": sequences, "masked_tokens": masked}
+    if nsp:
+        result["nsp_loss"] = read["nsp_loss"] / max(sequences, 1)
+    return result
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
