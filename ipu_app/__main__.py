@@ -23,6 +23,12 @@ def _prepare_data(args) -> int:
     return 0
 
 
+def _revalidate(args) -> int:
+    from .train.revalidate import main as revalidate_main
+
+    return revalidate_main(args.run_dirs, force=args.force)
+
+
 def _export(args) -> int:
     from .model.export import export_run
 
@@ -209,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a cached library exists")
     p.set_defaults(func=_build_kernels)
     _add_bench_parser(sub)
+    p = sub.add_parser("revalidate", help="recompute finished runs' final validation (runs written before "
+                       "metrics_version 2 may hold NSP loss and MLM accuracy swapped) into their summary.json")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--force", action="store_true", help="also runs at the current metrics_version")
+    p.set_defaults(func=_revalidate)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")

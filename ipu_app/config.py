@@ -517,6 +517,10 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
         change(sparsity, "num_updates", short_run_updates(
             steps, sparsity.get("num_updates", SparsitySection.num_updates),
             sparsity.get("min_segment_steps", SparsitySection.min_segment_steps)), "sparsity")
+        if sparsity.get("mode", SparsitySection.mode) != "dynamic":
+            # Inert without pattern updates: still set (saved configs, and so sweeps' stale checks, stay
+            # as they were), but not reported as a change the run is subject to.
+            changed.pop("sparsity.num_updates", None)
     return changed
 
 

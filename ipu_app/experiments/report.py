@@ -187,6 +187,13 @@ def _draw_pareto(ax, runs: list[Run], curve: DenseCurve | None, label: Callable[
         ax.plot(curve.flops, curve.loss, "k-o", label="dense family", zorder=3)
         for f, loss, n in zip(curve.flops, curve.loss, curve.names):
             ax.annotate(n, (f, loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    else:  # one dense size is no curve, but it is in the table: draw it as a point
+        dense = best_over_lr([r for r in runs if r.mode == "dense"], key=lambda r: (r.size,))
+        for i, point in enumerate(dense):
+            ax.errorbar([point.first.flops], [point.loss], yerr=[point.std], fmt="ks", capsize=3, zorder=3,
+                        label="dense" if i == 0 else None)
+            ax.annotate(point.first.size, (point.first.flops, point.loss), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
     series: dict[str, list] = {}
     for point in best_over_lr([r for r in runs if r.mode != "dense"],
                               key=lambda r: (label(r), r.size, round(r.sparsity, 6))):

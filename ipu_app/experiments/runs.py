@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..train.metrics import METRICS_VERSION
+
 
 class ReportError(ValueError):
     """Run directories that cannot make the asked-for report; one actionable line."""
@@ -145,7 +147,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) -> tuple[list[Run], list[str]]:
     """The finished runs under ``root`` and the names of unfinished ones (no ``summary.json``)."""
-    runs, unfinished = [], []
+    runs, unfinished, old = [], [], []
     for path in find_run_dirs(root):
         if not (path / "summary.json").is_file():
             unfinished.append(path.name)
@@ -159,11 +161,32 @@ def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) ->
         missing = [k for k in REQUIRED_SUMMARY if summary.get(k) is None]
         if missing:
             raise ReportError(f"{path / 'summary.json'} lacks {missing[0]!r}; was it written by this version?")
+        if _flag_old_validation(summary):
+            old.append(path.name)
         runs.append(Run(name=path.name, path=path, config=config, summary=summary))
+    if old:
+        warn(f"{len(old)} run(s) were written before metrics_version {METRICS_VERSION} ({', '.join(old[:3])}"
+             + (" ..." if len(old) > 3 else "") + "): their validation NSP loss and MLM accuracy may be swapped "
+             "and are left out, and their validation subset (data.validation_sequences) was the first N sequences, "
+             "not a fixed random N, so their MLM losses pair only with each other; recompute all three with "
+             "python -m ipu_app revalidate RUN_DIR...")
     if unfinished:
         warn(f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished[:5])}"
              + (" ..." if len(unfinished) > 5 else ""))
     return runs, unfinished
+
+
+# Recorded by runs before version 2 and possibly swapped there (read positionally).
+SUSPECT_VALIDATION = ("final_val_nsp_loss", "final_val_mlm_accuracy")
+
+
+def _flag_old_validation(summary: dict) -> bool:
+    """For a summary written before ``METRICS_VERSION``: move the validation values that may be
+    swapped to ``summary["unverified"]`` (so no table mixes them with right ones) and return True."""
+    if int(summary.get("metrics_version", 1)) >= METRICS_VERSION:
+        return False
+    summary["unverified"] = {k: summary.pop(k) for k in SUSPECT_VALIDATION if k in summary}
+    return True
 
 
 # ------------------------------------------------------------------------------ aggregation

@@ -232,7 +232,7 @@ def config_difference(run_dir: Path, expected: RunConfig) -> str | None:
 class RunResult:
     name: str
     status: str  # finished | skipped | failed | stale | interrupted | pending
-    seconds: float = 0.0
+    seconds: float = 0.0  # finished: the run's wall_time_s (all its processes); else this attempt's time
     rc: int | None = None
     error: str | None = None
     final_val_mlm_loss: float | None = None
@@ -418,7 +418,11 @@ class SweepRunner:
         if rc == 0 and summary_path.is_file():
             result.status = "finished"
             result.error = None
-            result.final_val_mlm_loss = json.loads(summary_path.read_text()).get("final_val_mlm_loss")
+            summary = json.loads(summary_path.read_text())
+            result.final_val_mlm_loss = summary.get("final_val_mlm_loss")
+            # The run's own wall time over every process that trained it (what a later listing of
+            # the finished run shows too), not this attempt's subprocess time.
+            result.seconds = summary.get("wall_time_s", result.seconds)
             self.echo(f"  done   {job.spec.name} in {_duration(result.seconds)}: "
                       f"val MLM {result.final_val_mlm_loss:.4f}")
         elif self._stop and rc in (130, -signal.SIGINT, -signal.SIGTERM):

@@ -14,6 +14,12 @@ from pathlib import Path
 from ..io import atomic_write_bytes
 
 
+# summary.json's "metrics_version". 2: validation NSP loss and MLM accuracy read by name (version 1
+# runs, which have no such key, may hold them swapped), validation subsets drawn at random,
+# real_tokens_per_second.
+METRICS_VERSION = 2
+
+
 class MetricsError(ValueError):
     """``metrics.jsonl`` is damaged beyond a cut-off last line."""
 

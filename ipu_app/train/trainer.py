@@ -44,7 +44,7 @@ from ..sparse.updater import EXPLORED_FILE, PRG_WARN, PatternUpdater, save_explo
 from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .metrics import MetricsLogger, NullLogger
+from .metrics import METRICS_VERSION, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .describe import kernel_line
 from .sums import TRAIN_FIELDS, Sums, output_sums
@@ -88,10 +88,6 @@ class _Window:
                      **{k: state[k] for k in ("steps", "masked", "grad_norm", "seconds", "tokens")}}
         sums = state.pop("sums")
         return cls(**state, sums=None if sums is None else Sums.from_state(sums, TRAIN_FIELDS))
-
-
-# What summary.json's "metrics_version" says; see summary().
-METRICS_VERSION = 2
 
 
 class TrainingDiverged(RuntimeError):
@@ -604,9 +600,7 @@ class Trainer:
         flops = run_flops(self.config, self.model)
         summary = {
             "config": self.config.name,
-            # 2: validation NSP loss and MLM accuracy read by name (version 1 runs, without this key,
-            # may hold them swapped; report flags them); real_tokens_per_second.
-            "metrics_version": METRICS_VERSION,
+            "metrics_version": METRICS_VERSION,  # report flags runs without it
             "steps": self.step,
             "final_val_mlm_loss": val["mlm_loss"],
             "final_val_nsp_loss": val.get("nsp_loss"),

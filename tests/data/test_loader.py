@@ -263,3 +263,24 @@ def test_truncation_in_closed_form_is_the_token_by_token_trim(a0, la, lb, target
         else:
             y1 -= 1
     assert _truncate_pair(a0, a1, b0, b1, target) == (x0, x1, y0, y1)
+
+
+def test_a_validation_subset_is_a_fixed_random_sample(data_dir):
+    """``max_sequences`` takes a seeded random subset (the same for every run), not the first N in
+    corpus order; each sequence is the one the whole set holds at that index."""
+    from ipu_app.data.loader import validation_indices
+
+    picked = validation_indices(1000, 64)
+    assert len(set(picked.tolist())) == 64 and np.all(np.diff(picked) > 0)
+    assert np.array_equal(picked, validation_indices(1000, 64))  # fixed
+    assert not np.array_equal(picked, np.arange(64)) and picked.max() > 500  # spread over the split
+    assert np.array_equal(validation_indices(10, None), np.arange(10))
+    assert np.array_equal(validation_indices(10, 25), np.arange(10))
+    whole = validation_batches(data_dir, 1)
+    available = len(whole)
+    subset = validation_batches(data_dir, 1, max_sequences=available - 2)
+    expected = validation_indices(available, available - 2)
+    assert len(subset) == available - 2 >= 2
+    for batch, index in zip(subset, expected):
+        assert torch.equal(batch["input_ids"], whole[index]["input_ids"])
+        assert torch.equal(batch["mlm_labels"], whole[index]["mlm_labels"])

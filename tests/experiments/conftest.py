@@ -31,7 +31,7 @@ def make_run(root: Path, name: str, config: str, loss: float, *, lr: float | Non
         "learning_rate": cfg.learning_rate,
         "non_embedding_flops_per_sequence": non_embedding_training_flops_per_sequence(layers, hidden, 128, s),
         "non_embedding_nonzero_params": round(non_embedding_params(layers, hidden) * (1 - s)),
-        "pattern_updates": 0,
+        "pattern_updates": 0, "metrics_version": 2,
     }
     data.update(summary or {})
     (run / "summary.json").write_text(json.dumps(data))

@@ -410,3 +410,48 @@ def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
     one = paired_difference({0: 1.0}, {0: 0.5})
     assert one["n"] == 1 and one["mean"] == 0.5 and one["beyond_noise"] is None
+
+
+def test_runs_before_metrics_version_2_leave_out_their_suspect_validation(runs_root, tmp_path):
+    """A summary without ``metrics_version`` 2 may hold NSP loss and MLM accuracy swapped: the report
+    leaves those two out (MLM loss stays), says so once, and names the command that recomputes them."""
+    from ipu_app.experiments.runs import load_runs
+
+    for inactive, version in (("zero", 1), ("frozen", 2)):
+        make_run(runs_root, f"{inactive}_run", "bert_small_static", 2.5, overrides=(
+            "sparsity.ratio=0.5", f"sparsity.inactive={inactive}", "backend=reference"),
+            summary={"metrics_version": version, "final_val_nsp_loss": 14.25, "final_val_mlm_accuracy": 0.0003})
+    warnings = []
+    runs, _ = load_runs(runs_root, warnings.append)
+    by_name = {r.name: r for r in runs}
+    old, new = by_name["zero_run"], by_name["frozen_run"]
+    assert "final_val_nsp_loss" not in old.summary and old.summary["unverified"]["final_val_nsp_loss"] == 14.25
+    assert old.loss == 2.5 and new.summary["final_val_nsp_loss"] == 14.25
+    assert len(warnings) == 1 and "1 run(s) were written before metrics_version 2 (zero_run)" in warnings[0]
+    assert "python -m ipu_app revalidate" in warnings[0]
+    build_report(runs_root, "zero_vs_frozen", tmp_path / "r")
+    rows = {r["inactive"]: r for r in read_csv(tmp_path / "r" / "zero_vs_frozen.csv")}
+    assert rows["zero"]["val_nsp_loss"] == "" and float(rows["frozen"]["val_nsp_loss"]) == 14.25
+
+
+def test_pareto_draws_a_single_dense_size(runs_root):
+    """With one dense size there is no curve, but the dense run is in the table, so it is drawn too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ipu_app.experiments.report import METHOD_LABELS, _draw_pareto
+    from ipu_app.experiments.runs import dense_curve, load_runs
+
+    make_run(runs_root, "bert_mini_dense", "bert_mini_dense", 2.6)
+    make_run(runs_root, "bert_mini_sparse", "bert_mini_sparse", 2.75)
+    runs, _ = load_runs(runs_root)
+    assert dense_curve(runs) is None
+    fig, ax = plt.subplots()
+    _draw_pareto(ax, runs, None, lambda r: METHOD_LABELS[r.method])
+    dense = next(r for r in runs if r.mode == "dense")
+    drawn = {(float(x), float(y)) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())}
+    assert (dense.flops, 2.6) in drawn
+    assert "dense" in [t.get_text() for t in ax.legend().get_texts()]
+    plt.close(fig)

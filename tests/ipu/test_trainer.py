@@ -181,3 +181,30 @@ def test_ipu_run_resumes_exactly(data_dir, tmp_path):
     resumed.train()
     losses = [[r["loss"] for r in read_metrics(tmp_path / sub, "train")] for sub in ("full", "part")]
     assert losses[0] == losses[1]
+
+
+def test_ipu_steps_skip_and_stop_a_diverged_run_like_the_torch_step(data_dir, tmp_path):
+    """The IPU step shares the torch step's bookkeeping: non-finite steps are logged as skipped, counted
+    in a row, and training.max_skipped_steps of them stop the run with TrainingDiverged."""
+    from ipu_app.train.trainer import TrainingDiverged
+
+    trainer = IpuTrainer(small(data_dir, "bert_tiny_sparse", "backend=ipu", "training.max_skipped_steps=2"), tmp_path,
+                         poptorch=SimPoptorch(), progress=False, tensorboard=False)
+    executor = trainer.executor
+
+    class NonFinite:
+        """The device's step, reporting a non-finite loss."""
+
+        def __call__(self, **batch):
+            loss, *rest = executor(**batch)
+            return (loss * float("nan"), *rest)
+
+        def __getattr__(self, name):
+            return getattr(executor, name)
+
+    trainer.executor = NonFinite()
+    with pytest.raises(TrainingDiverged, match=r"the 2 optimizer steps 1\.\.2 all had non-finite gradients"):
+        trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path, "skip")] == [1, 2]
+    assert read_metrics(tmp_path, "diverged")[0]["skipped_in_a_row"] == 2
+    assert trainer.counters.skipped_steps == 2

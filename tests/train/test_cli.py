@@ -312,3 +312,35 @@ def test_a_signal_during_the_final_validation_waits_for_the_outputs(capsys, tmp_
     code, out, err = run_cli(capsys, *small_run_args(data_dir, run, steps=4))
     assert code == 0 and json.loads(out)["final_val_mlm_loss"] > 0
     assert (run / "summary.json").is_file() and (run / "model" / "model.safetensors").is_file()
+
+
+def test_describe_config_yaml_and_summary_use_the_datas_vocabulary(capsys, tmp_path, small_documents):
+    """Data prepared with a trained tokenizer: --describe counts, config.yaml records and the run
+    builds the data's vocabulary, not the config's 30,522 tokens; --no-progress logs training lines."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from ipu_app.data.shards import prepare_data
+    from ipu_app.data.tokenizer import train_tokenizer, vocab_tokens
+
+    tokenizer = train_tokenizer(small_documents, tmp_path / "tok", vocab_size=2000)
+    data = tmp_path / "data"
+    prepare_data(small_documents, tokenizer, data, documents_per_shard=40, progress=False)
+    vocab = vocab_tokens(data / "tokenizer")
+    assert vocab != 30522
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_dense", "--describe", "--json",
+                              "--set", f"data.dir={data}")[1])
+    assert info["vocabulary"] == {"tokenizer": "train", "vocab_size": vocab, "from": "data"}
+    assert info["config"]["data"]["vocab_size"] == vocab and info["config"]["data"]["tokenizer"] == "train"
+    hf = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=512, max_position_embeddings=512))
+    assert info["dense_model_params"] == info["trained_params"] == sum(p.numel() for p in hf.parameters())
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, *small_run_args(data, run, steps=2), "--set", "training.log_every=1")
+    assert code == 0
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["vocab_size"] == vocab and saved["data"]["tokenizer"] == "train"
+    assert json.loads((run / "summary.json").read_text())["vocab_size"] == vocab
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1/2", "step 2/2"] and "mlm accuracy" in lines[0]

@@ -143,6 +143,9 @@ def test_steps_shortcut_caps_the_intervals_to_the_run_and_explicit_values_win():
     assert c.adjusted == {"training.warmup_steps": (10000, 26), "training.checkpoint_every": (10000, 500),
                           "sparsity.num_updates": (160, 2)}
     assert load_config("bert_medium_sparse").adjusted == {}
+    # Without pattern updates the number of segments is no change a run is subject to.
+    assert "sparsity.num_updates" not in load_config("bert_medium_static", steps=2000).adjusted
+    assert "sparsity.num_updates" not in load_config("bert_medium_dense", steps=2000).adjusted
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5e-4", 5e-4), ("0.002", 0.002), ("auto", "auto")])

@@ -268,3 +268,32 @@ def test_wall_time_after_a_resume_counts_every_process(data_dir, tmp_path):
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
     records = read_metrics(tmp_path, "train")
     assert summary["train_time_s"] == pytest.approx(sum(r["seconds"] for r in records), rel=1e-6)
+
+
+def test_revalidate_recomputes_an_old_runs_summary(run, tmp_path, capsys):
+    """A run written before metrics_version 2 (simulated: the version key dropped, NSP loss and
+    accuracy swapped as the old reader did) gets the right values back, the old ones kept beside."""
+    import shutil
+
+    from ipu_app.__main__ import main as app_main
+
+    old = tmp_path / "old"
+    shutil.copytree(run["run_dir"], old)
+    summary = json.loads((old / "summary.json").read_text())
+    right = {k: summary[k] for k in ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy")}
+    del summary["metrics_version"]
+    summary["final_val_nsp_loss"], summary["final_val_mlm_accuracy"] = 14.25, 0.0003
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert app_main(["revalidate", str(old)]) == 0
+    fixed = json.loads((old / "summary.json").read_text())
+    for key, value in right.items():
+        assert fixed[key] == pytest.approx(value, rel=1e-6), key
+    assert fixed["metrics_version"] == 2
+    assert fixed["revalidated"][0]["previous"]["final_val_nsp_loss"] == 14.25
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["final_val_mlm_accuracy"] == pytest.approx(
+        right["final_val_mlm_accuracy"], rel=1e-6)
+    # At the current version it changes nothing; a directory that is no finished run is one line, exit 1.
+    assert app_main(["revalidate", str(old)]) == 0
+    assert json.loads((old / "summary.json").read_text()) == fixed
+    assert app_main(["revalidate", str(tmp_path / "nothing")]) == 1
+    assert "is not a finished run (no summary.json)" in capsys.readouterr().err

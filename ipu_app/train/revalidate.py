@@ -1,0 +1,81 @@
+"""``python -m ipu_app revalidate RUN_DIR...``: recompute a finished run's final validation.
+
+Runs written before ``METRICS_VERSION`` 2 may hold their validation NSP loss and MLM accuracy
+swapped, and validated a ``data.validation_sequences`` subset made of the first N sequences. This
+evaluates the run's final model (``RUN_DIR/model``, the weights its final validation saw) on the
+validation set as the current version builds it, with the code training validates with, and writes
+the three values into ``summary.json``; the values they replace stay in it under ``revalidated``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_bytes
+from .metrics import METRICS_VERSION
+
+VALIDATION_KEYS = ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy", "final_val_sequences")
+
+
+def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool = False) -> dict | None:
+    """The run's new final validation values (None: the run is at the current version already and
+    ``force`` is not set). Raises ValueError (one line) for a directory that is not a finished run."""
+    from ..config import ConfigError
+    from ..data.loader import MaskingConfig, validation_batches
+    from ..model.bert import SparseBertForPreTraining
+    from .cli import load_run_config
+    from .precision import resolve_precision
+    from .trainer import evaluate_batches, resolve_data_dir
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ConfigError(f"{run_dir} is not a finished run (no summary.json); finish it with "
+                          f"python run_pretraining.py --resume {run_dir}")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{summary_path} is damaged ({exc.msg})") from None
+    if int(summary.get("metrics_version", 1)) >= METRICS_VERSION and not force:
+        return None
+    config = load_run_config(run_dir)
+    try:
+        model = SparseBertForPreTraining.load(run_dir / "model").eval()
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    d = config.data
+    masking = MaskingConfig(d.seq_len, d.mask_prob, d.max_predictions)
+    batches = validation_batches(resolve_data_dir(config, progress), config.micro_batch_size, masking,
+                                 max_sequences=d.validation_sequences)
+    device = torch.device("cpu")
+    precision = resolve_precision(config.training.precision, device)
+    result = evaluate_batches(model, batches, device=device, autocast=precision.autocast, nsp=config.model.nsp)
+    previous = {k: summary.get(k) for k in (*VALIDATION_KEYS, "metrics_version")}
+    new = {"final_val_mlm_loss": result["mlm_loss"], "final_val_nsp_loss": result.get("nsp_loss"),
+           "final_val_mlm_accuracy": result["mlm_accuracy"], "final_val_sequences": result["sequences"]}
+    history = summary.get("revalidated", [])
+    summary.update(new, metrics_version=METRICS_VERSION,
+                   revalidated=[*history, {"previous": previous, "precision": precision.name}])
+    atomic_write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    return new
+
+
+def main(run_dirs: list[str], force: bool = False) -> int:
+    failed = 0
+    for run_dir in run_dirs:
+        try:
+            new = revalidate_run(run_dir, force=force)
+        except ValueError as exc:
+            print(f"error: {run_dir}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if new is None:
+            print(f"{run_dir}: metrics_version {METRICS_VERSION} already (its validation is right); --force "
+                  "recomputes it anyway", file=sys.stderr)
+        else:
+            print(json.dumps({"run": str(run_dir), **new}))
+    return 1 if failed else 0
