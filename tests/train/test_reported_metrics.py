@@ -270,7 +270,7 @@ def test_wall_time_after_a_resume_counts_every_process(data_dir, tmp_path):
     assert summary["train_time_s"] == pytest.approx(sum(r["seconds"] for r in records), rel=1e-6)
 
 
-def test_revalidate_recomputes_an_old_runs_summary(run, tmp_path, capsys):
+def test_revalidate_recomputes_an_old_runs_summary(run, data_dir, tmp_path, capsys):
     """A run written before metrics_version 2 (simulated: the version key dropped, NSP loss and
     accuracy swapped as the old reader did) gets the right values back, the old ones kept beside."""
     import shutil
@@ -279,6 +279,7 @@ def test_revalidate_recomputes_an_old_runs_summary(run, tmp_path, capsys):
 
     old = tmp_path / "old"
     shutil.copytree(run["run_dir"], old)
+    (old / "config.yaml").write_text(_config(data_dir).to_yaml())  # what run_pretraining.py writes
     summary = json.loads((old / "summary.json").read_text())
     right = {k: summary[k] for k in ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy")}
     del summary["metrics_version"]
