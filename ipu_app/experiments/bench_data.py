@@ -187,14 +187,9 @@ def measure_loader(data_dir: Path, workers: int, batch_size: int, seq_len: int, 
 
 
 def _cpu_line() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "CPU: unknown"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    return f"CPU: {fields.get('Model name', '?').strip()}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX'}"
+    from ..machine import cpu_line
+
+    return cpu_line()
 
 
 def bench_data(sizes: list[float], workers: int, loader_workers: list[int], batch_size: int, seq_len: int,

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, Pretraining
                            static_batch, validation_batches)
 from ..data.tokenizer import file_sha256
 from ..io import atomic_write_bytes, first_line
+from ..machine import cpu_identity, machine_key
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
 from ..seeding import derive_seed
@@ -107,6 +108,7 @@ class _Counters:
     high_prg_updates: int = 0  # consecutive updates with mean pruned_recently_grown > PRG_WARN
     skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for non-finite gradients
     prg_warned: bool = False
+    machines: list = field(default_factory=list)  # every machine kind (machine_key) that trained the run
 
 
 class Trainer:
@@ -224,6 +226,12 @@ class Trainer:
             resume_step = self._resume()
         self.metrics = (MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
                         if dist.is_main else NullLogger())
+        # Losses differ between machines (precision: auto, kernels, rounding): a run records each kind
+        # that trained it, and reports pair runs of one machine and precision only.
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.machine = machine_key(self.device.type, gpu)
+        if self.machine not in self.counters.machines:
+            self.counters.machines.append(self.machine)
 
     # ==================================================================== the loop
     def train(self, stop_at: int | None = None) -> dict | None:
@@ -622,6 +630,10 @@ class Trainer:
             "wall_time_s": c.wall_seconds,
             "precision": self.precision.name,
             "device": str(self.device),
+            "machine": self.machine if len(c.machines) <= 1 else "several",
+            "machines": list(c.machines),
+            "cpu": cpu_identity()["model"],
+            "cpu_isa": cpu_identity()["isa"],
             "sparse_kernels": self.kernel_line,
             "threads": self.threads,
             "world_size": self.dist.world_size,

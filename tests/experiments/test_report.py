@@ -407,9 +407,51 @@ def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
     assert rows["bert_tiny_dense"]["baseline"] == "" and rows["bert_tiny_static"]["diff_mean"] == ""
     per_seed = [r for r in read_csv(tmp_path / "r" / "paired_per_seed.csv") if r["setting"] == "bert_tiny_sparse_noisy"]
     assert [round(float(r["diff_vs_baseline"]), 6) for r in per_seed] == [-0.1, 0.05, -0.01]
+    # t, p and the interval as scipy's paired t-test gives them; the sign count.
+    from scipy import stats
+
+    test = stats.ttest_rel([dyn[s] for s in static], [static[s] for s in static])
+    assert float(good["p"]) == pytest.approx(test.pvalue, rel=1e-6) and float(good["t"]) == pytest.approx(test.statistic)
+    ci = test.confidence_interval(0.95)
+    assert float(good["diff_ci_low"]) == pytest.approx(ci.low) and float(good["diff_ci_high"]) == pytest.approx(ci.high)
+    assert good["below_baseline"] == "3/3" and bad["below_baseline"] == "2/3"
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
     one = paired_difference({0: 1.0}, {0: 0.5})
     assert one["n"] == 1 and one["mean"] == 0.5 and one["beyond_noise"] is None
+
+
+def test_seeds_for_power_match_the_textbook_paired_t_test():
+    """80% power at 5% (two-sided), paired: d = 1 needs 10 pairs, d = 0.8 15, d = 0.5 34 (the
+    standard tables, e.g. G*Power's matched-pairs t-test)."""
+    from ipu_app.experiments.report import seeds_for_power
+
+    assert seeds_for_power(0.01, 0.01) == 10
+    assert seeds_for_power(-0.008, 0.01) == 15
+    assert seeds_for_power(0.005, 0.01) == 34
+    assert seeds_for_power(0.0, 0.01) is None and seeds_for_power(0.01, 0.0) is None
+
+
+def test_paired_report_pairs_within_one_machine_and_precision(runs_root, tmp_path):
+    """Losses differ between CPUs: a DynSparse seed pairs only with the static run of its own machine
+    kind and precision; a run resumed on another machine is left out, with a note."""
+    a = {"machine": "AMD EPYC (family 25 model 1; avx2)", "precision": "fp32"}
+    b = {"machine": "Intel Xeon (family 6 model 143; amx_bf16 avx512_bf16 avx512f avx2)", "precision": "bf16"}
+    for seed in (0, 1, 2):
+        make_run(runs_root, f"bert_tiny_static,seed={seed}", "bert_tiny_static", 6.2 + 0.01 * seed, seed=seed, summary=a)
+        make_run(runs_root, f"bert_tiny_sparse,seed={seed}", "bert_tiny_sparse", 6.19 + 0.01 * seed, seed=seed,
+                 summary=a)
+    make_run(runs_root, "bert_tiny_sparse,seed=3", "bert_tiny_sparse", 5.0, seed=3, summary=b)  # no static on b
+    make_run(runs_root, "bert_tiny_static,seed=3", "bert_tiny_static", 7.0, seed=3, summary=a)
+    make_run(runs_root, "bert_tiny_sparse,seed=4", "bert_tiny_sparse", 1.0, seed=4,
+             summary={"machine": "several", "precision": "fp32"})
+    build_report(runs_root, "paired", tmp_path / "r")
+    rows = {(r["setting"], r["machine"]): r for r in read_csv(tmp_path / "r" / "paired.csv")}
+    on_a = rows["bert_tiny_sparse", f"{a['machine']}, fp32"]
+    assert on_a["seeds"] == "3" and float(on_a["diff_mean"]) == pytest.approx(-0.01)  # seeds 0-2 only
+    on_b = rows["bert_tiny_sparse", f"{b['machine']}, bf16"]
+    assert on_b["seeds"] == "1" and on_b["baseline"] == "" and on_b["diff_mean"] == ""
+    md = (tmp_path / "r" / "paired.md").read_text()
+    assert "paired only within their own" in md and "left out: 1 run(s) trained on several machine kinds" in md
 
 
 def test_runs_before_metrics_version_2_leave_out_their_suspect_validation(runs_root, tmp_path):

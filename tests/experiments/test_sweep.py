@@ -94,6 +94,9 @@ def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsy
     assert (out / "runs" / "bert_tiny_sparse" / "explored.safetensors").is_file()
     assert (out / "sweep.yaml").read_text() == spec.read_text()
     assert (out / "logs" / f"{broken}.log").is_file()
+    # A finished run's time is its own wall time (summary.json), the same on this listing as on later ones.
+    wall = json.loads((out / "runs" / "bert_tiny_dense" / "summary.json").read_text())["wall_time_s"]
+    assert status["bert_tiny_dense"]["seconds"] == wall
 
     # Again: finished runs are skipped (no new attempt); the failed one is tried again.
     code = app_main(["sweep", str(spec), "--output-dir", str(out), "--only", broken])
@@ -102,6 +105,7 @@ def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsy
     code = app_main(["sweep", str(spec), "--output-dir", str(out), "--only", "bert_tiny_dense"])
     status = json.loads((out / "status.json").read_text())["runs"]
     assert code == 0 and status["bert_tiny_dense"]["attempts"] == 1 and status["bert_tiny_dense"]["status"] == "finished"
+    assert status["bert_tiny_dense"]["seconds"] == wall
 
     # The report reads the sweep's runs (two finished; the failed one left no summary).
     code = app_main(["report", str(out), "--figure", "exploration"])

@@ -197,6 +197,18 @@ def test_run_totals_add_up(run):
     assert summary["final_train_loss"] == pytest.approx(last["loss"], rel=1e-9)
     assert summary["vocab_size"] == run["vocab_size"]
     assert summary["metrics_version"] == 2
+    # The machine, as lscpu names it (results pair only within one machine kind).
+    import shutil
+    import subprocess
+
+    if shutil.which("lscpu"):
+        fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                      .stdout.splitlines() if ":" in line)
+        flags = fields.get("Flags", "").split()
+        assert summary["cpu"] == fields["Model name"].strip()
+        assert summary["cpu_isa"] == [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+        assert summary["cpu"] in summary["machine"] and summary["machines"] == [summary["machine"]]
+    assert summary["precision"] == "fp32"
 
 
 def test_flops_follow_the_papers_formula(run):
