@@ -52,6 +52,24 @@ def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
             "dense_gradient_steps": dense_gradient_steps}
 
 
+def encoder_share(config: RunConfig, model: SparseBertForPreTraining, trained: int, rows: list[dict]) -> dict:
+    """How much of the model the sparse encoder linears are: their trained (non-zero) weights as a
+    fraction of all trained parameters, and their training FLOPs per sequence as a fraction of the
+    whole step's matrix products (attention, the MLM head on ``max_predictions`` positions and the
+    NSP head included; embedding lookups are free). Sparsity acts on this part only: where it is
+    small, the encoder's capacity hardly decides the loss."""
+    from ..sparse.flops import training_flops_ledger
+
+    active = sum(r["active_weights"] for r in rows)
+    layers, hidden = model.config.num_layers, model.config.hidden_size
+    density_sparsity = 1.0 - active / non_embedding_params(layers, hidden)
+    ledger = training_flops_ledger(layers, hidden, config.data.seq_len, density_sparsity,
+                                   vocab_size=model.config.vocab_size, masked_per_sequence=config.data.max_predictions,
+                                   nsp=config.model.nsp)
+    return {"params": active / trained, "flops": ledger.sparse_linears / ledger.total,
+            "encoder_weights": active, "flops_per_sequence": ledger.total}
+
+
 def kernel_line(config: RunConfig, device: torch.device, dtype: torch.dtype) -> str | None:
     """What runs the sparse layers of this config on ``device`` in ``dtype`` (None for dense / IPU)."""
     s = config.sparsity
@@ -101,6 +119,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
         "layers": rows,
         **run_flops(config, model),
+        "encoder_share": encoder_share(config, model, trained, rows),
         "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
         "adjusted_by_steps": {key: list(change) for key, change in config.adjusted.items()},
         "validation": validation_size(config),
@@ -227,6 +246,8 @@ def format_description(info: dict) -> str:
         f"non-embedding params (dense)     {info['non_embedding_params']:,}",
         f"non-embedding non-zero params    {info['non_embedding_nonzero_params']:,}",
         f"non-embedding FLOPs / sequence   {info['non_embedding_flops_per_sequence']:.4g}",
+        f"sparse encoder linears' share    {info['encoder_share']['params']:.1%} of the trained params, "
+        f"{info['encoder_share']['flops']:.1%} of the step's FLOPs (measure its time share: bench train --fractions)",
         f"total training FLOPs             {info['total_training_flops']:.4g}"
         + (f" (incl. {info['dense_gradient_steps']} RigL dense-gradient steps)" if info["dense_gradient_steps"] else ""),
         "",

@@ -357,7 +357,7 @@ def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):
 
 def test_every_figure_is_registered():
     assert set(FIGURES) == {"pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init",
-                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate", "paired"}
+                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate", "paired", "capacity"}
 
 
 def test_freeze_unfreeze_report(runs_root, tmp_path):
@@ -497,3 +497,29 @@ def test_pareto_draws_a_single_dense_size(runs_root):
     assert (dense.flops, 2.6) in drawn
     assert "dense" in [t.get_text() for t in ax.legend().get_texts()]
     plt.close(fig)
+
+
+def test_capacity_report_applies_the_pilots_choice_rule(runs_root, tmp_path):
+    """gap = static s minus static s = 0.5 at the same horizon; score = gap / sqrt(time); a run whose
+    validation loss rises at the end, or that is too slow, is not eligible; the best score is chosen."""
+    def val(*losses):
+        return [{"kind": "val", "step": 250 * (i + 1), "mlm_loss": v} for i, v in enumerate(losses)]
+
+    cases = {  # (steps, ratio): (final loss, train seconds, validation curve)
+        (1000, 0.5): (6.00, 300, val(6.5, 6.0)), (1000, 0.9): (6.20, 320, val(6.6, 6.2)),
+        (1000, 0.95): (6.35, 330, val(6.7, 6.35)),
+        (2000, 0.5): (5.80, 600, val(6.0, 5.8)), (2000, 0.9): (6.10, 640, val(6.0, 6.1)),  # rises 0.1: out
+        (2000, 0.95): (6.30, 1000, val(6.5, 6.3)),  # too slow: out
+    }
+    for (steps, ratio), (loss, seconds, curve) in cases.items():
+        make_run(runs_root, f"proxy_tiny_static,steps={steps},ratio={ratio}", "proxy_tiny_static", loss, seed=1000,
+                 overrides=(f"training.steps={steps}", f"sparsity.ratio={ratio}"),
+                 summary={"steps": steps, "train_time_s": seconds, "vocab_size": 4096}, metrics=curve)
+    build_report(runs_root, "capacity", tmp_path / "r")
+    assert_png(tmp_path / "r" / "capacity.png")
+    rows = {(int(r["steps"]), float(r["sparsity"])): r for r in read_csv(tmp_path / "r" / "capacity.csv")}
+    assert rows[1000, 0.9]["capacity_gap"] and float(rows[1000, 0.9]["capacity_gap"]) == pytest.approx(0.20)
+    assert float(rows[1000, 0.95]["score"]) == pytest.approx(0.35 / math.sqrt(330))
+    assert rows[2000, 0.9]["eligible"] == "False" and float(rows[2000, 0.9]["val_rise"]) == pytest.approx(0.1)
+    assert rows[2000, 0.95]["eligible"] == "False" and rows[1000, 0.5]["eligible"] == "False"
+    assert [k for k, r in rows.items() if r["chosen"] == "True"] == [(1000, 0.95)]
