@@ -344,3 +344,25 @@ def test_describe_config_yaml_and_summary_use_the_datas_vocabulary(capsys, tmp_p
     assert json.loads((run / "summary.json").read_text())["vocab_size"] == vocab
     lines = [line for line in err.splitlines() if line.startswith("step ") and "/" in line.split(":")[0]]
     assert [line.split(":")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"] and "mlm accuracy" in lines[0]
+
+
+def test_the_cpu_proxy_is_encoder_dominated(capsys):
+    """proxy_tiny_*: Tiny with a 4,096-token vocabulary; the encoder linears' share that --describe
+    shows, recomputed from Hugging Face's parameter count and the FLOPs of each matrix product."""
+    from transformers import BertConfig, BertForPreTraining
+
+    info = json.loads(run_cli(capsys, "--config", "proxy_tiny_dense", "--describe", "--json")[1])
+    assert info["vocabulary"]["vocab_size"] == 4096 and info["vocabulary"]["tokenizer"] == "train"
+    L, H, S, V, P = 2, 128, 128, 4096, 20
+    hf = BertForPreTraining(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2,
+                                       intermediate_size=4 * H, max_position_embeddings=512))
+    encoder = 12 * L * H * H
+    assert info["encoder_share"]["params"] == pytest.approx(encoder / sum(p.numel() for p in hf.parameters()))
+    linears, attention = 6 * encoder * S, 12 * L * S * S * H
+    heads = 6 * P * (H * H + H * V) + 6 * (H * H + 2 * H)  # MLM head on the masked positions, NSP head
+    assert info["encoder_share"]["flops"] == pytest.approx(linears / (linears + attention + heads))
+    assert info["encoder_share"]["params"] > 0.35 and info["encoder_share"]["flops"] > 0.7
+    standard = json.loads(run_cli(capsys, "--config", "bert_tiny_dense", "--describe", "--json")[1])
+    assert standard["encoder_share"]["params"] < 0.1  # what the proxy is for
+    sparse = json.loads(run_cli(capsys, "--config", "proxy_tiny_sparse", "--describe", "--json")[1])
+    assert sparse["steps_between_updates"] == 500 and sparse["schedule_warning"] is None
