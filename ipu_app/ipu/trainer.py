@@ -21,7 +21,7 @@ from ..train.distributed import DistContext
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
 from ..train.sums import TRAIN_FIELDS, Sums
-from ..train.trainer import Trainer
+from ..train.trainer import Trainer, _real_tokens
 from . import import_poptorch
 from ..data.loader import static_batch
 from .model import IpuPretrainingModel, parallelize
@@ -188,7 +188,7 @@ class IpuTrainer(Trainer):
         # The skip record, the non-finite steps in a row and the divergence stop are the torch step's.
         self.end_step(step, finite=bool(torch.isfinite(loss)), grad_norm=float("nan"), lr=lr, sums=sums,
                       masked=int(masked), tokens=batch["input_ids"].numel(),
-                      real_tokens=int(batch["attention_mask"].count_nonzero()),
+                      real_tokens=_real_tokens(batch),
                       seconds=time.perf_counter() - started)
 
     def _host_dense_gradient(self, model, step: int) -> None:

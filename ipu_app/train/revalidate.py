@@ -29,7 +29,7 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
     from ..model.bert import SparseBertForPreTraining
     from .cli import load_run_config
     from .precision import resolve_precision
-    from .trainer import evaluate_batches, resolve_data_dir
+    from .trainer import _json, evaluate_batches, resolve_data_dir
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -60,7 +60,7 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
     history = summary.get("revalidated", [])
     summary.update(new, metrics_version=METRICS_VERSION,
                    revalidated=[*history, {"previous": previous, "precision": precision.name}])
-    atomic_write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(summary_path, (_json(summary) + "\n").encode())  # as the trainer writes it
     return new
 
 
