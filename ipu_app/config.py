@@ -107,10 +107,13 @@ class OptimizerSection:
     max_grad_norm: float = 1.0  # gradient clipping threshold (0 = off)
     # Decoupled weight decay of the sparse encoder values alone (null: weight_decay); Fig. 6 sweeps it.
     sparse_weight_decay: float | None = None
-    # Adam's bias correction for the sparse values: global (the paper: one step count, so regrown
-    # weights restart with zero moments but no bias correction) | per_slot (each slot counts its own
-    # steps from its regrowth, so a regrown weight gets Adam's bias correction afresh).
-    bias_correction: str = "global"
+    # Adam's bias correction for the sparse values of a dynamic run: per_slot (the default: each slot
+    # counts its own steps from its regrowth, so a regrown weight gets Adam's bias correction afresh;
+    # measured ahead of global beyond noise, README "DynSparse vs static") | global (the paper's: one
+    # step count, so regrown weights restart with zero moments but no bias correction; the only one
+    # poptorch's optimizer has, so backend: ipu needs it). Dense and static runs have no regrown
+    # slots: both settings are plain AdamW there.
+    bias_correction: str = "per_slot"
     loss_scale: float | str = "dynamic"  # fp16 only: a number or dynamic
 
 
@@ -323,8 +326,9 @@ class RunConfig:
         _check(o.sparse_weight_decay is None or o.sparse_weight_decay >= 0,
                f"optimizer.sparse_weight_decay must be >= 0 or null, got {o.sparse_weight_decay}")
         _choice("optimizer.bias_correction", o.bias_correction, BIAS_CORRECTIONS)
-        _check(o.bias_correction == "global" or self.backend != "ipu",
-               "optimizer.bias_correction=per_slot runs on the host optimizer only; use global with backend: ipu")
+        _check(o.bias_correction == "global" or self.backend != "ipu" or s.mode != "dynamic",
+               "optimizer.bias_correction=per_slot (the default) runs on the host optimizer only; "
+               "with backend: ipu set optimizer.bias_correction=global (the paper's)")
         _check(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0, got {o.max_grad_norm}")
         if isinstance(o.loss_scale, str):
             _check(o.loss_scale == "dynamic", f"optimizer.loss_scale must be a number or 'dynamic', got {o.loss_scale!r}")

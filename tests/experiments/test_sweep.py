@@ -72,6 +72,19 @@ def test_shipped_specs_load(path):
     assert sweep.figure in FIGURES
 
 
+def test_sweeps_measured_or_reproducing_the_paper_keep_its_bias_correction():
+    # per_slot became the default after these sweeps were measured; their DynSparse arms keep the
+    # paper's global Adam step unless a run names per_slot, so re-running them reproduces the record.
+    for path in SHIPPED:
+        for run in load_sweep(path).runs:
+            config = run.resolve()
+            if config.sparsity.mode == "dynamic":
+                expected = "per_slot" if "perslot" in run.name else "global"
+                assert config.optimizer.bias_correction == expected, (path.stem, run.name)
+    arms = {run.name.split(",")[0] for run in load_sweep("proxy_paired_cpu").runs}
+    assert arms == {"proxy_tiny_static", "proxy_tiny_sparse", "proxy_tiny_sparse_perslot"}
+
+
 def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsys):
     spec = write_spec(tmp_path, {
         "figure": "pareto",

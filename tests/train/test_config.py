@@ -224,5 +224,10 @@ def test_schedule_and_optimizer_option_errors():
         load_config("bert_tiny_sparse", ["sparsity.min_segment_steps=0"])
     with pytest.raises(ConfigError, match="optimizer.sparse_weight_decay must be >= 0"):
         load_config("bert_tiny_sparse", ["optimizer.sparse_weight_decay=-1"])
-    with pytest.raises(ConfigError, match="per_slot runs on the host optimizer only"):
+    with pytest.raises(ConfigError, match=r"per_slot \(the default\) runs on the host optimizer only"):
         load_config("bert_mini_sparse_ipu", ["optimizer.bias_correction=per_slot"])
+    # The default is per_slot: a host config moved to the IPU is told to choose the paper's global.
+    with pytest.raises(ConfigError, match=r"with backend: ipu set optimizer.bias_correction=global \(the paper's\)"):
+        load_config("bert_mini_sparse", ["backend=ipu"])
+    assert load_config("bert_mini_sparse", ["backend=ipu", "optimizer.bias_correction=global"]).backend == "ipu"
+    assert load_config("bert_mini_static", ["backend=ipu"]).optimizer.bias_correction == "per_slot"  # no regrowth

@@ -78,12 +78,25 @@ def test_sparse_values_get_their_own_weight_decay(data_dir):
                                               "training.steps=10", "training.warmup_steps=1", "sparsity.num_updates=2"])
     model = SparseBertForPreTraining(config.model_config())
     optimizer = build_optimizer(model, config)
+    assert type(optimizer) is SlotAdamW  # per_slot is the default of a dynamic run
     values = {id(layer.values) for _, layer in sparse_linears(model)}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert {decay[v] for v in values} == {0.1}
     embeddings = model.bert.embeddings.word_embeddings.weight
-    assert decay[id(embeddings)] == 0.01 and type(optimizer) is torch.optim.AdamW
-    per_slot = build_optimizer(model, load_config("bert_tiny_sparse", ["optimizer.bias_correction=per_slot",
-                                                                       "training.steps=10", "training.warmup_steps=1", "sparsity.num_updates=2"]))
-    assert type(per_slot) is SlotAdamW
-    assert [g.get("per_slot_steps", False) for g in per_slot.param_groups] == [False, True, False]
+    assert decay[id(embeddings)] == 0.01
+    assert [g.get("per_slot_steps", False) for g in optimizer.param_groups] == [False, True, False]
+    short = ["training.steps=10", "training.warmup_steps=1", "sparsity.num_updates=2"]
+    paper = build_optimizer(model, load_config("bert_tiny_sparse", ["optimizer.bias_correction=global", *short]))
+    assert type(paper) is torch.optim.AdamW
+    assert not any(g.get("per_slot_steps") for g in paper.param_groups)
+
+
+def test_per_slot_is_plain_adamw_without_regrowth():
+    # Static and dense runs never regrow a slot: whatever bias_correction says, they get AdamW itself.
+    for name in ("bert_tiny_static", "bert_tiny_dense"):
+        config = load_config(name, ["training.steps=10", "training.warmup_steps=1"])
+        assert config.optimizer.bias_correction == "per_slot"
+        model = SparseBertForPreTraining(config.model_config())
+        optimizer = build_optimizer(model, config)
+        assert type(optimizer) is torch.optim.AdamW, name
+        assert not any(g.get("per_slot_steps") for g in optimizer.param_groups), name
