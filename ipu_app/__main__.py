@@ -122,8 +122,9 @@ def _add_bench_parser(sub) -> None:
     k.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), choices=list(BENCH_SHAPES))
     k.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384])
     k.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9, 0.99])
-    k.add_argument("--block-size", nargs="+", type=int, default=[16, 32, 64])
-    k.add_argument("--dtype", default="bf16", choices=list(BENCH_DTYPES))
+    k.add_argument("--block-size", nargs="+", type=int, default=[1, 4, 8, 16])
+    k.add_argument("--dtype", default="auto", choices=["auto", *BENCH_DTYPES],
+                   help="auto: what training.precision=auto runs here (bf16 where the CPU or GPU has it, else fp32)")
     k.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
     k.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is kept)")
     k.add_argument("--no-bsr", action="store_true", help="skip PyTorch's BSR tensors")

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..choices import BENCH_DTYPES, BENCH_SHAPES
+from ..choices import BENCH_DTYPES, BENCH_SHAPES, SUPPORTED_BLOCK_SIZES
 from ..io import atomic_write_bytes
 
 SHAPES = BENCH_SHAPES  # name: (in_features, out_features)
@@ -521,10 +521,15 @@ def main(args) -> int:
             bad_s = [s for s in args.sparsity if not 0.0 <= s < 1.0]
             if bad_s:
                 raise BenchError(f"--sparsity values must be in [0, 1), got {bad_s}")
-            bad_b = [b for b in args.block_size if b not in (16, 32, 64)]
+            bad_b = [b for b in args.block_size if b not in SUPPORTED_BLOCK_SIZES]
             if bad_b:
-                raise BenchError(f"--block-size must be 16, 32 or 64 (the kernels' sizes), got {bad_b}")
-            rows = bench_kernels(args.shapes, args.tokens, args.sparsity, args.block_size, args.dtype, device,
+                raise BenchError(f"--block-size must be among {list(SUPPORTED_BLOCK_SIZES)}, got {bad_b}")
+            dtype = args.dtype
+            if dtype == "auto":
+                from ..train.precision import resolve_precision
+                dtype = resolve_precision("auto", device).name
+                say(f"--dtype auto: {dtype} (what training.precision=auto runs on this {device.type})")
+            rows = bench_kernels(args.shapes, args.tokens, args.sparsity, args.block_size, dtype, device,
                                  args.repeats, bsr=not args.no_bsr, progress=say)
             table, even = kernel_table(rows), kernel_break_even(rows)
             atomic_write_bytes(out / "kernels.csv", _csv(_kernel_dicts(rows)))

@@ -2,12 +2,13 @@
 ``linear(x, values, pattern, bias=None, frozen=None) -> y``.
 
 * ``reference``: scatter into a dense weight + ``F.linear``; the spec the others are tested against.
-* ``cpu``: C kernels for x86 CPUs (AMX bf16, AVX-512 fp32), block sizes that are multiples of 16.
+* ``cpu``: C kernels for CPUs: 16x16 tiles (AMX bf16, AVX-512 fp32) for block sizes that are multiples
+  of 16, token panels (fp32, any block size, any CPU with a C compiler) for the rest.
 * ``triton``: Triton GPU kernels, block sizes 16, 32 and 64.
 * ``auto``: per call, the fastest of these that covers the call (see :func:`choose`).
 
-A fast backend hands every call it does not cover (block sizes 1/4/8, a frozen inactive subset, an
-unsupported dtype or device) to ``reference``, so any backend trains any model.
+A fast backend hands every call it does not cover (a frozen inactive subset, an unsupported dtype or
+device, block sizes below 16 on a GPU) to ``reference``, so any backend trains any model.
 """
 
 from __future__ import annotations
@@ -30,14 +31,21 @@ __all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dt
 _MODULES = {name: name for name in SPARSE_BACKENDS}
 
 # ``auto`` uses a fast kernel only up to a density (1 - sparsity) where it still beats dense GEMMs,
-# from the break-even sparsity that ``python -m ipu_app bench kernels`` measures (docs/ARCHITECTURE.md):
-# CPU bf16 (AMX) breaks even at s = 0.24-0.43, CPU fp32 (AVX-512) at s = 0.5 or below, at BERT shapes.
-# The GPU value is not measured yet.
+# from the break-even sparsity that ``python -m ipu_app bench kernels`` measures (docs/ARCHITECTURE.md),
+# with a margin. CPU 16x16 tiles: bf16 (AMX) breaks even at s = 0.24-0.43, fp32 (AVX-512) at s = 0.5
+# or below. CPU token panels (fp32, AVX2 Zen 3, BERT-Medium FFN shapes, 4,096 tokens): b = 1 at
+# s = 0.78-0.80, b = 4 at 0.60-0.62, b = 16 at 0.59. The GPU value is not measured yet.
 AUTO_MAX_DENSITY = {("cpu", torch.bfloat16): 0.5, ("cpu", torch.float32): 0.4}
 AUTO_MAX_DENSITY_DEFAULT = 0.5
+# the CPU's token-panel kernels, by block size (b = 1 and 2: one row at a time; b >= 4: four rows)
+PANEL_MAX_DENSITY = {1: 0.18, 2: 0.18}
+PANEL_MAX_DENSITY_DEFAULT = 0.35
 
 
-def auto_max_density(backend: str, dtype: torch.dtype) -> float:
+def auto_max_density(backend: str, dtype: torch.dtype, block_size: int = 16) -> float:
+    """The highest density at which ``auto`` runs ``backend``'s kernels for such a call."""
+    if backend == "cpu" and _module("cpu").path("cpu", dtype, block_size) == "panels":
+        return PANEL_MAX_DENSITY.get(block_size, PANEL_MAX_DENSITY_DEFAULT)
     return AUTO_MAX_DENSITY.get((backend, dtype), AUTO_MAX_DENSITY_DEFAULT)
 
 
@@ -98,7 +106,7 @@ _FAST = {"cuda": "triton", "cpu": "cpu"}  # device type -> its fast backend
 
 def _auto_choice(device_type: str, dtype: torch.dtype, block_size: int, density: float, frozen: bool) -> str:
     name = _FAST.get(device_type)
-    if name is None or density > auto_max_density(name, dtype):
+    if name is None or density > auto_max_density(name, dtype, block_size):
         return "reference"
     if not _module(name).covers(device_type, dtype, block_size, frozen):
         return "reference"
@@ -126,7 +134,7 @@ def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: in
     else:
         chosen = "reference"
     if chosen == "cpu":
-        detail = "CPU kernels, " + _module("cpu").kernel_name(dtype)
+        detail = "CPU kernels, " + _module("cpu").kernel_name(dtype, block_size)
     else:
         detail = {"reference": "dense GEMMs on the scattered weight (reference op)",
                   "triton": "Triton GPU kernels"}[chosen]
@@ -135,7 +143,7 @@ def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: in
         if name != "auto":
             why = f"; {name} does not cover this"
         else:
-            limit = auto_max_density(_FAST[device.type], dtype) if device.type in _FAST else None
+            limit = auto_max_density(_FAST[device.type], dtype, block_size) if device.type in _FAST else None
             why = (f"; auto: density {1 - sparsity:.2f} > {limit:g}, where dense is faster"
                    if limit is not None and 1.0 - sparsity > limit else "; auto: no fast kernel covers this")
     return (f"sparse layers: {detail} (backend {name}, block size {block_size}, "

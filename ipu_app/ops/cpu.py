@@ -1,13 +1,18 @@
-"""Fast block-sparse training on x86 CPUs: C kernels (``csrc/bsmm_cpu.c``) for 16x16 tiles.
+"""Fast block-sparse training on CPUs: C kernels (``csrc/bsmm_cpu.c``), two layouts.
 
-bf16 runs on AMX tiles with fp32 accumulation, fp32 on vectorised loops; both are parallel with
-OpenMP. Block sizes that are multiples of 16 are cut into 16x16 tiles. The kernels are compiled on
+* 16x16 tiles, for block sizes that are multiples of 16: bf16 on AMX tiles with fp32 accumulation,
+  fp32 on AVX-512 registers.
+* Token panels, fp32, any block size (1, 2, 4, 8, and 16+ on CPUs without AVX-512): the dense
+  operand is packed as panels of 16 tokens per feature, so that each output row accumulates whole
+  token vectors (8-float vector types: AVX2 or AVX-512 code from one portable source).
+
+Both are parallel with OpenMP. :func:`path` says which runs a call. The kernels are compiled on
 first use (``gcc -O3 -march=native -fopenmp``, about a second) into a cache directory keyed by the
 source, the compiler and this CPU, so a cluster sharing a home directory never loads a library built
 for another CPU; ``python -m ipu_app build-kernels`` (run by ``install.sh``) builds it ahead of time.
 
-Whatever these kernels do not cover falls back to ``ops.reference``, per call: block sizes 1/4/8, a
-frozen inactive subset, fp16, bf16 on a CPU without AMX, non-CPU tensors.
+Whatever these kernels do not cover falls back to ``ops.reference``, per call: a frozen inactive
+subset, fp16, bf16 on a CPU without AMX or at block sizes below 16, non-CPU tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .fast import block_sparse_ops, make_linear
+from .fast import block_sparse_ops, compute_dtype, make_linear
 from .meta import KernelMeta, MetaCache, tile_values
 
 TILE = 16
@@ -98,6 +103,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: KernelBuildError | None = None
 _amx: bool = False
+_avx512: bool = False  # read once at load: torch.compile traces ``path`` but not a ctypes call
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -106,6 +112,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_f32_avx512.restype = i32
     lib.bsmm_f32_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
     lib.bsmm_f32_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
+    lib.bsmm_pack.argtypes = [p, i64, i64, i64, p, i32]
+    lib.bsmm_unpack.argtypes = [p, i64, i64, p, i32]
+    lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, i32]
+    lib.bsmm_panel_lines.restype = i32
+    lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, i64, i64, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
         lib.bsmm_amx_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
         lib.bsmm_amx_sddmm.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64, p, p, i32]
@@ -122,7 +133,7 @@ def load(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL:
     """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
-    global _lib, _lib_error, _amx
+    global _lib, _lib_error, _amx, _avx512
     if _lib is not None:  # loaded: no lock (also what lets torch.compile trace ``covers``)
         return _lib
     with _lock:
@@ -130,6 +141,7 @@ def library() -> ctypes.CDLL:
             try:
                 lib = load(build())
                 _amx = bool(lib.bsmm_amx_available())
+                _avx512 = bool(lib.bsmm_f32_avx512())
                 _lib = lib
             except (KernelBuildError, OSError) as exc:
                 _lib_error = exc if isinstance(exc, KernelBuildError) else KernelBuildError(
@@ -153,23 +165,33 @@ def amx_available() -> bool:
     return available() and _amx
 
 
-def kernel_name(dtype: torch.dtype) -> str:
+def kernel_name(dtype: torch.dtype, block_size: int = TILE) -> str:
     """What runs a call in ``dtype`` here, for the log."""
+    if path("cpu", dtype, block_size) == "panels":
+        return "fp32 token panels"
     if dtype == torch.bfloat16:
         return "AMX"
-    return "AVX-512" if library().bsmm_f32_avx512() else "portable C"
+    return "AVX-512"
+
+
+def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> str | None:
+    """Which kernels run such a call: ``"tiles"`` (16x16 tiles: AMX bf16, AVX-512 fp32), ``"panels"``
+    (fp32 on token panels: any block size, any CPU), or None (the reference op)."""
+    if frozen or device_type != "cpu" or not available():
+        return None
+    if block_size % TILE == 0 and (amx_available() if dtype == torch.bfloat16 else
+                                   dtype == torch.float32 and _avx512):
+        return "tiles"
+    return "panels" if dtype == torch.float32 else None
 
 
 def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
     """Whether these kernels run such a call (otherwise the reference op does)."""
-    if frozen or device_type != "cpu" or block_size % TILE:
-        return False
-    if dtype == torch.float32:
-        return available()
-    return dtype == torch.bfloat16 and amx_available()
+    return path(device_type, dtype, block_size, frozen) is not None
 
 
 _meta = MetaCache(TILE)
+_meta_own = MetaCache(None)  # the token-panel kernels walk each pattern at its own block size
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -236,7 +258,91 @@ def _input_grad(gy, tiles, meta: KernelMeta):
 _op = block_sparse_ops("cpu_bsmm", _forward, _input_grad, _sddmm, _meta)
 
 
-linear = make_linear(_op, covers, "CPU kernels", lambda v: tile_values(v, TILE))
+# ---------------------------------------------------------------------- token panels (fp32, any b)
+PANEL = 16  # tokens per panel (csrc: PANEL)
+
+
+class _Workspace:
+    """Reused float32 buffers for the packed operands, one per role and thread: a fresh multi-MiB
+    tensor on every call costs more in page faults than packing it does. Packed buffers never leave
+    the op (its outputs are new tensors)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, role: str, numel: int) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(role)
+        if buf is None or buf.numel() < numel:
+            buf = buffers[role] = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
+
+
+_workspace = _Workspace()
+
+
+def _pack(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
+    """``[T, F]`` as token panels ``[ceil(T/16), F, 16]`` (zero-padded); (panels, panel count)."""
+    T, F = a.shape
+    np_ = -(-T // PANEL)
+    out = _workspace.get(role, np_ * F * PANEL)
+    library().bsmm_pack(a.data_ptr(), T, F, a.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out, np_
+
+
+def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
+    T, K = a.shape
+    if T == 0:
+        return a.new_empty(0, nlines * b)
+    lib, threads = library(), torch.get_num_threads()
+    packed, np_ = _pack(a, "in")
+    weights = weights.contiguous()  # held: the kernel reads it
+    c = _workspace.get("out", np_ * nlines * b * PANEL)
+    if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), blk.data_ptr(),
+                            other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads):
+        raise ValueError(f"cpu kernels: block size {b} is not supported")
+    y = torch.empty(T, nlines * b, dtype=torch.float32)
+    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, y.data_ptr(), threads)
+    return y
+
+
+def _p_forward(x2d, values, meta: KernelMeta, bias):
+    # per block [contracted in, out]
+    return _panel_lines(x2d, values.transpose(1, 2), meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
+                        meta.tile, None if bias is None else bias.float().contiguous())
+
+
+def _p_input_grad(gy, values, meta: KernelMeta):
+    return _panel_lines(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], meta.tile, None)
+
+
+def _p_sddmm(gy, x, meta: KernelMeta) -> torch.Tensor:
+    b = meta.tile
+    dv = torch.zeros(meta.ntiles, b, b, dtype=torch.float32)
+    if x.shape[0] == 0 or meta.ntiles == 0:
+        return dv
+    g, np_ = _pack(gy, "grad")
+    xp, _ = _pack(x, "in")
+    library().bsmm_panel_sddmm(g.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], np_, b, meta.rows.data_ptr(),
+                               meta.cols.data_ptr(), meta.row_blk.data_ptr(), meta.row_ptr.data_ptr(), meta.grid[0],
+                               meta.ntiles, dv.data_ptr(), torch.get_num_threads())
+    return dv
+
+
+_op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own)
+
+_linear_tiles = make_linear(_op, lambda *a: path(*a) == "tiles", "CPU kernels (16x16 tiles)",
+                            lambda v: tile_values(v, TILE))
+_linear_panels = make_linear(_op_panels, lambda *a: path(*a) == "panels", "CPU kernels (token panels)")
+
+
+def linear(x: torch.Tensor, values: torch.Tensor, pattern, bias: torch.Tensor | None = None,
+           frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the CPU kernels where they apply
+    (:func:`path`), else on the reference op."""
+    if path(x.device.type, compute_dtype(x), pattern.block_size, frozen is not None) == "tiles":
+        return _linear_tiles(x, values, pattern, bias, frozen)
+    return _linear_panels(x, values, pattern, bias, frozen)
 
 
 __all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]

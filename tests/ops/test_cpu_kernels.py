@@ -60,13 +60,40 @@ def test_long_token_run_crosses_value_gradient_chunks():
     check_backend(cpu.linear, 16, torch.bfloat16, 1500, shape=(512, 512), sparsity=0.9)
 
 
+@pytest.mark.parametrize("b", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_small_blocks_run_on_token_panels(b, tokens):
+    assert cpu.path("cpu", torch.float32, b) == "panels"
+    check_backend(cpu.linear, b, torch.float32, tokens, seed=b + tokens)
+
+
 @pytest.mark.parametrize("b", [1, 4, 8])
-def test_small_blocks_are_the_reference_op(b):
-    pattern = random_pattern(32, 48, b, 0.5, torch.Generator().manual_seed(b))
-    values = torch.randn(pattern.nnz, b, b)
-    x = torch.randn(5, 48)
-    assert not cpu.covers("cpu", torch.float32, b)
-    torch.testing.assert_close(cpu.linear(x, values, pattern), reference.linear(x, values, pattern), rtol=0, atol=0)
+def test_token_panels_with_empty_rows_and_columns_any_density_and_long_runs(b):
+    check_backend(cpu.linear, b, torch.float32, 45, gaps=True, sparsity=0.9, seed=3)
+    check_backend(cpu.linear, b, torch.float32, 64, sparsity=0.0, bias=False, seed=4)
+    check_backend(cpu.linear, b, torch.float32, 29, sparsity=0.99, shape=(192, 160), seed=5)
+    # the values gradient goes over tokens in chunks of 32 panels (512 tokens): 1,100 is three
+    check_backend(cpu.linear, b, torch.float32, 1100, sparsity=0.9, seed=6)
+
+
+def test_token_panels_pack_and_unpack_exactly():
+    x = torch.randn(37, 24)
+    packed, panels = cpu._pack(x, "test")
+    assert panels == 3
+    view = packed.view(panels, 24, cpu.PANEL)
+    torch.testing.assert_close(view.permute(0, 2, 1).reshape(48, 24)[:37], x, rtol=0, atol=0)
+    assert torch.count_nonzero(view.permute(0, 2, 1).reshape(48, 24)[37:]) == 0  # padded tokens are zero
+    y = torch.empty(37, 24)
+    cpu.library().bsmm_unpack(packed.data_ptr(), 37, 24, y.data_ptr(), 2)
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_token_panels_refuse_an_unknown_block_size():
+    # every configurable block size has a kernel instance; another gets an error, not wrong numbers
+    a, w, out = torch.zeros(16 * 12), torch.zeros(9), torch.zeros(16 * 12)
+    idx = torch.zeros(5, dtype=torch.int32)
+    assert cpu.library().bsmm_panel_lines(a.data_ptr(), 1, 12, w.data_ptr(), 3, idx.data_ptr(), idx.data_ptr(),
+                                          idx.data_ptr(), 4, None, out.data_ptr(), 1) == -1
 
 
 def test_frozen_inactive_values_use_the_reference_op():
@@ -94,7 +121,7 @@ def test_autocast_bf16_gives_fp32_value_gradients():
 def test_metadata_is_built_once_per_pattern_and_rebuilt_after_an_update():
     layer = SparseLinear(64, 64, sparsity=0.75, block_size=16, backend="cpu",
                          generator=torch.Generator().manual_seed(0))
-    cache = cpu._meta
+    cache = cpu._meta if cpu.path("cpu", torch.float32, 16) == "tiles" else cpu._meta_own
     x = torch.randn(4, 64)
     layer(x).sum().backward()
     builds = cache.builds
@@ -158,19 +185,29 @@ def test_model_trains_identically_on_cpu_kernels_and_reference():
 def test_auto_choice():
     x32, pattern16 = torch.randn(2, 64), random_pattern(64, 64, 16, 0.9)
     assert ops.choose(x32, pattern16) == "cpu"
-    assert ops.choose(x32, random_pattern(64, 64, 4, 0.9)) == "reference"
+    # token panels: b = 4 breaks even near s = 0.6, b = 1 near s = 0.8 (bench kernels; a margin kept)
+    assert ops.auto_max_density("cpu", torch.float32, 4) == ops.PANEL_MAX_DENSITY_DEFAULT == 0.35
+    assert ops.auto_max_density("cpu", torch.float32, 1) == 0.18
+    assert ops.choose(x32, random_pattern(64, 64, 4, 0.9)) == "cpu"
+    assert ops.choose(x32, random_pattern(64, 64, 4, 0.5)) == "reference"
+    assert ops.choose(x32, random_pattern(64, 64, 1, 0.9)) == "cpu"
+    assert ops.choose(x32, random_pattern(64, 64, 1, 0.75)) == "reference"
     assert ops.choose(x32, random_pattern(64, 64, 16, 0.5)) == "reference"  # fp32: needs s >= 0.6
     if cpu.amx_available():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert ops.choose(x32, random_pattern(64, 64, 16, 0.5)) == "cpu"  # bf16 breaks even lower
             assert ops.choose(x32, random_pattern(64, 64, 16, 0.25)) == "reference"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.choose(x32, random_pattern(64, 64, 4, 0.9)) == "reference"  # no bf16 panel kernels
     assert ops.choose(x32, pattern16, frozen=torch.zeros(64, 64)) == "reference"
     assert ops.choose(x32.half(), pattern16) == "reference"
     assert "CPU kernels" in ops.describe("auto", torch.device("cpu"), torch.float32, 16, 0.9)
-    line = ops.describe("cpu", torch.device("cpu"), torch.float32, 4, 0.9)
+    assert "CPU kernels, fp32 token panels" in ops.describe("cpu", torch.device("cpu"), torch.float32, 4, 0.9)
+    line = ops.describe("cpu", torch.device("cpu"), torch.bfloat16, 4, 0.9)
     assert "reference op" in line and "cpu does not cover this" in line
-    assert "density 0.80 > 0.4, where dense is faster" in ops.describe("auto", torch.device("cpu"), torch.float32,
-                                                                          16, 0.2)
+    limit = ops.auto_max_density("cpu", torch.float32, 16)
+    assert f"density 0.80 > {limit:g}, where dense is faster" in ops.describe("auto", torch.device("cpu"),
+                                                                             torch.float32, 16, 0.2)
 
 
 def test_build_errors_are_one_line(tmp_path, monkeypatch):
@@ -253,9 +290,11 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     assert not lib.bsmm_f32_avx512() and not lib.bsmm_amx_available() and not hasattr(lib, "bsmm_amx_lines")
     monkeypatch.setattr(cpu, "_lib", lib)
     monkeypatch.setattr(cpu, "_amx", False)
-    assert cpu.kernel_name(torch.float32) == "portable C"
+    monkeypatch.setattr(cpu, "_avx512", False)
+    assert cpu.kernel_name(torch.float32) == "fp32 token panels"  # no AVX-512 tiles: panels for every b
     assert not cpu.covers("cpu", torch.bfloat16, 16)  # bf16 without AMX: the reference op
-    for b, tokens in ((16, 37), (32, 9)):
+    for b, tokens in ((1, 300), (4, 37), (16, 37), (32, 9)):
+        assert cpu.path("cpu", torch.float32, b) == "panels"
         check_backend(cpu.linear, b, torch.float32, tokens, gaps=b == 16, seed=b)
 
 

@@ -42,14 +42,16 @@ def _rewrite_patterns(model, seed):
         layer.pattern_changed()
 
 
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not cpu.available(), reason="no C compiler"))]
+_needs_cc = pytest.mark.skipif(not cpu.available(), reason="no C compiler")
+BACKENDS = [("reference", 16), pytest.param("cpu", 16, marks=_needs_cc), pytest.param("cpu", 4, marks=_needs_cc)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_model_is_one_graph_equal_to_eager_and_does_not_recompile_on_pattern_updates(backend):
+@pytest.mark.parametrize(("backend", "block_size"), BACKENDS)
+def test_compiled_model_is_one_graph_equal_to_eager_and_does_not_recompile_on_pattern_updates(backend, block_size):
     torch.manual_seed(0)
     model = SparseBertForPreTraining(ModelConfig(size="tiny", vocab_size=512, max_position_embeddings=64,
-                                                 block_size=16, backend=backend, sparsity=0.75, dropout=0.0))
+                                                 block_size=block_size, backend=backend, sparsity=0.75,
+                                                 dropout=0.0))
     ops.preload()
     batch, fixed = _batch()
     explained = dynamo.explain(model)(**fixed)

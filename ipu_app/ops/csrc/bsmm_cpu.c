@@ -164,6 +164,245 @@ void bsmm_f32_sddmm(const float *dY, int64_t ldy, const float *X, int64_t ldx, i
     }
 }
 
+/* ------------------------------------------------------ fp32, token panels, any block size */
+/* For block sizes below 16 (1, 2, 4, 8), and for 16+ on CPUs without AVX-512, the dense operands
+ * are packed in token panels: P[tt][f][16] holds tokens 16tt..16tt+15 of feature f, one 64-byte
+ * line per feature (tokens zero-padded to a multiple of 16). A product then works on one panel at
+ * a time, whose K features take K x 64 bytes (32-128 KiB at BERT sizes: L1/L2), and each output row
+ * accumulates whole token vectors: a contracted feature's 16 tokens are loaded once and used by up
+ * to four output rows of the block. The vectors are GCC/Clang vector types (8 floats): AVX2 or
+ * AVX-512 code with -march=native, emulated elsewhere, so there is one source for every CPU. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  /* unaligned access */
+#define PANEL 16
+
+static inline v8 v8_load(const float *p) { return *(const v8u *)p; }
+static inline void v8_store(float *p, v8 v) { *(v8u *)p = v; }
+static inline v8 v8_splat(float s) { return (v8){s, s, s, s, s, s, s, s}; }
+static inline float v8_sum(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* dst[tt][f][j] = src[16tt + j][f] (src [T, F], leading dimension lds), zero for tokens >= T. */
+void bsmm_pack(const float *src, int64_t T, int64_t F, int64_t lds, float *dst, int nthreads) {
+    const int64_t np = (T + PANEL - 1) / PANEL, fb = (F + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < np; ++tt)
+        for (int64_t b0 = 0; b0 < fb; ++b0) {
+            const int64_t f0 = b0 * 16, nf = min64(16, F - f0), nt = min64(PANEL, T - tt * PANEL);
+            float tile[16][PANEL];
+            memset(tile, 0, sizeof(tile));
+            for (int64_t j = 0; j < nt; ++j) {
+                const float *row = src + (tt * PANEL + j) * lds + f0;
+                for (int64_t f = 0; f < nf; ++f) tile[f][j] = row[f];
+            }
+            memcpy(dst + (tt * F + f0) * PANEL, tile, nf * PANEL * sizeof(float));
+        }
+}
+
+/* dst[t][f] = src[t/16][f][t%16] for t < T (dst [T, F] contiguous): the inverse of bsmm_pack. */
+void bsmm_unpack(const float *src, int64_t T, int64_t F, float *dst, int nthreads) {
+    const int64_t np = (T + PANEL - 1) / PANEL, fb = (F + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < np; ++tt)
+        for (int64_t b0 = 0; b0 < fb; ++b0) {
+            const int64_t f0 = b0 * 16, nf = min64(16, F - f0), nt = min64(PANEL, T - tt * PANEL);
+            const float *tile = src + (tt * F + f0) * PANEL;
+            for (int64_t j = 0; j < nt; ++j) {
+                float *row = dst + (tt * PANEL + j) * F + f0;
+                for (int64_t f = 0; f < nf; ++f) row[f] = tile[f * PANEL + j];
+            }
+        }
+}
+
+/* One panel's output rows of block line ``line``: C[row][16] = sum over the line's blocks. ``a`` is
+ * the panel of A [K][16], w[k] is block k laid out [contracted][out]. Four rows at a time when
+ * B % 4 == 0 (8 accumulators: 4 rows x 2 vectors); else one row with its blocks taken four at a
+ * time (B = 1, 2), again on 8 independent accumulators. B is a constant in each instance. */
+#define PANEL_LINE(B)                                                                                     \
+static void panel_line_##B(const float *a, const float *w, const int32_t *ptr, const int32_t *blk,        \
+                           const int32_t *other, int64_t line, const float *bias, float *c) {             \
+    const int32_t p0 = ptr[line], p1 = ptr[line + 1];                                                      \
+    if (B % 4 == 0) {                                                                                     \
+        for (int g = 0; g < B; g += 4) {                                                                  \
+            v8 acc[4][2];                                                                                 \
+            for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = v8_splat(bias ? bias[line * B + g + r] : 0.0f); \
+            for (int32_t p = p0; p < p1; ++p) {                                                           \
+                const float *wk = w + (int64_t)blk[p] * B * B + g;                                        \
+                const float *ak = a + (int64_t)other[p] * B * PANEL;                                      \
+                for (int kk = 0; kk < B; ++kk) {                                                          \
+                    const v8 x0 = v8_load(ak + kk * PANEL), x1 = v8_load(ak + kk * PANEL + 8);            \
+                    for (int r = 0; r < 4; ++r) {                                                         \
+                        const v8 s = v8_splat(wk[kk * B + r]);                                            \
+                        acc[r][0] += s * x0;                                                              \
+                        acc[r][1] += s * x1;                                                              \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (int r = 0; r < 4; ++r) {                                                                 \
+                v8_store(c + (line * B + g + r) * PANEL, acc[r][0]);                                      \
+                v8_store(c + (line * B + g + r) * PANEL + 8, acc[r][1]);                                  \
+            }                                                                                             \
+        }                                                                                                 \
+        return;                                                                                           \
+    }                                                                                                     \
+    for (int r = 0; r < B; ++r) {                                                                         \
+        v8 acc[4][2];                                                                                     \
+        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = v8_splat(0.0f);                               \
+        int32_t p = p0;                                                                                   \
+        for (; p + 4 <= p1; p += 4) {                                                                     \
+            if (p + 12 <= p1)  /* the panel lines two steps ahead: random L2 reads otherwise stall */     \
+                for (int u = 8; u < 12; ++u) __builtin_prefetch(a + (int64_t)other[p + u] * B * PANEL);   \
+            for (int u = 0; u < 4; ++u) {                                                                 \
+                const float *wk = w + (int64_t)blk[p + u] * B * B + r;                                    \
+                const float *ak = a + (int64_t)other[p + u] * B * PANEL;                                  \
+                for (int kk = 0; kk < B; ++kk) {                                                          \
+                    const v8 s = v8_splat(wk[kk * B]);                                                    \
+                    acc[u][0] += s * v8_load(ak + kk * PANEL);                                            \
+                    acc[u][1] += s * v8_load(ak + kk * PANEL + 8);                                        \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (; p < p1; ++p) {                                                                             \
+            const float *wk = w + (int64_t)blk[p] * B * B + r;                                            \
+            const float *ak = a + (int64_t)other[p] * B * PANEL;                                          \
+            for (int kk = 0; kk < B; ++kk) {                                                              \
+                const v8 s = v8_splat(wk[kk * B]);                                                        \
+                acc[0][0] += s * v8_load(ak + kk * PANEL);                                                \
+                acc[0][1] += s * v8_load(ak + kk * PANEL + 8);                                            \
+            }                                                                                             \
+        }                                                                                                 \
+        const v8 init = v8_splat(bias ? bias[line * B + r] : 0.0f);                                       \
+        v8_store(c + (line * B + r) * PANEL, init + ((acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0])));  \
+        v8_store(c + (line * B + r) * PANEL + 8, init + ((acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]))); \
+    }                                                                                                     \
+}
+PANEL_LINE(1)
+PANEL_LINE(2)
+PANEL_LINE(4)
+PANEL_LINE(8)
+PANEL_LINE(16)
+PANEL_LINE(32)
+PANEL_LINE(64)
+
+typedef void (*panel_line_fn)(const float *, const float *, const int32_t *, const int32_t *, const int32_t *,
+                              int64_t, const float *, float *);
+
+static panel_line_fn panel_line_for(int64_t b) {
+    switch (b) {
+        case 1: return panel_line_1;
+        case 2: return panel_line_2;
+        case 4: return panel_line_4;
+        case 8: return panel_line_8;
+        case 16: return panel_line_16;
+        case 32: return panel_line_32;
+        case 64: return panel_line_64;
+        default: return 0;
+    }
+}
+
+/* C panels [np][nlines*b][16] = A panels [np][K][16] times the blocks of each line: forward (block
+ * rows, w = V^T per block) or input gradient (block columns, w = V per block). Returns 0, or -1
+ * for an unsupported block size. */
+int bsmm_panel_lines(const float *A, int64_t np, int64_t K, const float *w, int64_t b, const int32_t *ptr,
+                     const int32_t *blk, const int32_t *other, int64_t nlines, const float *bias, float *C,
+                     int nthreads) {
+    const panel_line_fn fn = panel_line_for(b);
+    if (!fn) return -1;
+    const int64_t N = nlines * b;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < np; ++tt)
+        for (int64_t line = 0; line < nlines; ++line)
+            fn(A + tt * K * PANEL, w, ptr, blk, other, line, bias, C + tt * N * PANEL);
+    return 0;
+}
+
+/* dV[k] (+)= sum over panels [t0, t1) of G[row block]^T X[col block], G panels [np][out][16], X panels
+ * [np][in][16]: 2 x 4 entries at a time (b % 4 == 0) or 1 x 4 (b = 1, 2: four columns of a row),
+ * each on its own vector accumulator. */
+static void panel_sddmm_block(const float *G, int64_t out, const float *X, int64_t in, int64_t t0, int64_t t1,
+                              int64_t b, int64_t row, int64_t col, float *dv, int first) {
+    const int64_t R = (b % 4 == 0) ? 2 : 1;
+    for (int64_t r = 0; r < b; r += R)
+        for (int64_t c = 0; c < b; c += 4) {
+            const int64_t nc = min64(4, b - c);
+            v8 acc[2][4];
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] = v8_splat(0.0f);
+            for (int64_t tt = t0; tt < t1; ++tt) {
+                const float *g = G + (tt * out + row * b + r) * PANEL;
+                const float *x = X + (tt * in + col * b + c) * PANEL;
+                __builtin_prefetch(x + 4 * in * PANEL);
+                __builtin_prefetch(g + 4 * out * PANEL);
+                for (int h = 0; h < PANEL; h += 8) {
+                    const v8 y0 = v8_load(g + h), y1 = R == 2 ? v8_load(g + PANEL + h) : v8_splat(0.0f);
+                    for (int j = 0; j < 4; ++j) {
+                        if (j >= nc) break;
+                        const v8 xv = v8_load(x + j * PANEL + h);
+                        acc[0][j] += y0 * xv;
+                        if (R == 2) acc[1][j] += y1 * xv;
+                    }
+                }
+            }
+            for (int i = 0; i < R; ++i)
+                for (int j = 0; j < nc; ++j) {
+                    float *o = dv + (r + i) * b + c + j;
+                    *o = (first ? 0.0f : *o) + v8_sum(acc[i][j]);
+                }
+        }
+}
+
+/* The values gradient from token panels, for b = 1: the blocks of one row (consecutive in
+ * ``order``) four at a time, sharing the row's dY panel. */
+static void panel_sddmm_row1(const float *G, int64_t out, const float *X, int64_t in, int64_t t0, int64_t t1,
+                             const int32_t *rows, const int32_t *cols, const int32_t *order, int64_t k0, int64_t n,
+                             float *dv, int first) {
+    v8 acc[4][2];
+    for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = v8_splat(0.0f);
+    const int64_t row = rows[order[k0]];
+    for (int64_t tt = t0; tt < t1; ++tt) {
+        const float *g = G + (tt * out + row) * PANEL;
+        const v8 y0 = v8_load(g), y1 = v8_load(g + 8);
+        for (int u = 0; u < 4; ++u) {
+            if (u >= n) break;
+            const float *x = X + (tt * in + cols[order[k0 + u]]) * PANEL;
+            __builtin_prefetch(x + 4 * in * PANEL);  /* four panels ahead: a stride of in x 64 bytes */
+            acc[u][0] += y0 * v8_load(x);
+            acc[u][1] += y1 * v8_load(x + 8);
+        }
+    }
+    for (int u = 0; u < n; ++u) {
+        float *o = dv + order[k0 + u];
+        *o = (first ? 0.0f : *o) + v8_sum(acc[u][0] + acc[u][1]);
+    }
+}
+
+/* dV[k][i][j] = sum_t dY[t][rows[k]*b+i] X[t][cols[k]*b+j] from token panels of dY (G) and X.
+ * ``order`` lists the blocks by block row; ``row_ptr`` delimits each row's run in it. Panels go in
+ * chunks of 32 (512 tokens), whose strips stay in the last-level cache. */
+void bsmm_panel_sddmm(const float *G, int64_t out, const float *X, int64_t in, int64_t np, int64_t b,
+                      const int32_t *rows, const int32_t *cols, const int32_t *order, const int32_t *row_ptr,
+                      int64_t nrows, int64_t nblk, float *dV, int nthreads) {
+    const int64_t chunk = 32;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t c0 = 0; c0 < np; c0 += chunk) {
+        const int64_t c1 = min64(np, c0 + chunk);
+        if (b == 1) {
+#pragma omp for schedule(dynamic, 8)
+            for (int64_t row = 0; row < nrows; ++row)
+                for (int64_t k0 = row_ptr[row]; k0 < row_ptr[row + 1]; k0 += 4)
+                    panel_sddmm_row1(G, out, X, in, c0, c1, rows, cols, order, k0,
+                                     min64(4, row_ptr[row + 1] - k0), dV, c0 == 0);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t kk = 0; kk < nblk; ++kk) {
+                const int64_t k = order[kk];
+                panel_sddmm_block(G, out, X, in, c0, c1, b, rows[k], cols[k], dV + k * b * b, c0 == 0);
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------- bf16 on AMX */
 #if HAVE_X86
 #include <sys/syscall.h>
