@@ -21,16 +21,16 @@ def test_epsilon_and_break_even():
 
 
 def test_kernel_rows_table_and_break_even_from_real_timings():
-    rows = bench.bench_kernels(["medium_up"], [64], [0.5, 0.9], [16], "fp32", torch.device("cpu"), repeats=1)
+    rows = bench.bench_kernels(["medium_up"], [64], [0.5, 0.9], [1, 16], "fp32", torch.device("cpu"), repeats=1)
     methods = {r.method for r in rows}
     assert methods == {"cpu", "torch_bsr"}
     for r in rows:
         assert r.dense_ms > 0 and r.sparse_ms > 0 and r.in_features == 512 and r.out_features == 2048
         assert r.epsilon == pytest.approx(r.sparse_ms / ((1 - r.sparsity) * r.dense_ms))
     table = bench.kernel_table(rows)
-    assert table.count("\n") == 1 + 2  # header, rule, one line per (T, b, s)
+    assert table.count("\n") == 1 + 4  # header, rule, one line per (T, b, s)
     even = bench.kernel_break_even(rows)
-    assert {(e["method"], e["block_size"]) for e in even} == {("cpu", 16), ("torch_bsr", 16)}
+    assert {(e["method"], e["block_size"]) for e in even} == {(m, b) for m in ("cpu", "torch_bsr") for b in (1, 16)}
 
 
 def test_bf16_bsr_is_reported_as_not_available():
@@ -57,7 +57,7 @@ def test_cli_writes_csv_markdown_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--block-size", "8"], "--block-size must be 16, 32 or 64"),
+    (["--block-size", "3"], "--block-size must be among [1, 2, 4, 8, 16, 32, 64], got [3]"),
     (["--sparsity", "1.0"], "--sparsity values must be in [0, 1)"),
     (["--tokens", "0"], "--tokens must be positive"),
     (["--device", "cuda"], "no CUDA GPU here"),
