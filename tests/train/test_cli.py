@@ -75,7 +75,12 @@ def test_describe_names_the_kernels(capsys):
                               "--set", "training.precision=fp32")[1])
     expected = "CPU kernels" if cpu.available() else "reference op"
     assert expected in info["sparse_kernels"] and "backend auto" in info["sparse_kernels"]
-    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json")[1])
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json",
+                              "--set", "training.precision=fp32")[1])
+    expected = "CPU kernels, fp32 token panels" if cpu.available() else "reference op"
+    assert expected in info["sparse_kernels"] and "block size 1" in info["sparse_kernels"]
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json",
+                              "--set", "training.precision=bf16")[1])
     assert "reference op" in info["sparse_kernels"] and "no fast kernel covers this" in info["sparse_kernels"]
     info = json.loads(run_cli(capsys, "--config", "bert_tiny_dense", "--describe", "--json")[1])
     assert info["sparse_kernels"] is None
