@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import auto_learning_rate
+from ..rundir import RunDir
 from ..io import atomic_write_bytes
 from .runs import (
     DenseCurve,
@@ -496,7 +497,7 @@ def _match_layer(names: list[str], wanted: str) -> str:
 
 
 def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -> None:
-    from ..sparse.updater import EXPLORED_FILE, UpdaterError, load_explored
+    from ..sparse.updater import UpdaterError, load_explored
 
     runs = _require(runs, "static or DynSparse runs", "exploration", lambda r: r.mode != "dense")
     table = Table(["run", "method", "model", "sparsity", "block_size", "pattern_updates", "initial_dof",
@@ -505,7 +506,7 @@ def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -
     wanted = layer or DEFAULT_LAYER
     for run in sorted(runs, key=lambda r: (r.sparsity, r.method, r.name)):
         layer_dof = None
-        path = run.path / EXPLORED_FILE
+        path = RunDir(run.path).explored_path
         if path.is_file():
             try:
                 explored, block = load_explored(path)
@@ -870,7 +871,7 @@ def build_report(runs_dir: str | Path, figure: str | None = None, output: str | 
     runs, unfinished = load_runs(runs_dir, warn)
     if not runs:
         more = f" ({len(unfinished)} unfinished)" if unfinished else ""
-        raise ReportError(f"no finished runs (summary.json) under {runs_dir}{more}; run the sweep first")
+        raise ReportError(f"no finished runs ({RunDir.SUMMARY}) under {runs_dir}{more}; run the sweep first")
     directory = Path(output) if output else runs_dir / "report"
     try:
         directory.mkdir(parents=True, exist_ok=True)

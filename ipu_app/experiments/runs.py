@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..rundir import RunDir
 from ..train.metrics import METRICS_VERSION
 
 
@@ -89,7 +90,7 @@ class Run:
             from ..train.metrics import read_metrics
 
             try:
-                self._metrics = read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
+                self._metrics = read_metrics(self.path) if RunDir(self.path).metrics_path.is_file() else []
             except ValueError as exc:
                 raise ReportError(f"{exc}; the run's metrics are damaged") from None
         return [r for r in self._metrics if kind is None or r.get("kind") == kind]
@@ -128,17 +129,14 @@ def find_run_dirs(root: Path) -> list[Path]:
         raise ReportError(f"{root} is not a directory; give a sweep directory or a directory of run directories")
     found = []
 
-    def is_run(p: Path) -> bool:
-        return (p / "config.yaml").is_file() and ((p / "summary.json").is_file() or (p / "metrics.jsonl").is_file())
-
     def walk(p: Path, depth: int) -> None:
-        if is_run(p):
+        if RunDir(p).is_run():
             found.append(p)
             return
         if depth == 0:
             return
         for child in sorted(p.iterdir()):
-            if child.is_dir() and child.name not in ("checkpoints", "tensorboard", "model", "tokenizer", "attempts"):
+            if child.is_dir() and child.name not in (*RunDir.PARTS, "attempts"):
                 walk(child, depth - 1)
 
     walk(root, 3)
@@ -149,18 +147,19 @@ def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) ->
     """The finished runs under ``root`` and the names of unfinished ones (no ``summary.json``)."""
     runs, unfinished, old = [], [], []
     for path in find_run_dirs(root):
-        if not (path / "summary.json").is_file():
+        run = RunDir(path)
+        if not run.is_finished():
             unfinished.append(path.name)
             continue
         try:
-            summary = _read_json(path / "summary.json")
-            config = _read_yaml(path / "config.yaml")
+            summary = _read_json(run.summary_path)
+            config = _read_yaml(run.config_path)
         except ReportError as exc:  # a damaged run is left out; the others are reported
             warn(f"skipping run {path.name}: {exc}")
             continue
         missing = [k for k in REQUIRED_SUMMARY if summary.get(k) is None]
         if missing:
-            raise ReportError(f"{path / 'summary.json'} lacks {missing[0]!r}; was it written by this version?")
+            raise ReportError(f"{run.summary_path} lacks {missing[0]!r}; was it written by this version?")
         if _flag_old_validation(summary):
             old.append(path.name)
         runs.append(Run(name=path.name, path=path, config=config, summary=summary))

@@ -46,6 +46,7 @@ import yaml
 
 from ..config import CONFIG_DIR, ConfigError, RunConfig, differing_key, load_config
 from ..io import atomic_write_bytes
+from ..rundir import RunDir
 
 SPEC_KEYS = ("figure", "description", "set", "grid")
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -202,25 +203,13 @@ def _yaml_scalar(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- run directories
-def run_state(run_dir: Path) -> str:
-    """``new`` | ``finished`` | ``resumable`` (has a checkpoint) | ``partial`` (died before one)."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return "new"
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    if any((run_dir / "checkpoints").glob("step_*")):
-        return "resumable"
-    return "partial"
-
-
 def config_difference(run_dir: Path, expected: RunConfig) -> str | None:
     """The first config key where a run's saved config differs from ``expected`` (None: same)."""
-    from ..train.cli import load_run_config
-
-    if not (run_dir / "config.yaml").is_file():
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
         return None
     try:
-        saved = load_run_config(run_dir)
+        saved = run.load_config()
     except ConfigError as exc:
         return f"config.yaml ({exc})"
     found = differing_key(saved.to_dict(), expected.to_dict())
@@ -311,7 +300,7 @@ class SweepRunner:
             if self.only and run.name not in self.only:
                 continue
             run_dir = self.run_dir(run)
-            state = run_state(run_dir)
+            state = RunDir(run_dir).state()
             diff = config_difference(run_dir, run.resolve()) if state != "new" else None
             rows.append((run, "stale" if diff else state, diff))
         return rows
@@ -324,7 +313,7 @@ class SweepRunner:
         for run, state, diff in self.plan():
             attempts = previous.get(run.name, {}).get("attempts", 0)
             if state == "finished":
-                summary = json.loads((self.run_dir(run) / "summary.json").read_text())
+                summary = json.loads(RunDir(self.run_dir(run)).summary_path.read_text())
                 self.results[run.name] = RunResult(run.name, "finished", error=None, attempts=attempts,
                                                    final_val_mlm_loss=summary.get("final_val_mlm_loss"),
                                                    seconds=summary.get("wall_time_s", 0.0))
@@ -414,7 +403,7 @@ class SweepRunner:
         result = self.results[job.spec.name]
         result.rc = rc
         result.seconds = time.perf_counter() - job.started
-        summary_path = self.run_dir(job.spec) / "summary.json"
+        summary_path = RunDir(self.run_dir(job.spec)).summary_path
         if rc == 0 and summary_path.is_file():
             result.status = "finished"
             result.error = None

@@ -388,9 +388,6 @@ class PatternUpdater:
         self.update_count = int(state["update_count"])
 
 
-EXPLORED_FILE = "explored.safetensors"
-
-
 def save_explored(updater: "PatternUpdater", path) -> None:
     """Write every layer's ever-active block map (``uint8 [out/b, in/b]``, 1 = active at some point)
     to a safetensors file, atomically; the block size is in the metadata."""

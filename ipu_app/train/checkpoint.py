@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 
 from ..io import first_line
+from ..rundir import RunDir
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -38,21 +37,9 @@ class CheckpointDamaged(CheckpointError):
     """A checkpoint's files are incomplete or unreadable (an older kept one may still be good)."""
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return RunDir(run_dir).checkpoints()
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
@@ -64,8 +51,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
     from ..io import WriteError, apply_umask, write_error, write_safetensors
 
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:08d}"
+    root = RunDir(run_dir).checkpoints_dir
+    final = RunDir(run_dir).checkpoint_path(step)
     tmp = root / f".{final.name}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, from_dict, load_config, read_yaml
-from ..io import atomic_write_bytes
+from ..config import ConfigError, RunConfig, load_config
+from ..rundir import RunDir
 
 EPILOG = """examples:
   python run_pretraining.py --config bert_medium_sparse
@@ -49,79 +49,6 @@ def _check_args(args) -> None:
         raise ConfigError("--json goes with --describe")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The resolved config a run saved in ``RUN_DIR/config.yaml``."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); start it with --config")
-    raw = read_yaml(path)
-    name = raw.pop("name", "")
-    config = from_dict(raw)
-    config.name = name
-    return config.validate()
-
-
-def check_run_dir(path: Path) -> None:
-    """A new run may start in ``path``: it does not exist or is an empty directory."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output-dir {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise ConfigError(f"{path} already holds a run; continue it with --resume {path} or choose another --output-dir")
-
-
-def prepare_run_dir(path: Path) -> None:
-    """Create a new run directory; refuse one that holds anything (it would be overwritten)."""
-    check_run_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose another --output-dir") from None
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``RUN_DIR/.lock`` for as long as a process trains the run: a second
-    start or ``--resume`` of the same directory is refused in one line (the lock holder's pid in it).
-    The kernel drops the lock when the process dies, so a crash never leaves the directory locked."""
-
-    NAME = ".lock"
-
-    def __init__(self, run_dir: Path) -> None:
-        import fcntl
-        import os
-
-        self.path = run_dir / self.NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(self._fd, 64).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise ConfigError(f"{run_dir} is being trained by another process (pid {holder}); wait for it to end "
-                              "or stop it (it writes a checkpoint), then --resume") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        import os
-
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock; the file stays (removing it would race a new holder)
-            self._fd = None
-
-
-def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
-    """Empty a run directory this invocation made (it was new or empty, so nothing else is lost)."""
-    import shutil
-
-    for child in run_dir.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if created:
-        run_dir.rmdir()
 
 
 def main(argv=None) -> int:
@@ -199,11 +126,11 @@ def _main(args) -> int:
     _check_args(args)
     ctx = DistContext.from_env()  # torchrun sets RANK / WORLD_SIZE; one process otherwise
     if args.resume:
-        run_dir = Path(args.resume)
-        config = load_run_config(run_dir)
+        run = RunDir(args.resume)
+        config = run.load_config()
     else:
         config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed)
-        run_dir = Path(args.output_dir or Path("runs") / config.name)
+        run = RunDir(args.output_dir or Path("runs") / config.name)
         _adopt_data_vocabulary(config)
     config.accumulation_steps(ctx.world_size)  # batch = micro x accumulation x processes, or a clear error
     if args.describe:
@@ -219,15 +146,15 @@ def _main(args) -> int:
 
         check_ipu_config(config)
         import_poptorch()
-    if args.resume and (run_dir / "summary.json").is_file():
+    if args.resume and run.is_finished():
         if ctx.is_main:
-            print(f"{run_dir} finished already (summary.json); nothing to resume", file=sys.stderr)
+            print(f"{run} finished already ({RunDir.SUMMARY}); nothing to resume", file=sys.stderr)
         return 0
     if not args.resume:
-        check_run_dir(run_dir)  # on every rank, before any rank creates it
+        run.check_new()  # on every rank, before any rank creates it
     ctx.init(config.training.dist_timeout_s)
     try:
-        return _train(args, ctx, config, run_dir)
+        return _train(args, ctx, config, run)
     finally:
         ctx.shutdown()
 
@@ -244,37 +171,34 @@ def _adopt_data_vocabulary(config: RunConfig) -> None:
             config.data.tokenizer, config.data.vocab_size = found["tokenizer"], found["vocab_size"]
 
 
-def _train(args, ctx, config: RunConfig, run_dir: Path) -> int:
-    created = not run_dir.exists()
+def _train(args, ctx, config: RunConfig, run: RunDir) -> int:
+    created = not run.path.exists()
     ctx.barrier()  # every rank has checked the directory
     if not args.resume and ctx.is_main:
-        prepare_run_dir(run_dir)
-        atomic_write_bytes(run_dir / "config.yaml", config.to_yaml().encode())
-    lock = RunLock(run_dir) if ctx.is_main else None  # one process trains a run directory at a time
+        run.prepare()
+        run.write_config(config)
+    lock = run.lock() if ctx.is_main else None  # one process trains a run directory at a time
     ctx.barrier()
     try:
-        return _train_locked(args, ctx, config, run_dir, created)
+        return _train_locked(args, ctx, config, run, created)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(args, ctx, config: RunConfig, run_dir: Path, created: bool) -> int:
-    from .checkpoint import list_checkpoints
+def _train_locked(args, ctx, config: RunConfig, run: RunDir, created: bool) -> int:
     from .trainer import Trainer
 
+    run_dir = run.path
     resume = bool(args.resume)
-    if resume and not list_checkpoints(run_dir):
+    if resume and not run.has_checkpoint():
         # Stopped before its first checkpoint: nothing to continue, so it starts again in place.
         if ctx.is_main:
             print(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its saved config",
                   file=sys.stderr)
         resume = False
         if ctx.is_main:
-            import shutil
-
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            run.forget_progress()
     try:
         if config.backend == "ipu":
             from ..ipu.trainer import IpuTrainer, import_popdist
@@ -285,7 +209,7 @@ def _train_locked(args, ctx, config: RunConfig, run_dir: Path, created: bool) ->
             trainer = Trainer(config, run_dir, resume=resume, progress=not args.no_progress, dist=ctx)
     except BaseException:
         if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
-            _remove_new_run_dir(run_dir, created)
+            run.remove_new(created)
         raise
     summary = trainer.train()
     if not ctx.is_main:

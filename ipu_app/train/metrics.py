@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from ..io import atomic_write_bytes
+from ..rundir import RunDir
 
 
 # summary.json's "metrics_version". 2: validation NSP loss and MLM accuracy read by name (version 1
@@ -56,7 +57,7 @@ def _parse_lines(path: Path) -> list[tuple[int, str, dict | None]]:
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_path
         if resume_step is not None and self.path.exists():
             kept = []
             for number, line, record in _parse_lines(self.path):
@@ -77,7 +78,7 @@ class MetricsLogger:
                 # purge_step drops the events at and after it: those after the checkpoint's step, which
                 # the resumed run writes again (the checkpoint's own step is kept).
                 purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+                self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard_dir), purge_step=purge)
 
     def log(self, kind: str, step: int, **values) -> dict:
         record = {"kind": kind, "step": step, **values}
@@ -108,7 +109,7 @@ class NullLogger:
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` when given); a damaged line is a
     one-line ValueError naming it, except a cut-off last line (a crash mid-write), which is left out."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_path
     records = []
     for number, _, record in _parse_lines(path):
         if record is None:

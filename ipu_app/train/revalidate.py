@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..rundir import RunDir
 from .metrics import METRICS_VERSION
 
 VALIDATION_KEYS = ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy", "final_val_sequences")
@@ -27,24 +27,23 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
     from ..config import ConfigError
     from ..data.loader import MaskingConfig, validation_batches
     from ..model.bert import SparseBertForPreTraining
-    from .cli import load_run_config
     from .precision import resolve_precision
     from .trainer import _json, evaluate_batches, resolve_data_dir
 
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise ConfigError(f"{run_dir} is not a finished run (no summary.json); finish it with "
-                          f"python run_pretraining.py --resume {run_dir}")
+    run = RunDir(run_dir)
+    summary_path = run.summary_path
+    if not run.is_finished():
+        raise ConfigError(f"{run} is not a finished run (no {RunDir.SUMMARY}); finish it with "
+                          f"python run_pretraining.py --resume {run}")
     try:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{summary_path} is damaged ({exc.msg})") from None
     if int(summary.get("metrics_version", 1)) >= METRICS_VERSION and not force:
         return None
-    config = load_run_config(run_dir)
+    config = run.load_config()
     try:
-        model = SparseBertForPreTraining.load(run_dir / "model").eval()
+        model = SparseBertForPreTraining.load(run.model_dir).eval()
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     d = config.data
@@ -60,7 +59,7 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
     history = summary.get("revalidated", [])
     summary.update(new, metrics_version=METRICS_VERSION,
                    revalidated=[*history, {"previous": previous, "precision": precision.name}])
-    atomic_write_bytes(summary_path, (_json(summary) + "\n").encode())  # as the trainer writes it
+    run.write_summary(_json(summary) + "\n")  # as the trainer writes it
     return new
 
 

@@ -34,14 +34,15 @@ from ..data.corpus import CorpusError
 from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
                            static_batch, validation_batches)
 from ..data.tokenizer import file_sha256
-from ..io import atomic_write_bytes, first_line
+from ..io import first_line
 from ..machine import cpu_identity, machine_key
 from ..model.bert import SparseBertForPreTraining
 from ..model.sparse_linear import sparse_linears
 from ..seeding import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
-from ..sparse.updater import EXPLORED_FILE, PRG_WARN, PatternUpdater, save_explored
+from ..rundir import RunDir
+from ..sparse.updater import PRG_WARN, PatternUpdater, save_explored
 from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
@@ -118,7 +119,8 @@ class Trainer:
                  device: str | torch.device | None = None, tensorboard: bool = True,
                  dist: DistContext = DistContext()) -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.path
         self.dist = dist
         self.progress = progress and dist.is_main
         self.device = torch.device(device) if device else dist.device()
@@ -587,11 +589,11 @@ class Trainer:
             from ..data.tokenizer import copy_tokenizer
 
             try:
-                self.model.save(self.run_dir / "model")
+                self.model.save(self.run.model_dir)
                 if self.updater is not None:
-                    save_explored(self.updater, self.run_dir / EXPLORED_FILE)
-                copy_tokenizer(self.data_dir / "tokenizer", self.run_dir / "tokenizer")
-                atomic_write_bytes(self.run_dir / "summary.json", (_json(summary) + "\n").encode())
+                    save_explored(self.updater, self.run.explored_path)
+                copy_tokenizer(self.data_dir / "tokenizer", self.run.tokenizer_dir)
+                self.run.write_summary(_json(summary) + "\n")
             except OSError as exc:  # summary.json comes last: without it the run resumes and writes again
                 raise CheckpointError(f"{exc}; the final checkpoint (step {self.step}) is in place: free space and "
                                       f"write the outputs with python run_pretraining.py --resume {self.run_dir}"

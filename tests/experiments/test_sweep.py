@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from ipu_app.__main__ import main as app_main
-from ipu_app.experiments.sweep import SweepError, SweepRunner, load_sweep, run_state
+from ipu_app.experiments.sweep import SweepError, SweepRunner, load_sweep
+from ipu_app.rundir import RunDir
 
 SHIPPED = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "sweeps").glob("*.yaml"))
 
@@ -127,7 +128,7 @@ def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsy
     # A run that died before its first checkpoint is set aside and restarted; one with a checkpoint resumes.
     sparse = out / "runs" / "bert_tiny_sparse"
     (sparse / "summary.json").unlink()
-    assert run_state(sparse) == "resumable"
+    assert RunDir(sparse).state() == "resumable"
     runner = SweepRunner(load_sweep(spec), out, only=["bert_tiny_sparse"], echo=lambda m: None)
     assert runner.plan()[0][1] == "resumable"
     results = runner.run()
@@ -151,7 +152,7 @@ def test_partial_run_is_set_aside(tmp_path):
     partial = out / "runs" / "bert_tiny_dense"
     partial.mkdir(parents=True)
     (partial / "metrics.jsonl").write_text("")
-    assert run_state(partial) == "partial"
+    assert RunDir(partial).state() == "partial"
     runner = SweepRunner(load_sweep(spec), out, echo=lambda m: None)
     runner._execute = lambda queue: None  # plan and set aside only; train nothing
     runner.run()
@@ -198,7 +199,7 @@ def test_ctrl_c_checkpoints_and_the_next_start_resumes(tmp_path, data_dir):
     assert "stopped bert_tiny_dense (checkpointed" in output
     status = json.loads((out / "status.json").read_text())["runs"]["bert_tiny_dense"]
     assert status["status"] == "interrupted"
-    assert run_state(out / "runs" / "bert_tiny_dense") == "resumable"
+    assert RunDir(out / "runs" / "bert_tiny_dense").state() == "resumable"
     # The next start resumes from the checkpoint the signal wrote (shortened so the test is quick).
     runner = SweepRunner(load_sweep(spec), out, echo=lambda m: None)
     assert runner.plan()[0][1] == "resumable"

@@ -246,7 +246,7 @@ def test_a_tokenizer_that_does_not_match_the_shards_is_one_line(capsys, tmp_path
 
 
 def test_a_run_directory_in_use_is_refused(capsys, tmp_path, data_dir):
-    from ipu_app.train.cli import RunLock
+    from ipu_app.rundir import RunLock
 
     run = tmp_path / "run"
     assert run_cli(capsys, *small_run_args(data_dir, run, steps=4))[0] == 0
