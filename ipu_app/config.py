@@ -22,16 +22,13 @@ from typing import Any
 
 import yaml
 
-from .choices import (BACKEND_NAMES, BLOCK_METRICS, FREEZE_MODES, PRUNING_SCHEDULES, REGROWTH_RULES,
-                      SUPPORTED_BLOCK_SIZES, VALUE_INITS)
-from .model.sizes import MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
+from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FREEZE_MODES, INACTIVE_MODES, PRECISIONS,
+                      PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES, SUPPORTED_BLOCK_SIZES, VALUE_INITS)
+from .model.sizes import MODEL_SIZES, SPARSE_MODULES
 from .sparse.flops import non_embedding_params
 
 # In the checkout a link to the top-level configs/; in an installed wheel the copy it carries.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BIAS_CORRECTIONS = ("global", "per_slot")
-INACTIVE = ("zero", "frozen")
 
 
 class ConfigError(ValueError):
@@ -263,7 +260,7 @@ class RunConfig:
         _choice("sparsity.regrowth", s.regrowth, REGROWTH_RULES)
         _choice("sparsity.block_metric", s.block_metric, BLOCK_METRICS)
         _choice("sparsity.init", s.init, VALUE_INITS)
-        _choice("sparsity.inactive", s.inactive, INACTIVE)
+        _choice("sparsity.inactive", s.inactive, INACTIVE_MODES)
         _choice("training.precision", t.precision, PRECISIONS)
         for module in s.modules:
             _choice("sparsity.modules entry", module, SPARSE_MODULES)

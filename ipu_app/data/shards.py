@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -117,12 +117,6 @@ def stream_shards(documents: Iterable[Document], tok_hash: str, documents_per_sh
     for split in SPLITS:
         if open_docs[split]:
             yield close(split)
-
-
-def plan_shards(documents: Sequence[Document], tok_hash: str, documents_per_shard: int,
-                shard_bytes: int = SHARD_BYTES) -> list[ShardPlan]:
-    """All shard plans of a list of documents (see ``stream_shards``)."""
-    return list(stream_shards(documents, tok_hash, documents_per_shard, shard_bytes))
 
 
 def _shard_finished(directory: Path, plan: ShardPlan) -> dict | None:

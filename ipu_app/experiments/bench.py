@@ -341,11 +341,11 @@ def sparse_linear_seconds(trainer) -> float:
     """Seconds per optimizer step spent in the sparse linears' forward and backward: each layer's op
     timed alone on inputs of the shape it sees in training (micro-batch tokens x in_features, once
     per micro-batch)."""
-    from ..model.sparse_linear import sparse_linears
+    from ..sparse.layer import sparse_weights
 
     tokens = trainer.config.micro_batch_size * trainer.config.data.seq_len
     dtype, fns = trainer.precision.dtype, {}
-    for i, (_, layer) in enumerate(sparse_linears(trainer.model)):
+    for i, (_, layer) in enumerate(sparse_weights(trainer.model)):
         x = torch.randn(tokens, layer.in_features, device=trainer.device, dtype=dtype, requires_grad=True)
         values = layer.values.detach().clone().requires_grad_(True)  # the parameter's dtype, as in training
         gy = torch.randn(tokens, layer.out_features, device=trainer.device, dtype=dtype)

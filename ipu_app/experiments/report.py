@@ -37,7 +37,7 @@ from .runs import (
 )
 
 DEFAULT_LAYER = "bert.encoder.layer.1.intermediate.dense"  # "Boom-up" of the second block (Fig. 11)
-METHOD_LABELS = {"dense": "dense", "static": "static", "random": "DynSparse", "rigl": "DynSparse (RigL)"}
+METHOD_LABELS = {"dense": "dense", "static": "static", "random": "DynSparse", "gradient": "DynSparse (RigL)"}
 
 
 # ------------------------------------------------------------------------------------ tables

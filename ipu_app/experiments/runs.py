@@ -80,10 +80,10 @@ class Run:
 
     @property
     def method(self) -> str:
-        """``dense``, ``static``, ``random`` or ``rigl`` (DynSparse regrowth)."""
+        """``dense``, ``static``, or DynSparse's regrowth rule: ``random`` or ``gradient`` (RigL)."""
         if self.mode != "dynamic":
             return self.mode
-        return "rigl" if self.get("sparsity.regrowth") == "gradient" else "random"
+        return str(self.get("sparsity.regrowth", "random"))
 
     def metrics(self, kind: str | None = None) -> list[dict]:
         if self._metrics is None:

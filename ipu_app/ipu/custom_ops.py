@@ -149,10 +149,10 @@ class PopsparseLayers:
     """
 
     def __init__(self, model, poptorch, tokens: int, options: dict, half: bool, library=None) -> None:
-        from ..model.sparse_linear import sparse_linears
+        from ..sparse.layer import sparse_weights
 
         self.poptorch = poptorch
-        self.layers = sparse_linears(model)
+        self.layers = sparse_weights(model)
         self.hosts = {}  # id(layer) -> its DynSparseHost
         for name, layer in self.layers:
             if layer.frozen is not None:
@@ -221,11 +221,11 @@ class StaticPopsparseLayers:
     def __init__(self, model, poptorch, tokens: int, dtype: str) -> None:
         import torch
 
-        from ..model.sparse_linear import sparse_linears
+        from ..sparse.layer import sparse_weights
         from .popsparse import static_bsmatmul
 
         self.poptorch = poptorch
-        self.layers = sparse_linears(model)
+        self.layers = sparse_weights(model)
         self.attributes = {}
         for name, layer in self.layers:
             if layer.frozen is not None:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..model.sparse_linear import sparse_linears
+from ..sparse.layer import sparse_weights
 from ..sparse.updater import PatternUpdater, UpdateStats
 
 MOMENT_PREFIXES = ("Accl1___", "Accl2___")  # PopART names of the first and second moments
@@ -43,7 +43,7 @@ def pattern_buffer_names(model: nn.Module, prefix: str = "") -> list[str]:
     """The ``named_buffers()`` names a pattern update rewrites (for ``updatableNamedBuffers``);
     ``prefix`` is the model's name inside the module the executor wraps (e.g. ``model.``)."""
     names = []
-    for layer_name, layer in sparse_linears(model):
+    for layer_name, layer in sparse_weights(model):
         for buffer in PATTERN_BUFFERS:
             if getattr(layer, buffer, None) is not None:
                 names.append(f"{prefix}{layer_name}.{buffer}")
@@ -79,7 +79,7 @@ class IpuPatternSync:
     def moment_keys(self, ipu_state: dict) -> dict[str, list[str]]:
         """Per sparse layer, the PopART names of its values' moments present in ``ipu_state``."""
         keys = {}
-        for name, _ in sparse_linears(self.model):
+        for name, _ in sparse_weights(self.model):
             wanted = [f"{moment}{self.prefix}{name}.values" for moment in MOMENT_PREFIXES]
             found = [k for k in wanted if k in ipu_state]
             if not found:
@@ -93,7 +93,7 @@ class IpuPatternSync:
     def _edit(self, step: int, ipu_state: dict) -> UpdateStats:
         keys = self.moment_keys(ipu_state)
         view = {}
-        for name, layer in sparse_linears(self.model):
+        for name, layer in sparse_weights(self.model):
             moments = {k: ipu_state[k] for k in keys[name]}
             for key, tensor in moments.items():
                 if tuple(tensor.shape) != tuple(layer.values.shape):

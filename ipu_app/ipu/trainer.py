@@ -204,16 +204,16 @@ class IpuTrainer(Trainer):
 
     # ------------------------------------------------------- validation, checkpoints
     @torch.no_grad()
-    def validate(self, final: bool = False) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
         self.executor.copyWeightsToHost()
         if not self.dist.is_main:  # instance 0 validates on the whole set; the others go on
             nan = float("nan")
             return {"mlm_loss": nan, "mlm_accuracy": nan, "nsp_loss": nan, "sequences": 0}
         if not self.half:
-            return super().validate(final)
+            return super().evaluate(final)
         device_model, self.model = self.model, copy.deepcopy(self.model).float()
         try:
-            return super().validate(final)
+            return super().evaluate(final)
         finally:
             self.model = device_model
 

@@ -23,8 +23,10 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrain
 from ..io import atomic_write_bytes, first_line, write_safetensors
 from ..sparse.init import DEFAULT_INIT_STD
 from .mlm_loss import mlm_loss_and_correct, padded_mlm_loss
-from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES, SPARSITY_MODES
-from .sparse_linear import SparseLinear, sparse_linears, sparsify_
+from ..choices import SPARSITY_MODES
+from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES
+from ..sparse.layer import sparse_weights
+from .sparse_linear import SparseLinear, sparsify_
 
 @dataclass
 class ModelConfig:
@@ -132,7 +134,7 @@ class SparseBertForPreTraining(nn.Module):
                 backend=config.backend,
             )
             if initialize:
-                for _, layer in sparse_linears(self):
+                for _, layer in sparse_weights(self):
                     _reinit_sparse(layer, config)
 
     def forward(

@@ -19,7 +19,8 @@ import torch
 from ..io import apply_umask, write_safetensors
 from ..rundir import RunDir
 from .bert import ModelConfig, SparseBertForPreTraining
-from .sparse_linear import densify_, sparse_linears
+from ..sparse.layer import sparse_weights
+from .sparse_linear import densify_
 
 SIDECAR = "sparsity.json"
 PATTERNS = "sparsity_patterns.safetensors"
@@ -38,7 +39,7 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ExportError(f"{output_dir} is not empty; choose a new output directory (nothing was overwritten)")
     dense = copy.deepcopy(model).cpu().float()
-    layers = sparse_linears(dense)
+    layers = sparse_weights(dense)
     sidecar = {
         "format_version": 1,
         "sparsity_mode": model.config.sparsity_mode,
@@ -103,7 +104,7 @@ def load_sparse_export(directory: str | Path) -> SparseBertForPreTraining:
     model = SparseBertForPreTraining(config)
     hf = (BertForPreTraining if config.nsp else BertForMaskedLM).from_pretrained(str(directory))
     patterns = load_file(str(directory / PATTERNS)) if (directory / PATTERNS).is_file() else {}
-    layers = dict(sparse_linears(model))
+    layers = dict(sparse_weights(model))
     with torch.no_grad():
         for name, layer in layers.items():
             layer.block_rows.copy_(patterns[f"{name}.block_rows"])

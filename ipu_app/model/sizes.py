@@ -19,4 +19,3 @@ SPARSE_MODULES: dict[str, str] = {
     "ffn_up": "intermediate.dense",
     "ffn_down": "output.dense",
 }
-SPARSITY_MODES = ("dense", "static", "dynamic")

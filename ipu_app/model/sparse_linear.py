@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..choices import INACTIVE_MODES
 from ..sparse.init import DEFAULT_INIT_STD, init_values_, random_pattern
+from ..sparse.layer import sparse_weights
 from ..sparse.pattern import BlockPattern, PatternError, nnz_blocks
 from ..sparse.scoring import dense_block_norms, largest
 
-INACTIVE_MODES = ("zero", "frozen")
 
 
 class SparseLinear(nn.Module):
@@ -195,11 +196,6 @@ class SparseLinear(nn.Module):
         )
 
 
-def sparse_linears(model: nn.Module) -> list[tuple[str, SparseLinear]]:
-    """Every SparseLinear of a model with its qualified name, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
-
-
 
 def sparsify_(
     model: nn.Module,
@@ -231,7 +227,7 @@ def sparsify_(
 
 def densify_(model: nn.Module) -> list[str]:
     """Replace every SparseLinear by its dense ``nn.Linear`` (e.g. to unfreeze a frozen subset)."""
-    names = [n for n, _ in sparse_linears(model)]
+    names = [n for n, _ in sparse_weights(model)]
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).to_linear())
     return names

@@ -1,7 +1,7 @@
-"""Decoupled regularisers on the active (stored) values of sparse weights.
+"""Decoupled group lasso on the active (stored) values of sparse weights (weight decay is AdamW's).
 
-Both act on ``values`` only, so inactive positions and frozen weights are never
-touched. Apply them right after the optimizer step with the step's learning rate.
+It acts on ``values`` only, so inactive positions and frozen weights are never
+touched. Apply it right after the optimizer step with the step's learning rate.
 
 Group lasso convention (paper Eq. 2):
 ``W <- W - lr * lambda * w_std * sqrt(B) * W / sqrt(sum_block W^2 + eps)``
@@ -38,9 +38,3 @@ def group_lasso_penalty(values: torch.Tensor, w_std: float = 0.02) -> float:
     return float(values.detach().float().pow(2).sum(dim=(1, 2)).sqrt().sum()) * w_std * b
 
 
-@torch.no_grad()
-def weight_decay_(values: torch.Tensor, lr: float, coefficient: float) -> torch.Tensor:
-    """One decoupled weight-decay step (Loshchilov & Hutter), in place: ``W <- W (1 - lr * lambda)``."""
-    if coefficient != 0.0 and lr != 0.0:
-        values.mul_(1.0 - lr * coefficient)
-    return values

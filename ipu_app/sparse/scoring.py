@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..choices import BLOCK_METRICS, REGROWTH_RULES
+from ..choices import BLOCK_METRICS
 from .pattern import blockify
 
 

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..choices import BLOCK_METRICS, PATTERN_MODES, PRUNING_SCHEDULES, REGROWTH_RULES
 from ..seeding import seeded_generator
 from .layer import SparseWeight, sparse_weights
 from .pattern import blockify
-from .schedule import PRUNING_SCHEDULES, UpdateSchedule, pruning_ratio_at
+from .schedule import UpdateSchedule, pruning_ratio_at
 from .scoring import (
-    BLOCK_METRICS,
-    REGROWTH_RULES,
     block_norms,
     dense_block_norms,
     num_to_prune,
@@ -31,7 +30,6 @@ from .scoring import (
     select_regrow_random,
 )
 
-SPARSITY_MODES = ("static", "dynamic")
 # Mean pruned_recently_grown above this at two updates in a row: the schedule is unsound (the trainer
 # warns). Age-blind pruning would give ~pr(t) (<= 0.5 at the paper's pr); near 1, regrown blocks
 # are always the ones pruned next.
@@ -146,7 +144,7 @@ class PatternUpdater:
         grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         for option, value, allowed in (
-            ("mode", mode, SPARSITY_MODES),
+            ("mode", mode, PATTERN_MODES),
             ("pruning_schedule", pruning_schedule, PRUNING_SCHEDULES),
             ("regrowth", regrowth, REGROWTH_RULES),
             ("block_metric", block_metric, BLOCK_METRICS),

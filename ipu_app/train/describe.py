@@ -231,7 +231,7 @@ def format_description(info: dict) -> str:
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
         "log / validate / checkpoint      every {log_every} / {validate_every} / {checkpoint_every} steps".format(
             **info["intervals"]),
-        *([f"--steps rescaled                 " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+        *(["--steps rescaled                 " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
                                                          info["adjusted_by_steps"].items())]
           if info.get("adjusted_by_steps") else []),
         f"validation sequences             {_validation_text(info['validation'])}",

@@ -103,7 +103,7 @@ class DistContext:
 
 
 def pattern_digests(layers) -> list[str]:
-    """One hash per SparseLinear of its block coordinates (``[(name, module)]`` as sparse_linears gives)."""
+    """One hash per SparseLinear of its block coordinates (``[(name, module)]`` as sparse_weights gives)."""
     digests = []
     for _, module in layers:
         h = hashlib.sha256()

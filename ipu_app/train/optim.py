@@ -20,9 +20,9 @@ def parameter_groups(model: nn.Module, weight_decay: float, sparse_weight_decay:
                      per_slot_steps: bool = False) -> list[dict]:
     """Decayed weights, the sparse encoder ``values`` (their own decay; optionally per-slot bias
     correction) and the undecayed biases / LayerNorm parameters."""
-    from ..model.sparse_linear import sparse_linears
+    from ..sparse.layer import sparse_weights
 
-    sparse_ids = {id(layer.values) for _, layer in sparse_linears(model)}
+    sparse_ids = {id(layer.values) for _, layer in sparse_weights(model)}
     decay, sparse, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

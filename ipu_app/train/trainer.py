@@ -37,7 +37,7 @@ from ..data.tokenizer import file_sha256
 from ..io import first_line
 from ..machine import cpu_identity, machine_key
 from ..model.bert import SparseBertForPreTraining
-from ..model.sparse_linear import sparse_linears
+from ..sparse.layer import sparse_weights
 from ..seeding import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
@@ -202,7 +202,7 @@ class Trainer:
                 pruning_schedule=s.pruning_schedule, regrowth=s.regrowth, block_metric=s.block_metric,
                 seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
             )
-        self.sparse_layers = sparse_linears(self.model)
+        self.sparse_layers = sparse_weights(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
         self.kernel_line = kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
         self.freezer = None
@@ -299,7 +299,7 @@ class Trainer:
         t = self.config.training
         # Validation sees the model the phase trained, before an update prunes it.
         if step % t.validate_every == 0 and step < self.total_steps:
-            self.validate()
+            self.evaluate()
         if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
             if self._last_step_finite:
                 stats = self.update_pattern(step)
@@ -480,7 +480,7 @@ class Trainer:
         self.window = _Window()
 
     # ============================================================== validation
-    def validate(self, final: bool = False) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
         """MLM loss, NSP loss and MLM accuracy on the fixed validation set (``evaluate_batches``)."""
         self.model.eval()
         if final and not self.progress and self.dist.is_main:
@@ -581,7 +581,7 @@ class Trainer:
     # ================================================================== finish
     def _finish(self) -> dict:
         self._wall_start = time.perf_counter()  # the final validation and checkpoint count as wall time
-        val = self.validate(final=True)
+        val = self.evaluate(final=True)
         self.save_checkpoint()
         self._count_wall_time()
         summary = self.summary(val)

@@ -5,7 +5,7 @@ import torch
 
 from ipu_app.ipu.phase import IpuPatternSync, IpuStateError, pattern_buffer_names
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import PatternUpdater
 
@@ -65,7 +65,7 @@ def test_update_step_pulls_updates_and_pushes_without_shape_changes():
     optimizer = FakePoptorchAdamW(model, log)
     executor = Recorder(log, "executor")
     sync = IpuPatternSync(executor, optimizer, updater_for(model, None), model)
-    assert sync.buffer_names == [f"{n}.{b}" for n, _ in sparse_linears(model) for b in ("block_rows", "block_cols")]
+    assert sync.buffer_names == [f"{n}.{b}" for n, _ in sparse_weights(model) for b in ("block_rows", "block_cols")]
     assert len(sync.buffer_names) == 2 * 6 * 2
 
     # The same update on the CPU path, for comparison.
@@ -86,7 +86,7 @@ def test_update_step_pulls_updates_and_pushes_without_shape_changes():
     assert stats.pruned == ref_stats.pruned > 0
     assert {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]} == shapes
     state = optimizer.loaded["ipu_state"]
-    for (name, layer), (_, ref_layer) in zip(sparse_linears(model), sparse_linears(reference)):
+    for (name, layer), (_, ref_layer) in zip(sparse_weights(model), sparse_weights(reference)):
         assert torch.equal(layer.block_rows, ref_layer.block_rows) and torch.equal(layer.block_cols, ref_layer.block_cols)
         assert torch.equal(layer.values, ref_layer.values)
         ref_state = ref_opt.state[ref_layer.values]
@@ -110,7 +110,7 @@ def test_rigl_computes_dense_gradients_on_the_host():
     seen = []
 
     def dense_gradient(m, step):
-        seen.append((step, all(layer.record_dense_grad for _, layer in sparse_linears(m))))
+        seen.append((step, all(layer.record_dense_grad for _, layer in sparse_weights(m))))
         m(**batch()).loss.backward()
 
     sync = IpuPatternSync(Recorder(log, "executor"), optimizer, updater_for(model, None, regrowth="gradient"), model,
@@ -126,7 +126,7 @@ def test_state_that_is_not_this_models_is_refused():
     model = tiny_model()
     log = []
     optimizer = FakePoptorchAdamW(model, log)
-    name = sparse_linears(model)[0][0]
+    name = sparse_weights(model)[0][0]
     optimizer.ipu_state[f"Accl1___{name}.values"] = torch.zeros(3)
     sync = IpuPatternSync(Recorder(log, "executor"), optimizer, updater_for(model, None), model)
     with pytest.raises(IpuStateError, match=r"has shape \(3,\)"):

@@ -5,7 +5,7 @@ from ipu_app.config import ConfigError, load_config
 from ipu_app.data.loader import static_batch
 from ipu_app.ipu.model import IpuPretrainingModel
 from ipu_app.ipu.trainer import IpuTrainer, check_ipu_config
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer
 
@@ -131,7 +131,7 @@ def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
 
     cpu, ipu, sim, trainer = cpu_and_ipu(data_dir, tmp_path, "bert_tiny_sparse", ("sparsity.block_size=4",),
                                          ("ipu.sparse_op=popsparse",), popsparse_library=FakeLibrary())
-    layer = sparse_linears(trainer.model)[0][1]
+    layer = sparse_weights(trainer.model)[0][1]
     assert layer.popsparse_metainfo.dtype == torch.float16 and layer.popsparse_nz_index.dtype == torch.int32
     updatable = trainer.executor.options.updatable
     assert sum(n.endswith("popsparse_metainfo") for n in updatable) == 12
@@ -140,7 +140,7 @@ def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
     fresh = IpuTrainer(small(data_dir, "bert_tiny_sparse", "sparsity.block_size=4", "backend=ipu",
                              "ipu.sparse_op=popsparse"), tmp_path / "fresh", poptorch=SimPoptorch(),
                        popsparse_library=FakeLibrary(), progress=False, tensorboard=False)
-    before = sparse_linears(fresh.model)[0][1].popsparse_nz_index
+    before = sparse_weights(fresh.model)[0][1].popsparse_nz_index
     names = [entry[0] for entry in sim.log]
     assert names.count("custom_op") == 12 * 2 * 6  # every sparse layer, every micro-batch, every step
     assert not torch.equal(layer.popsparse_nz_index, before)  # re-derived after the pattern updates

@@ -4,7 +4,8 @@ from transformers import BertForPreTraining
 from transformers.utils import logging
 
 from ipu_app.model.bert import MODEL_SIZES, SPARSE_MODULES, ModelConfig, SparseBertForPreTraining
-from ipu_app.model.sparse_linear import SparseLinear, sparse_linears
+from ipu_app.model.sparse_linear import SparseLinear
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.flops import non_embedding_params
 
 logging.set_verbosity_error()
@@ -49,7 +50,7 @@ def test_sizes_and_sparse_modules(size):
     assert hf_config.hidden_dropout_prob == (0.1 if size in ("medium", "base") else 0.0)
     if size in ("tiny", "mini"):
         model = SparseBertForPreTraining(config)
-        sparse = sparse_linears(model)
+        sparse = sparse_weights(model)
         assert len(sparse) == 6 * layers
         suffixes = {name.split(".", 4)[-1] for name, _ in sparse}
         assert suffixes == set(SPARSE_MODULES.values())
@@ -62,7 +63,7 @@ def test_sizes_and_sparse_modules(size):
 
 def test_choose_sparse_modules_and_no_nsp():
     model = SparseBertForPreTraining(ModelConfig(size="tiny", sparse_modules=["ffn_up", "ffn_down"], nsp=False))
-    names = [n for n, _ in sparse_linears(model)]
+    names = [n for n, _ in sparse_weights(model)]
     # ffn_down is layer.N.output.dense, not layer.N.attention.output.dense (which stays dense)
     assert sorted(names) == [f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in ("intermediate.dense", "output.dense")]
     assert type(model.bert.encoder.layer[0].attention.output.dense) is torch.nn.Linear
@@ -105,6 +106,6 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = SparseBertForPreTraining.load(tmp_path / "m").eval()
     ids, types, attention, labels, nsp = batch()
     torch.testing.assert_close(model(ids, types, attention, labels, nsp).loss, loaded(ids, types, attention, labels, nsp).loss)
-    assert all(a.pattern.equal(b.pattern) for (_, a), (_, b) in zip(sparse_linears(model), sparse_linears(loaded)))
+    assert all(a.pattern.equal(b.pattern) for (_, a), (_, b) in zip(sparse_weights(model), sparse_weights(loaded)))
     with pytest.raises(FileNotFoundError, match="model_config.json is missing"):
         SparseBertForPreTraining.load(tmp_path)

@@ -9,7 +9,7 @@ from ipu_app.__main__ import main
 from ipu_app.data.tokenizer import build_standard_tokenizer
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
 from ipu_app.model.export import ExportError, export_hf, load_sparse_export
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 
 logging.set_verbosity_error()
 
@@ -54,11 +54,11 @@ def test_sidecar_rebuilds_the_sparse_model(trained_run, tmp_path):
     _, model = trained_run
     export_hf(model, tmp_path / "hf")
     sidecar = json.loads((tmp_path / "hf" / "sparsity.json").read_text())
-    layers = sparse_linears(model)
+    layers = sparse_weights(model)
     assert [entry["weight"] for entry in sidecar["layers"]] == [f"{n}.weight" for n, _ in layers]
     assert sidecar["block_size"] == 4 and sidecar["layers"][0]["nnz_blocks"] == layers[0][1].nnz
     rebuilt = load_sparse_export(tmp_path / "hf")
-    for (_, a), (_, b) in zip(layers, sparse_linears(rebuilt)):
+    for (_, a), (_, b) in zip(layers, sparse_weights(rebuilt)):
         assert a.pattern.equal(b.pattern) and torch.equal(a.values, b.values)
 
 

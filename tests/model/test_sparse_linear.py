@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_app.model.sparse_linear import SparseLinear, densify_, sparse_linears, sparsify_
+from ipu_app.model.sparse_linear import SparseLinear, densify_, sparsify_
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.seeding import seeded_generator
 from ipu_app.sparse.pattern import PatternError
 
@@ -87,7 +88,7 @@ def test_sparsify_and_densify_a_model():
     names = sparsify_(model, lambda name, m: m.out_features != 2, sparsity=0.75, block_size=4, seed=3,
                       inactive="frozen")
     assert names == ["0", "2"]
-    layers = sparse_linears(model)
+    layers = sparse_weights(model)
     assert [n for n, _ in layers] == names and type(model[3]) is nn.Linear
     assert all(m.sparsity == pytest.approx(0.75) for _, m in layers)
     # layer i draws its pattern from generator (seed, i)

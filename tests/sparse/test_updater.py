@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from ipu_app.model.sparse_linear import SparseLinear, sparse_linears
+from ipu_app.model.sparse_linear import SparseLinear
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse import scoring
 from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import PatternInvariantError, PatternUpdater, UpdaterError
@@ -58,7 +59,7 @@ def test_update_surgery_with_optimizers(name, b):
     model = make_model(b=b)
     optimizer = OPTIMIZERS[name](model.parameters())
     train_steps(model, optimizer)
-    layers = sparse_linears(model)
+    layers = sparse_weights(model)
     before = [(m.pattern.clone(), m.to_dense(), {k: dense_state(m, v) for k, v in slot_state(optimizer, m).items()})
               for _, m in layers]
     updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5,
@@ -98,11 +99,11 @@ def test_unsupported_optimizer_state_is_a_clear_error_and_changes_nothing():
     model = make_model()
     optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
     train_steps(model, optimizer, n=1)
-    before = [m.pattern.clone() for _, m in sparse_linears(model)]
+    before = [m.pattern.clone() for _, m in sparse_weights(model)]
     updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2))
     with pytest.raises(UpdaterError, match="'row_var'.*Adafactor is not supported"):
         updater.update(5)
-    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_linears(model), before))
+    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_weights(model), before))
 
 
 def test_same_seed_same_patterns_across_processes_and_devices():
@@ -112,11 +113,11 @@ def test_same_seed_same_patterns_across_processes_and_devices():
         updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), seed=5)
         for step in updater.schedule.steps[:3]:
             updater.step(step)
-        runs.append([m.pattern for _, m in sparse_linears(model)])
+        runs.append([m.pattern for _, m in sparse_weights(model)])
     assert all(a.equal(b) for a, b in zip(*runs))
     other = make_model(seed=1)
     PatternUpdater(other, None, UpdateSchedule.evenly_spaced(100, 10), seed=6).update(10)
-    assert not all(a.equal(m.pattern) for a, (_, m) in zip(runs[0], sparse_linears(other)))
+    assert not all(a.equal(m.pattern) for a, (_, m) in zip(runs[0], sparse_weights(other)))
 
 
 def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
@@ -137,10 +138,10 @@ def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
 
 def test_static_mode_never_updates():
     model = make_model()
-    before = [m.pattern.clone() for _, m in sparse_linears(model)]
+    before = [m.pattern.clone() for _, m in sparse_weights(model)]
     updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), mode="static")
     assert all(updater.step(t) is None for t in range(1, 100))
-    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_linears(model), before))
+    assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_weights(model), before))
     assert updater.mean_explored_dof() == pytest.approx(model[0].pattern.density)
     with pytest.raises(UpdaterError, match="never updates"):
         updater.update(10)
@@ -272,7 +273,7 @@ def test_state_dict_resume_matches_uninterrupted_run():
         loss.backward()
         optimizer2.step()
         updater2.step(step)
-    for (_, a), (_, b) in zip(sparse_linears(full_model), sparse_linears(model2)):
+    for (_, a), (_, b) in zip(sparse_weights(full_model), sparse_weights(model2)):
         assert a.pattern.equal(b.pattern) and torch.equal(a.values, b.values)
     assert full_updater.explored_dof() == updater2.explored_dof()
     assert full_updater.update_count == updater2.update_count == 4
@@ -289,9 +290,9 @@ def test_frozen_inactive_update_loses_nothing():
     model = make_model(b=4, inactive="frozen")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_steps(model, optimizer)
-    before = [m.to_dense() for _, m in sparse_linears(model)]
+    before = [m.to_dense() for _, m in sparse_weights(model)]
     PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5).update(5)
-    for (_, m), dense in zip(sparse_linears(model), before):
+    for (_, m), dense in zip(sparse_weights(model), before):
         assert torch.equal(m.to_dense(), dense)  # weights only moved between trained and frozen sets
         assert torch.all(m.frozen[m.mask()] == 0)
         for key, state in slot_state(optimizer, m).items():

@@ -305,14 +305,14 @@ def test_a_signal_during_the_final_validation_waits_for_the_outputs(capsys, tmp_
 
     from ipu_app.train import trainer as trainer_module
 
-    original = trainer_module.Trainer.validate
+    original = trainer_module.Trainer.evaluate
 
     def interrupted(self, final=False):
         if final:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, final)
 
-    monkeypatch.setattr(trainer_module.Trainer, "validate", interrupted)
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", interrupted)
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, *small_run_args(data_dir, run, steps=4))
     assert code == 0 and json.loads(out)["final_val_mlm_loss"] > 0

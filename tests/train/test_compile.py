@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from ipu_app import ops
 from ipu_app.data.loader import static_batch
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.ops import cpu
 
 
@@ -32,7 +32,7 @@ def _grads(model):
 def _rewrite_patterns(model, seed):
     """Move every layer's blocks to other positions in place (what the updater does)."""
     g = torch.Generator().manual_seed(seed)
-    for _, layer in sparse_linears(model):
+    for _, layer in sparse_weights(model):
         pattern = layer.pattern
         free = torch.randperm(pattern.num_blocks, generator=g)[: layer.nnz]
         free, _ = free.sort()

@@ -135,14 +135,15 @@ def _tamper_worker(rank: int, init_file: str, result_dir: str) -> None:
     import torch.distributed as dist
     from torch import nn
 
-    from ipu_app.model.sparse_linear import sparse_linears, sparsify_
+    from ipu_app.model.sparse_linear import sparsify_
+    from ipu_app.sparse.layer import sparse_weights
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         ctx = DistContext(rank, 2, rank)
         model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 32))
         sparsify_(model, lambda name, module: True, sparsity=0.75, block_size=4, seed=3)
-        layers = sparse_linears(model)
+        layers = sparse_weights(model)
         check_patterns_consistent(ctx, layers, step=10)  # identical: passes
         if rank == 1:  # move one block of the second layer to a free column
             layer = layers[1][1]

@@ -6,7 +6,8 @@ from torch import nn
 
 from ipu_app.config import load_config
 from ipu_app.model.bert import SparseBertForPreTraining
-from ipu_app.model.sparse_linear import SparseLinear, sparse_linears
+from ipu_app.model.sparse_linear import SparseLinear
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import PatternUpdater
 from ipu_app.train.optim import SlotAdamW, build_optimizer, parameter_groups
@@ -79,7 +80,7 @@ def test_sparse_values_get_their_own_weight_decay(data_dir):
     model = SparseBertForPreTraining(config.model_config())
     optimizer = build_optimizer(model, config)
     assert type(optimizer) is SlotAdamW  # per_slot is the default of a dynamic run
-    values = {id(layer.values) for _, layer in sparse_linears(model)}
+    values = {id(layer.values) for _, layer in sparse_weights(model)}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert {decay[v] for v in values} == {0.1}
     embeddings = model.bert.embeddings.word_embeddings.weight

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from ipu_app.config import load_config
-from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset, validation_batches
+from ipu_app.data.loader import BatchIterator, MaskingConfig, validation_batches
 from ipu_app.model.export import export_hf, export_run
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer
 
@@ -47,7 +47,7 @@ def _config(data_dir, *extra):
 def _patterns(model) -> dict[str, set[int]]:
     """Each sparse layer's active blocks as flat indices."""
     out = {}
-    for name, layer in sparse_linears(model):
+    for name, layer in sparse_weights(model):
         cols = layer.in_features // layer.block_size
         out[name] = set((layer.block_rows.long() * cols + layer.block_cols.long()).tolist())
     return out
@@ -262,7 +262,7 @@ def test_update_statistics_equal_the_patterns_before_and_after(run):
 def test_an_untrained_model_validates_at_chance(data_dir, tmp_path):
     """Before any step: NSP loss near ln 2, MLM loss near ln(vocabulary), accuracy near 0."""
     trainer = Trainer(_config(data_dir), tmp_path, progress=False, tensorboard=False)
-    result = trainer.validate()
+    result = trainer.evaluate()
     vocab = trainer.model.config.vocab_size
     assert abs(result["nsp_loss"] - math.log(2)) < 0.05
     assert abs(result["mlm_loss"] - math.log(vocab)) < 0.5

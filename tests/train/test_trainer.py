@@ -5,7 +5,7 @@ import torch
 
 from ipu_app.config import ConfigError, load_config
 from ipu_app.sparse.freeze import PartialFreezer
-from ipu_app.model.sparse_linear import sparse_linears
+from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.checkpoint import CheckpointError, list_checkpoints
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer
@@ -108,17 +108,17 @@ def test_group_lasso_shrinks_sparse_blocks(data_dir, tmp_path):
     def block_norm_sum(extra, run):
         trainer = new_trainer(small_config(data_dir, "bert_tiny_static", "training.steps=3", *extra), tmp_path / run)
         trainer.train()
-        return sum(float(m.values.detach().flatten(1).norm(dim=1).sum()) for _, m in sparse_linears(trainer.model))
+        return sum(float(m.values.detach().flatten(1).norm(dim=1).sum()) for _, m in sparse_weights(trainer.model))
 
     assert block_norm_sum(["sparsity.group_lasso=50.0"], "gl") < 0.9 * block_norm_sum([], "plain")
 
 
 def test_static_and_dense_modes(data_dir, tmp_path):
     static = new_trainer(small_config(data_dir, "bert_tiny_static"), tmp_path / "static")
-    patterns = [m.pattern.linear_index().clone() for _, m in sparse_linears(static.model)]
+    patterns = [m.pattern.linear_index().clone() for _, m in sparse_weights(static.model)]
     summary = static.train()
     assert summary["pattern_updates"] == 0 and summary["mean_explored_dof"] == pytest.approx(0.1, abs=1e-3)
-    assert all(torch.equal(p, m.pattern.linear_index()) for p, (_, m) in zip(patterns, sparse_linears(static.model)))
+    assert all(torch.equal(p, m.pattern.linear_index()) for p, (_, m) in zip(patterns, sparse_weights(static.model)))
     dense = new_trainer(small_config(data_dir, "bert_tiny_dense"), tmp_path / "dense").train()
     assert "mean_explored_dof" not in dense
     from ipu_app.sparse.flops import non_embedding_training_flops_per_sequence as paper_flops
@@ -287,7 +287,7 @@ def test_cpu_kernels_train_like_the_reference_op(data_dir, tmp_path, regrowth):
         assert ("CPU kernels" if backend == "cpu" else "reference op") in summary["sparse_kernels"]
     (ref, ref_summary), (fast, fast_summary) = runs["reference"], runs["cpu"]
     assert ref_summary["pattern_updates"] == fast_summary["pattern_updates"] == 3
-    layers = list(zip(sparse_linears(ref.model), sparse_linears(fast.model)))
+    layers = list(zip(sparse_weights(ref.model), sparse_weights(fast.model)))
     same = [a.pattern.equal(b.pattern) for (_, a), (_, b) in layers]
     losses_ref, losses_fast = train_losses(tmp_path / "reference"), train_losses(tmp_path / "cpu")
     if all(same):
@@ -332,7 +332,7 @@ def test_final_validation_is_announced_and_counted_in_wall_time(data_dir, tmp_pa
 
     config = small_config(data_dir, "bert_tiny_sparse", "training.steps=4", "training.validate_every=4")
     trainer = new_trainer(config, tmp_path / "run")
-    original, timed = Trainer.validate, {}
+    original, timed = Trainer.evaluate, {}
 
     def slow_validate(self, final=False):
         started = time.perf_counter()
@@ -342,7 +342,7 @@ def test_final_validation_is_announced_and_counted_in_wall_time(data_dir, tmp_pa
         timed[final] = time.perf_counter() - started
         return result
 
-    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    monkeypatch.setattr(Trainer, "evaluate", slow_validate)
     summary = trainer.train()
     assert list(timed) == [True]  # step 4 is the end: one validation, the final one
     assert summary["wall_time_s"] >= summary["train_time_s"] + timed[True]
