@@ -237,6 +237,20 @@ class RunConfig:
         return UpdateSchedule.evenly_spaced(steps, s.num_updates)
 
     @property
+    def dense_gradient_steps(self) -> int:
+        """Steps that compute RigL's dense weight gradient (its update steps; 0 without RigL)."""
+        s = self.sparsity
+        return len(self.update_schedule()) if s.mode == "dynamic" and s.regrowth == "gradient" else 0
+
+    def run_flops(self, active_weights: int) -> dict:
+        """``sparse.flops.run_flops`` for this config's model, data and run length."""
+        from .sparse.flops import run_flops
+
+        layers, hidden = MODEL_SIZES[self.model.size]
+        return run_flops(layers, hidden, self.data.seq_len, active_weights,
+                         self.training.steps, self.training.batch_size, self.dense_gradient_steps)
+
+    @property
     def segment_steps(self) -> float | None:
         """Steps between pattern updates (None: no updates)."""
         schedule = self.update_schedule()

@@ -378,7 +378,6 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
     ``hf`` adds Hugging Face's ``BertForPreTraining``; ``compile`` adds each variant compiled
     (``training.compile``); ``fractions`` times the sparse linears alone (``sparse_fraction``)."""
     from ..config import load_config
-    from ..train.describe import run_flops
     from ..train.trainer import Trainer
 
     base = load_config(config_name, overrides, steps=10_000)
@@ -432,7 +431,7 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
                 t = statistics.median(times[name])
                 tokens = config.training.batch_size * config.data.seq_len
                 model = dense.model if backend == "hf" else trainer.model
-                flops = run_flops(config, model)["non_embedding_flops_per_sequence"]
+                flops = config.run_flops(model.active_encoder_weights())["non_embedding_flops_per_sequence"]
                 row = TrainRow(name, backend, ratio, trainer.kernel_line or "dense", 1e3 * t, tokens / t, flops,
                                block_size=size, compiled="+compile" in name)
                 if fractions and backend not in ("hf", "dense"):

@@ -180,6 +180,26 @@ class SparseBertForPreTraining(nn.Module):
                 loss = mlm_loss + nsp_loss
         return PretrainingOutput(loss, mlm_loss, nsp_loss, correct, num_masked, mlm_logits, nsp_logits)
 
+    def layer_sparsity(self) -> list[dict]:
+        """Every encoder fully-connected weight: name, shape, block size, active weights, sparsity."""
+        rows = []
+        for name, module in self.bert.encoder.named_modules():
+            if isinstance(module, SparseLinear):
+                p = module.pattern
+                active, block = p.nnz * p.block_size**2, p.block_size
+            elif isinstance(module, nn.Linear):
+                active, block = module.weight.numel(), None
+            else:
+                continue
+            total = module.in_features * module.out_features
+            rows.append({"name": f"bert.encoder.{name}", "shape": [module.out_features, module.in_features],
+                         "block_size": block, "active_weights": active, "sparsity": 1.0 - active / total})
+        return rows
+
+    def active_encoder_weights(self) -> int:
+        """The non-zero encoder fully-connected weights (what the paper's FLOPs count at density)."""
+        return sum(row["active_weights"] for row in self.layer_sparsity())
+
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` (values and patterns) atomically."""

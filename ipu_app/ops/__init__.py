@@ -124,6 +124,15 @@ def auto_linear(x, values, pattern, bias=None, frozen=None):
     return _module(choose(x, pattern, frozen)).linear(x, values, pattern, bias, frozen)
 
 
+def kernel_line(config, device: torch.device, dtype: torch.dtype) -> str | None:
+    """``describe`` for a run config's sparse layers on ``device`` in ``dtype`` (None: dense, or the IPU,
+    whose layers run in its graph). ``config`` is a ``RunConfig`` (read, not imported: ops sits below it)."""
+    s = config.sparsity
+    if config.backend == "ipu" or s.mode == "dense":
+        return None
+    return describe(config.backend, device, dtype, s.block_size, s.ratio, frozen=s.inactive == "frozen")
+
+
 def describe(name: str, device: torch.device, dtype: torch.dtype, block_size: int, sparsity: float,
              frozen: bool = False) -> str:
     """One line on what runs a model's sparse layers, for the training log."""

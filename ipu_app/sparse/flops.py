@@ -75,6 +75,19 @@ def rigl_dense_gradient_flops(num_layers: int, hidden: int, seq_len: int) -> flo
     return 2.0 * non_embedding_params(num_layers, hidden) * seq_len
 
 
+def run_flops(num_layers: int, hidden: int, seq_len: int, active_weights: int, steps: int,
+              sequences_per_step: int, dense_gradient_steps: int = 0) -> dict:
+    """A run's FLOPs as its summary and ``--describe`` report them: the paper's non-embedding FLOPs
+    per sequence at the model's actual density (``active_weights`` non-zero encoder weights), and the
+    run's total (``dense_gradient_steps`` RigL update steps add the dense-gradient cost)."""
+    sparsity = 1.0 - active_weights / non_embedding_params(num_layers, hidden)
+    per_sequence = non_embedding_training_flops_per_sequence(num_layers, hidden, seq_len, sparsity)
+    extra = rigl_dense_gradient_flops(num_layers, hidden, seq_len) * dense_gradient_steps * sequences_per_step
+    return {"non_embedding_flops_per_sequence": per_sequence, "non_embedding_nonzero_params": active_weights,
+            "total_training_flops": per_sequence * steps * sequences_per_step + extra,
+            "dense_gradient_steps": dense_gradient_steps}
+
+
 def total_training_flops(
     num_layers: int,
     hidden: int,

@@ -7,49 +7,11 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from ..config import RunConfig
 from ..model.bert import SparseBertForPreTraining
-from ..model.sparse_linear import SparseLinear
-from ..sparse.flops import non_embedding_params, non_embedding_training_flops_per_sequence, rigl_dense_gradient_flops
+from ..sparse.flops import non_embedding_params
 from ..sparse.updater import PRG_WARN
-
-
-def _encoder_linears(model: SparseBertForPreTraining):
-    for name, module in model.bert.encoder.named_modules():
-        if isinstance(module, (SparseLinear, torch.nn.Linear)):
-            yield f"bert.encoder.{name}", module
-
-
-def layer_sparsity(model: SparseBertForPreTraining) -> list[dict]:
-    """Every encoder fully-connected weight: shape, block size, active weights, sparsity."""
-    rows = []
-    for name, module in _encoder_linears(model):
-        if isinstance(module, SparseLinear):
-            p = module.pattern
-            active, block = p.nnz * p.block_size**2, p.block_size
-        else:
-            active, block = module.weight.numel(), None
-        total = module.in_features * module.out_features
-        rows.append({"name": name, "shape": [module.out_features, module.in_features], "block_size": block,
-                     "active_weights": active, "sparsity": 1.0 - active / total})
-    return rows
-
-
-def run_flops(config: RunConfig, model: SparseBertForPreTraining) -> dict:
-    """The paper's non-embedding FLOPs per sequence (at the model's actual density) and for the run."""
-    layers, hidden = model.config.num_layers, model.config.hidden_size
-    active = sum(r["active_weights"] for r in layer_sparsity(model))
-    density_sparsity = 1.0 - active / non_embedding_params(layers, hidden)
-    per_sequence = non_embedding_training_flops_per_sequence(layers, hidden, config.data.seq_len, density_sparsity)
-    steps, batch = config.training.steps, config.training.batch_size
-    s = config.sparsity
-    dense_gradient_steps = 0
-    if s.mode == "dynamic" and s.regrowth == "gradient":
-        dense_gradient_steps = len(config.update_schedule())
-    extra = rigl_dense_gradient_flops(layers, hidden, config.data.seq_len) * dense_gradient_steps * batch
-    return {"non_embedding_flops_per_sequence": per_sequence, "non_embedding_nonzero_params": active,
-            "total_training_flops": per_sequence * steps * batch + extra,
-            "dense_gradient_steps": dense_gradient_steps}
 
 
 def encoder_share(config: RunConfig, model: SparseBertForPreTraining, trained: int, rows: list[dict]) -> dict:
@@ -70,16 +32,6 @@ def encoder_share(config: RunConfig, model: SparseBertForPreTraining, trained: i
             "encoder_weights": active, "flops_per_sequence": ledger.total}
 
 
-def kernel_line(config: RunConfig, device: torch.device, dtype: torch.dtype) -> str | None:
-    """What runs the sparse layers of this config on ``device`` in ``dtype`` (None for dense / IPU)."""
-    s = config.sparsity
-    if config.backend == "ipu" or s.mode == "dense":
-        return None
-    from .. import ops
-
-    return ops.describe(config.backend, device, dtype, s.block_size, s.ratio, frozen=s.inactive == "frozen")
-
-
 def describe(config: RunConfig, world_size: int = 1) -> dict:
     """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
     if config.backend == "ipu":  # the batch is split over replicas, not processes
@@ -89,7 +41,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
     vocabulary = data_vocabulary(config.data)  # the data's tokenizer, not the config's request
     model = SparseBertForPreTraining(config.model_config(vocabulary["vocab_size"]), initialize=False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows = layer_sparsity(model)
+    rows = model.layer_sparsity()
     t, s = config.training, config.sparsity
     updates = len(config.update_schedule())
     return {
@@ -118,7 +70,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "trained_params": trained,
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
         "layers": rows,
-        **run_flops(config, model),
+        **config.run_flops(model.active_encoder_weights()),
         "encoder_share": encoder_share(config, model, trained, rows),
         "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
         "adjusted_by_steps": {key: list(change) for key, change in config.adjusted.items()},
@@ -169,7 +121,7 @@ def _local_kernel_line(config: RunConfig) -> str | None:
         dtype = resolve_precision(config.training.precision, device).dtype
     except ConfigError as exc:
         return f"(not on this machine: {exc})"
-    return kernel_line(config, device, dtype)
+    return ops.kernel_line(config, device, dtype)
 
 
 def _ipu_plan(config: RunConfig) -> dict:

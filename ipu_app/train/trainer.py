@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import ops
 from ..config import ConfigError, RunConfig
 from ..data.corpus import CorpusError
 from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
@@ -48,7 +49,6 @@ from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, 
                          rng_state, save_checkpoint, set_rng_state)
 from .metrics import METRICS_VERSION, MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
-from .describe import kernel_line
 from .sums import TRAIN_FIELDS, Sums, output_sums
 from .precision import Precision, resolve_precision, resolve_threads
 
@@ -185,8 +185,6 @@ class Trainer:
         # torch.compile: the training forward (DDP-wrapped where distributed) and the eval forward.
         # Steps that record RigL's dense gradient (hooks) run eagerly instead of compiling a variant.
         if t.compile:
-            from .. import ops
-
             ops.preload()  # dynamo traces the backend choice as a dict lookup, not an import (no graph break)
         self.compiled_model = torch.compile(self.forward_model) if t.compile else self.forward_model
         self.compiled_eval = torch.compile(self.model) if t.compile else self.model
@@ -204,7 +202,7 @@ class Trainer:
             )
         self.sparse_layers = sparse_weights(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
-        self.kernel_line = kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
+        self.kernel_line = ops.kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
         self.freezer = None
         if s.freeze != "none":
             from ..model.sizes import SPARSE_MODULES
@@ -603,11 +601,9 @@ class Trainer:
         return summary
 
     def summary(self, val: dict) -> dict:
-        from .describe import run_flops
-
         self._read_last_loss()
         c = self.counters
-        flops = run_flops(self.config, self.model)
+        flops = self.config.run_flops(self.model.active_encoder_weights())
         summary = {
             "config": self.config.name,
             "metrics_version": METRICS_VERSION,  # report flags runs without it

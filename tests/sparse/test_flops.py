@@ -4,6 +4,7 @@ from ipu_app.sparse.flops import (
     non_embedding_params,
     non_embedding_training_flops_per_sequence,
     rigl_dense_gradient_flops,
+    run_flops,
     total_training_flops,
     training_flops_ledger,
 )
@@ -37,3 +38,16 @@ def test_ledger_and_run_totals():
     with_rigl = total_training_flops(8, 512, 128, 0.9, steps=10, sequences_per_step=4, dense_gradient_steps=2)
     assert with_rigl - per_seq * 40 == pytest.approx(2 * 4 * rigl_dense_gradient_flops(8, 512, 128))
     assert rigl_dense_gradient_flops(8, 512, 128) == 2 * 25_165_824 * 128
+
+
+def test_a_runs_flops_at_its_actual_density():
+    # BERT-Medium, 128 tokens, 2,516,582 of 25,165,824 encoder weights active (s = 0.9 less rounding):
+    # 6 x active x 128 for the sparse products plus 12 L S^2 H for attention, per sequence.
+    active = 2_516_582
+    got = run_flops(8, 512, 128, active, steps=100, sequences_per_step=16, dense_gradient_steps=3)
+    per_sequence = 6 * active * 128 + 12 * 8 * 128**2 * 512
+    assert got["non_embedding_flops_per_sequence"] == pytest.approx(per_sequence, rel=1e-12)
+    assert got["non_embedding_nonzero_params"] == active and got["dense_gradient_steps"] == 3
+    rigl = 3 * 16 * 2 * 25_165_824 * 128
+    assert got["total_training_flops"] == pytest.approx(per_sequence * 100 * 16 + rigl, rel=1e-12)
+    assert run_flops(8, 512, 128, active, 100, 16)["total_training_flops"] == pytest.approx(per_sequence * 1600)
