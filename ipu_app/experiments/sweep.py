@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from ..config import CONFIG_DIR, ConfigError, RunConfig, differing_key, load_config
+from .. import signals
 from ..io import atomic_write_bytes
 from ..rundir import RunDir
 
@@ -347,8 +348,7 @@ class SweepRunner:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_repo_root()), env.get("PYTHONPATH")]))
         if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        previous_handlers = self._install_signal_handlers(running)
-        try:
+        with signals.handling(self._stop_handler(running)):
             while queue or running:
                 while queue and len(running) < self.jobs and not self._stop:
                     spec, resume = queue.pop(0)
@@ -368,8 +368,6 @@ class SweepRunner:
                     self._finish(job, rc)
             for spec, _ in queue:  # stopped before they started
                 self.results[spec.name].status = "interrupted" if self._stop else "pending"
-        finally:
-            self._restore_signal_handlers(previous_handlers)
 
     def _least_busy_device(self, running: list[_Running]) -> str | None:
         """The device of ``--devices`` with the fewest runs on it now (the first of equals)."""
@@ -461,7 +459,8 @@ class SweepRunner:
         payload = {"sweep": self.sweep.name, "figure": self.sweep.figure, "runs": runs}
         atomic_write_bytes(self.directory / "status.json", (json.dumps(payload, indent=2) + "\n").encode())
 
-    def _install_signal_handlers(self, running: list[_Running]):
+    def _stop_handler(self, running: list[_Running]):
+        """The first SIGINT/SIGTERM asks the running jobs to checkpoint and exit; a second kills them."""
         def stop(signum, frame):
             if self._stop:  # second signal: stop the children now
                 for job in running:
@@ -472,18 +471,7 @@ class SweepRunner:
             for job in running:
                 _signal_group(job.process, signal.SIGINT)
 
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, stop)
-        except ValueError:  # not the main thread
-            pass
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return stop
 
     @property
     def stopped(self) -> bool:

@@ -73,18 +73,13 @@ def _terminate_as_interrupt():
     the final writes turn both signals into "checkpoint, then stop")."""
     import signal
 
+    from .. import signals
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
+    with signals.handling(interrupt, (signal.SIGTERM,)):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def report_error(line: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import signal
 import sys
 import time
 import warnings
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import ops
+from .. import ops, signals
 from ..config import ConfigError, RunConfig
 from ..data.corpus import CorpusError
 from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
@@ -648,7 +647,6 @@ class Trainer:
             self.batches.close()  # stop the thread or the processes building batches ahead
 
     # ================================================================ signals
-    @contextlib.contextmanager
     def _signals_to_checkpoint(self):
         """SIGINT/SIGTERM finish the current step, write a checkpoint and stop; once the last step is
         done (final validation and writes) a signal waits for the outputs. A second signal stops at once."""
@@ -657,17 +655,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
 
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return signals.handling(request_stop)
 
     @property
     def stopped_by_signal(self) -> bool:

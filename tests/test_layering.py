@@ -1,0 +1,141 @@
+"""The layering rules of docs/ARCHITECTURE.md ("Layering"), checked over every import in the package,
+those inside functions included: a lazy import is still a dependency."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ipu_app"
+LEAVES = ("choices", "seeding", "io", "machine", "signals")
+
+# module prefix -> the ipu_app modules (prefixes) it may import; None: any, minus FORBIDDEN.
+ALLOWED = {
+    **{leaf: () for leaf in LEAVES},
+    "rundir": ("config", "io"),
+    "sparse": ("choices", "seeding", "io", "sparse"),
+    "ops": ("choices", "sparse", "ops"),
+    "data": ("choices", "seeding", "io", "data"),
+    "model": ("choices", "seeding", "io", "rundir", "sparse", "ops", "model"),
+    "config": ("choices", "model.sizes", "model.bert", "sparse.flops", "sparse.schedule"),
+}
+FORBIDDEN = {
+    "train": ("experiments", "__main__", "ipu"),
+    "ipu": ("experiments", "__main__", "train.cli"),
+    "experiments": ("ipu", "__main__", "train.cli"),
+}
+EXCEPTIONS = {  # (importer, imported prefix): the documented ones
+    ("train.cli", "ipu"),  # the CLI picks the IPU trainer
+    ("train.describe", "ipu"),  # --describe prints the IPU plan
+}
+ENTRY_POINTS = ("__main__", "train.cli")  # only these may import a command line
+TORCH_FREE = ("choices", "config", "rundir", "signals", "sparse.flops", "sparse.schedule", "experiments.sweep",
+              "experiments.runs", "experiments.report", "__main__")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: {imported ipu_app modules}}``, names relative to the package ("" = the package)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "configs" in path.parts:
+            continue
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".") if package else []
+                    base = base[:len(base) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                    # "from . import ops": the names may be modules themselves
+                    targets = [f"{module}.{a.name}".lstrip(".") for a in node.names] if not node.module else [module]
+                else:
+                    targets = [node.module]
+            else:
+                continue
+            for target in targets:
+                if target.startswith("ipu_app"):
+                    target = target[len("ipu_app"):].lstrip(".")
+                elif node.__class__ is ast.Import or not getattr(node, "level", 0):
+                    continue
+                found.add(target)
+        graph[name] = found
+    return graph
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _rule(module: str):
+    for prefix in sorted(ALLOWED, key=len, reverse=True):
+        if _under(module, prefix):
+            return prefix
+    return None
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imported in graph.items():
+        for target in sorted(imported):
+            if target == "" or target == module:
+                continue
+            if any(_under(target, entry) for entry in ENTRY_POINTS) and module not in ENTRY_POINTS \
+                    and not _under(module, "__main__"):
+                found.append(f"{module} imports the command line {target}")
+            prefix = _rule(module)
+            if prefix is not None and not any(_under(target, ok) for ok in ALLOWED[prefix]):
+                found.append(f"{module} imports {target} (allowed: {', '.join(ALLOWED[prefix]) or 'nothing'})")
+            for layer, banned in FORBIDDEN.items():
+                if _under(module, layer):
+                    for bad in banned:
+                        if _under(target, bad) and not any(_under(module, m) and _under(target, t)
+                                                           for m, t in EXCEPTIONS):
+                            found.append(f"{module} imports {target} ({layer}/ may not import {bad})")
+    return found
+
+
+def test_every_layering_rule_holds():
+    graph = import_graph()
+    assert {"sparse.updater", "ops.cpu", "train.trainer", "experiments.sweep", "rundir"} <= set(graph)
+    assert violations(graph) == []
+
+
+def test_the_graph_sees_lazy_and_relative_imports():
+    graph = import_graph()
+    assert "model.bert" in graph["config"]  # inside RunConfig.model_config
+    assert "ipu.trainer" in graph["train.cli"]  # inside _train_locked
+    assert "ops" in graph["train.trainer"]  # from .. import ops
+
+
+@pytest.mark.parametrize("module, target, message", [
+    ("sparse.updater", "model.bert", "allowed: choices"),
+    ("ops.cpu", "config", "allowed: choices, sparse, ops"),
+    ("data.loader", "sparse.pattern", "allowed"),
+    ("experiments.report", "train.cli", "imports the command line"),
+    ("train.trainer", "ipu.trainer", "train/ may not import ipu"),
+    ("train.trainer", "experiments.runs", "train/ may not import experiments"),
+    ("seeding", "io", "allowed: nothing"),
+])
+def test_a_broken_rule_is_named(module, target, message):
+    found = violations({module: {target}})
+    assert found and message in found[0]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_light_modules_import_without_torch(module):
+    code = f"import sys, ipu_app.{module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
