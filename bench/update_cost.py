@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipu_app.model.sparse_linear import SparseLinear  # noqa: E402
 from ipu_app.sparse.schedule import UpdateSchedule  # noqa: E402
-from ipu_app.sparse.updater import PatternUpdater  # noqa: E402
+from ipu_app.sparse.updater import build_updater  # noqa: E402
 
 
 def medium_layers(block_size: int, sparsity: float, hidden: int = 512, num_layers: int = 8) -> nn.ModuleList:
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
         t_pass = timed(lambda: fwd_bwd(layers, inputs), args.repeats)
         optimizer.zero_grad()
         schedule = UpdateSchedule.evenly_spaced(1000, 100)
-        random_updater = PatternUpdater(layers, optimizer, schedule, regrowth="random")
+        random_updater = build_updater(layers, optimizer, schedule, regrowth="random")
         t_random = timed(lambda: random_updater.update(10), args.repeats)
-        rigl = PatternUpdater(layers, optimizer, schedule, regrowth="gradient")
+        rigl = build_updater(layers, optimizer, schedule, regrowth="gradient")
         grads = {id(m): torch.randn(m.out_features, m.in_features) for m in layers}
 
         def rigl_update():

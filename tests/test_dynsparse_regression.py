@@ -11,7 +11,7 @@ from torch import nn
 
 from ipu_app.model.sparse_linear import SparseLinear
 from ipu_app.sparse.schedule import UpdateSchedule
-from ipu_app.sparse.updater import PatternUpdater
+from ipu_app.sparse.updater import build_updater
 
 
 def relative_val_error(mode: str, seed: int, steps: int = 600, num_updates: int = 30) -> float:
@@ -32,7 +32,7 @@ def relative_val_error(mode: str, seed: int, steps: int = 600, num_updates: int 
         SparseLinear(d_hidden, d_out, sparsity=0.9, generator=gm, init="glorot"),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(steps, num_updates), mode=mode,
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(steps, num_updates), mode=mode,
                              pruning_ratio=0.5, regrowth="random", seed=seed)
     for step in range(1, steps + 1):
         batch = torch.randint(0, x_train.shape[0], (128,), generator=gm)

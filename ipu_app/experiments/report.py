@@ -497,7 +497,7 @@ def _match_layer(names: list[str], wanted: str) -> str:
 
 
 def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -> None:
-    from ..sparse.updater import UpdaterError, load_explored
+    from ..sparse.exploration import ExplorationError, load_explored
 
     runs = _require(runs, "static or DynSparse runs", "exploration", lambda r: r.mode != "dense")
     table = Table(["run", "method", "model", "sparsity", "block_size", "pattern_updates", "initial_dof",
@@ -510,7 +510,7 @@ def report_exploration(runs: list[Run], out: Output, layer: str | None = None) -
         if path.is_file():
             try:
                 explored, block = load_explored(path)
-            except UpdaterError as exc:
+            except ExplorationError as exc:
                 out.warn(f"skipping run {run.name}: {exc}")
                 continue
             name = _match_layer(sorted(explored), wanted)

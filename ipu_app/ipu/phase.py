@@ -108,10 +108,10 @@ class IpuPatternSync:
 
     def step(self, step: int) -> UpdateStats | None:
         """After executor call ``step``: the scheduled update, if any, with the uploads it needs."""
-        if self.updater.mode != "dynamic" or not self.updater.schedule.is_update_step(step):
+        if not self.updater.is_update_step(step):
             return None
         self.executor.copyWeightsToHost()
-        if self.updater.regrowth == "gradient":
+        if self.updater.regrowth.needs_dense_grad:
             if self.dense_gradient is None:
                 raise IpuStateError("RigL regrowth on IPUs needs a host dense-gradient pass (dense_gradient)")
             self.updater.begin_step(step)

@@ -1,4 +1,4 @@
-"""Backend-neutral DynSparse: patterns, schedules, scoring, the updater, regularisers, FLOPs.
+"""Backend-neutral DynSparse: patterns, schedules, scoring, regrowth, exploration, the updater, regularisers, FLOPs.
 
 Submodules are imported on first use, so that torch-free ones (``flops``, ``schedule``) load without torch.
 """

@@ -14,22 +14,37 @@ class ScheduleError(ValueError):
     """An update schedule or pruning-ratio setting is invalid."""
 
 
-def pruning_ratio_at(step: int, pruning_ratio: float, total_steps: int, schedule: str = "cosine") -> float:
-    """Fraction of the active blocks pruned at ``step``.
+@dataclass(frozen=True)
+class PruneFraction:
+    """``pr(t)``: the fraction of the active blocks pruned by an update after step ``t`` (checked once,
+    here; calling it is pure arithmetic).
 
     cosine: ``pr(t) = pr * 0.5 * (1 + cos(pi * t / T))`` (Evci et al.; the paper's choice);
     constant: ``pr``.
     """
-    if not 0.0 <= pruning_ratio <= 1.0:
-        raise ScheduleError(f"pruning_ratio must be in [0, 1], got {pruning_ratio}")
-    if total_steps <= 0:
-        raise ScheduleError(f"total_steps must be positive, got {total_steps}")
-    if schedule == "constant":
-        return float(pruning_ratio)
-    if schedule == "cosine":
-        t = min(max(step, 0), total_steps)
-        return pruning_ratio * 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
-    raise ScheduleError(f"unknown pruning_schedule {schedule!r}; use one of {list(PRUNING_SCHEDULES)}")
+
+    pruning_ratio: float
+    total_steps: int
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pruning_ratio <= 1.0:
+            raise ScheduleError(f"pruning_ratio must be in [0, 1], got {self.pruning_ratio}")
+        if self.total_steps <= 0:
+            raise ScheduleError(f"total_steps must be positive, got {self.total_steps}")
+        if self.schedule not in PRUNING_SCHEDULES:
+            raise ScheduleError(f"unknown pruning_schedule {self.schedule!r}; use one of {list(PRUNING_SCHEDULES)}")
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "constant":
+            return float(self.pruning_ratio)
+        t = min(max(step, 0), self.total_steps)
+        return self.pruning_ratio * 0.5 * (1.0 + math.cos(math.pi * t / self.total_steps))
+
+
+def pruning_ratio_at(step: int, pruning_ratio: float, total_steps: int, schedule: str = "cosine") -> float:
+    """``PruneFraction(pruning_ratio, total_steps, schedule)(step)``."""
+    return PruneFraction(pruning_ratio, total_steps, schedule)(step)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pure scoring and selection rules of DynSparse: tensors in, indices out.
+"""Pure scoring and pruning rules of DynSparse: tensors in, indices out (regrowth: ``regrowth.py``).
 
 Ties are always broken towards the lower index, so every rule is deterministic.
 """
@@ -6,6 +6,7 @@ Ties are always broken towards the lower index, so every rule is deterministic.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -66,49 +67,19 @@ def select_prune(norms: torch.Tensor, k: int) -> torch.Tensor:
     return smallest(norms, k)
 
 
-def select_regrow_random(occupied: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` positions drawn uniformly without replacement among ``~occupied``.
+@dataclass(frozen=True)
+class BlockScorer:
+    """Scores blocks by a norm (``sparsity.block_metric``): the stored values' blocks for pruning,
+    a dense tensor's blocks (RigL's gradient) for regrowth."""
 
-    ``occupied`` is a flat boolean mask of the positions active *before* pruning
-    (so a just-pruned block is never regrown in the same update). Sampling draws
-    i.i.d. positions and keeps the first new free ones in draw order, which yields
-    a uniform random subset while touching only O(k) positions; when ``k`` is a
-    large share of the free positions a permutation of them is used instead.
-    Depends only on the generator's state, never on the device.
-    """
-    occupied = occupied.detach().flatten().cpu()
-    free_count = int(occupied.numel() - occupied.sum())
-    if not 0 <= k <= free_count:
-        raise ValueError(f"cannot regrow {k} blocks: only {free_count} positions are free")
-    if k == 0:
-        return torch.empty(0, dtype=torch.long)
-    if 4 * k >= free_count:
-        free = torch.nonzero(~occupied).flatten()
-        return free[torch.randperm(free_count, generator=generator)[:k]].sort().values
-    taken = occupied.clone()
-    chosen: list[torch.Tensor] = []
-    need = k
-    n = occupied.numel()
-    while need:
-        free_fraction = (free_count - (k - need)) / n
-        draws = torch.randint(n, (int(need / free_fraction * 1.2) + 32,), generator=generator)
-        draws = draws[~taken[draws]]
-        uniq, inverse = torch.unique(draws, return_inverse=True)
-        first = torch.full((uniq.numel(),), draws.numel(), dtype=torch.long)
-        first.scatter_reduce_(0, inverse, torch.arange(draws.numel()), reduce="amin")
-        picked = draws[first.sort().values][:need]
-        taken[picked] = True
-        chosen.append(picked)
-        need -= picked.numel()
-    return torch.cat(chosen).sort().values
+    metric: str = "l1"
 
+    def __post_init__(self) -> None:
+        if self.metric not in BLOCK_METRICS:
+            raise ValueError(f"unknown block_metric {self.metric!r}; use one of {list(BLOCK_METRICS)}")
 
-def select_regrow_gradient(grad_scores: torch.Tensor, occupied: torch.Tensor, k: int) -> torch.Tensor:
-    """RigL: the ``k`` inactive positions whose dense-gradient block norm is largest."""
-    scores = grad_scores.detach().flatten().float().clone()
-    occupied = occupied.flatten().to(scores.device)
-    free_count = int(occupied.numel() - occupied.sum())
-    if not 0 <= k <= free_count:
-        raise ValueError(f"cannot regrow {k} blocks: only {free_count} positions are free")
-    scores[occupied] = -math.inf
-    return largest(scores, k)
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return block_norms(values, self.metric)
+
+    def dense(self, dense: torch.Tensor, block_size: int) -> torch.Tensor:
+        return dense_block_norms(dense, block_size, self.metric)

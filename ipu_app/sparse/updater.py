@@ -1,5 +1,13 @@
 """PatternUpdater: one DynSparse prune-and-regrow step over every sparse layer of a model
-(any module offering ``sparse.layer.SparseWeight``).
+(any module offering ``sparse.layer.SparseWeight``), assembled from small parts:
+
+- ``schedule`` (``schedule.UpdateSchedule``): after which steps an update runs;
+- ``prune_fraction`` (``schedule.PruneFraction``): ``pr(t)``;
+- ``scorer`` (``scoring.BlockScorer``): the block norm pruning ranks by;
+- ``regrowth`` (``regrowth.RandomRegrowth`` / ``GradientRegrowth``): where pruned blocks come back;
+- ``Exploration`` (``exploration.py``): the ever-active blocks and their file.
+
+``build_updater`` makes one from the names a config uses, checking each name once.
 
 Runs on whatever device the tensors live on (the host, between training phases,
 for IPUs); all random draws come from CPU generators seeded by
@@ -16,32 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..choices import BLOCK_METRICS, PATTERN_MODES, PRUNING_SCHEDULES, REGROWTH_RULES
-from ..seeding import seeded_generator
+from ..choices import PATTERN_MODES
+from .errors import PatternInvariantError, UpdaterError
+from .exploration import Exploration, members
 from .layer import SparseWeight, sparse_weights
 from .pattern import blockify
-from .schedule import UpdateSchedule, pruning_ratio_at
-from .scoring import (
-    block_norms,
-    dense_block_norms,
-    num_to_prune,
-    select_prune,
-    select_regrow_gradient,
-    select_regrow_random,
-)
+from .regrowth import Regrowth, regrowth_rule
+from .schedule import PruneFraction, UpdateSchedule
+from .scoring import BlockScorer, num_to_prune, select_prune
+
+__all__ = ["PatternUpdater", "build_updater", "UpdaterError", "PatternInvariantError", "UpdateStats",
+           "LayerUpdateStats", "PRG_WARN"]
 
 # Mean pruned_recently_grown above this at two updates in a row: the schedule is unsound (the trainer
 # warns). Age-blind pruning would give ~pr(t) (<= 0.5 at the paper's pr); near 1, regrown blocks
 # are always the ones pruned next.
 PRG_WARN = 0.75
-
-
-class UpdaterError(RuntimeError):
-    """The updater cannot run with this model, optimizer or state."""
-
-
-class PatternInvariantError(AssertionError):
-    """A pattern update broke an invariant (a bug, never a user error)."""
 
 
 @dataclass
@@ -134,46 +132,33 @@ class PatternUpdater:
         optimizer: torch.optim.Optimizer | None,
         schedule: UpdateSchedule,
         *,
-        mode: str = "dynamic",
-        pruning_ratio: float = 0.5,
-        pruning_schedule: str = "cosine",
-        regrowth: str = "random",
-        block_metric: str = "l1",
-        seed: int = 0,
+        prune_fraction: Callable[[int], float],
+        regrowth: Regrowth,
+        scorer: Callable[[torch.Tensor], torch.Tensor] = BlockScorer(),
+        dynamic: bool = True,
         check_invariants: bool = True,
-        grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        for option, value, allowed in (
-            ("mode", mode, PATTERN_MODES),
-            ("pruning_schedule", pruning_schedule, PRUNING_SCHEDULES),
-            ("regrowth", regrowth, REGROWTH_RULES),
-            ("block_metric", block_metric, BLOCK_METRICS),
-        ):
-            if value not in allowed:
-                raise UpdaterError(f"unknown {option} {value!r}; use one of {list(allowed)}")
-        if not 0.0 <= pruning_ratio <= 1.0:
-            raise UpdaterError(f"pruning_ratio must be in [0, 1], got {pruning_ratio}")
         self.layers = sparse_weights(model)
         if not self.layers:
             raise UpdaterError("the model has no sparse layers to update (modules offering sparse.layer.SparseWeight)")
         self.optimizer = optimizer
         self.schedule = schedule
-        self.mode = mode
-        self.pruning_ratio = pruning_ratio
-        self.pruning_schedule = pruning_schedule
+        self.dynamic = dynamic  # static sparsity: a fixed pattern (exploration still reported)
+        self.prune_fraction = prune_fraction
+        self.scorer = scorer
         self.regrowth = regrowth
-        self.block_metric = block_metric
-        self.seed = seed
         self.check_invariants = check_invariants
-        self.grad_reduce = grad_reduce
         self.update_count = 0
-        self._explored = [m.pattern.block_mask().flatten().cpu() for _, m in self.layers]
-        self._last_grown = [torch.empty(0, dtype=torch.long) for _ in self.layers]
+        self.exploration = Exploration(self.layers)
 
     # --------------------------------------------------------------- driving
+    def is_update_step(self, step: int) -> bool:
+        """Whether an update runs after optimizer step ``step`` (never for static sparsity)."""
+        return self.dynamic and self.schedule.is_update_step(step)
+
     def needs_dense_grad(self, step: int) -> bool:
         """Whether training step ``step`` must record dense gradients (RigL, update steps only)."""
-        return self.mode == "dynamic" and self.regrowth == "gradient" and self.schedule.is_update_step(step)
+        return self.regrowth.needs_dense_grad and self.is_update_step(step)
 
     def begin_step(self, step: int) -> None:
         """Switch dense-gradient recording on for the step before a RigL update, off otherwise."""
@@ -190,7 +175,7 @@ class PatternUpdater:
 
     def step(self, step: int) -> UpdateStats | None:
         """Run the scheduled update after optimizer step ``step``, if any."""
-        if self.mode != "dynamic" or not self.schedule.is_update_step(step):
+        if not self.is_update_step(step):
             return None
         return self.update(step)
 
@@ -198,13 +183,13 @@ class PatternUpdater:
     @torch.no_grad()
     def update(self, step: int) -> UpdateStats:
         """Prune and regrow every layer now (``step`` sets ``pr(t)`` and the RNG stream)."""
-        if self.mode != "dynamic":
+        if not self.dynamic:
             raise UpdaterError("static sparsity never updates its pattern")
         start = time.perf_counter()
         update_index = (
             self.schedule.update_index(step) if self.schedule.is_update_step(step) else self.update_count
         )
-        pr_t = pruning_ratio_at(step, self.pruning_ratio, self.schedule.total_steps, self.pruning_schedule)
+        pr_t = self.prune_fraction(step)
         plans = [self._plan(i, name, layer, pr_t, update_index) for i, (name, layer) in enumerate(self.layers)]
         stats = UpdateStats(step=step, update_index=update_index, pruning_ratio=pr_t, seconds=0.0)
         for plan in plans:
@@ -223,25 +208,9 @@ class PatternUpdater:
         states = self._state_tensors(name, layer)
         occupied = torch.zeros(num_blocks, dtype=torch.bool, device=old_index.device)
         occupied[old_index] = True
-        drop = select_prune(block_norms(layer.values, self.block_metric), k)
-        if self.regrowth == "random":
-            grow = select_regrow_random(occupied, k, seeded_generator(self.seed, update_index, index))
-        else:
-            grow = select_regrow_gradient(self._grad_scores(name, layer), occupied, k)
+        drop = select_prune(self.scorer(layer.values), k)
+        grow = self.regrowth.select(index, name, layer, occupied, k, update_index)
         return _Plan(index, name, layer, old_index, drop.to(old_index.device), grow.to(old_index.device), states, occupied)
-
-    def _grad_scores(self, name: str, layer: SparseWeight) -> torch.Tensor:
-        grad = layer.dense_grad
-        if grad is None:
-            raise UpdaterError(
-                f"gradient regrowth needs the dense gradient of {name}; call updater.begin_step(step) "
-                "before the forward pass of the step that precedes the update"
-            )
-        if self.grad_reduce is not None:
-            grad = self.grad_reduce(grad)
-        if not bool(torch.isfinite(grad).all()):
-            raise UpdaterError(f"dense gradient of {name} is not finite; skip this update instead")
-        return dense_block_norms(grad, layer.block_size, self.block_metric)
 
     def _state_tensors(self, name: str, layer: SparseWeight) -> list[torch.Tensor]:
         """Every optimizer state tensor shaped like ``values`` (plus a pending ``.grad``)."""
@@ -299,7 +268,7 @@ class PatternUpdater:
         except ValueError as exc:
             raise PatternInvariantError(f"{name}: {exc}") from exc
         dropped = plan.old_index[plan.drop]
-        if bool(_members(plan.grow, dropped, plan.occupied.numel()).any()):
+        if bool(members(plan.grow, dropped, plan.occupied.numel()).any()):
             raise PatternInvariantError(f"{name}: a block was pruned and regrown in the same update")
         if bool(plan.occupied[plan.grow].any()):
             raise PatternInvariantError(f"{name}: a regrown block was already active")
@@ -313,19 +282,10 @@ class PatternUpdater:
                 raise PatternInvariantError(f"{name}: optimizer state of regrown blocks is not zero")
 
     def _record(self, plan: _Plan) -> LayerUpdateStats:
-        i, layer = plan.layer_index, plan.layer
+        layer = plan.layer
         dropped = plan.old_index[plan.drop].cpu()
         grow = plan.grow.cpu()
-        recent = (
-            float(_members(dropped, self._last_grown[i], layer.pattern.num_blocks).float().mean())
-            if dropped.numel() and self.update_count > 0
-            else float("nan")
-        )
-        last = self._last_grown[i]
-        again = (float(_members(last, dropped, layer.pattern.num_blocks).float().mean())
-                 if last.numel() else float("nan"))  # none grown before (the first update): undefined
-        self._explored[i][grow] = True
-        self._last_grown[i] = grow
+        explored, recent, again = self.exploration.record(plan.layer_index, dropped, grow, self.update_count > 0)
         return LayerUpdateStats(
             name=plan.name,
             pruned=int(dropped.numel()),
@@ -333,95 +293,44 @@ class PatternUpdater:
             nnz_blocks=layer.nnz,
             target_sparsity=layer.target_sparsity,
             sparsity=layer.sparsity,
-            explored_dof=float(self._explored[i].float().mean()),
+            explored_dof=explored,
             pruned_recently_grown=recent,
             grown_pruned_again=again,
         )
 
-    # ------------------------------------------------------------- telemetry
-    def explored_dof(self) -> dict[str, float]:
-        """Per layer: fraction of the dense weight that has ever been active."""
-        return {name: float(e.float().mean()) for (name, _), e in zip(self.layers, self._explored)}
-
-    def mean_explored_dof(self) -> float:
-        return float(np.mean(list(self.explored_dof().values())))
-
-    def explored_mask(self, name: str) -> torch.Tensor:
-        """Boolean ``[out/b, in/b]`` map of the blocks of layer ``name`` ever active."""
-        for (n, layer), explored in zip(self.layers, self._explored):
-            if n == name:
-                return explored.reshape(layer.pattern.grid).clone()
-        raise KeyError(f"no sparse layer named {name!r}")
-
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict:
         """Counters and exploration state (bit-packed), for exact resume."""
-        return {
-            "update_count": self.update_count,
-            "layers": {
-                name: {
-                    "explored": torch.from_numpy(np.packbits(e.numpy())),
-                    "num_blocks": int(e.numel()),
-                    "last_grown": g.clone(),
-                }
-                for (name, _), e, g in zip(self.layers, self._explored, self._last_grown)
-            },
-        }
+        return {"update_count": self.update_count, "layers": self.exploration.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        names = [n for n, _ in self.layers]
-        saved = state.get("layers", {})
-        if sorted(saved) != sorted(names):
-            missing = sorted(set(names) - set(saved)) or sorted(set(saved) - set(names))
-            raise UpdaterError(f"updater state does not match the model's sparse layers (first difference: {missing[0]})")
-        explored, last = [], []
-        for name, e in zip(names, self._explored):
-            entry = saved[name]
-            if int(entry["num_blocks"]) != e.numel():
-                raise UpdaterError(f"updater state for {name} has {entry['num_blocks']} blocks, the layer {e.numel()}")
-            bits = np.unpackbits(entry["explored"].numpy(), count=e.numel()).astype(bool)
-            explored.append(torch.from_numpy(bits))
-            last.append(entry["last_grown"].clone().long())
-        self._explored, self._last_grown = explored, last
+        self.exploration.load_state_dict(state.get("layers", {}))
         self.update_count = int(state["update_count"])
 
 
-def save_explored(updater: "PatternUpdater", path) -> None:
-    """Write every layer's ever-active block map (``uint8 [out/b, in/b]``, 1 = active at some point)
-    to a safetensors file, atomically; the block size is in the metadata."""
-    from safetensors.numpy import save
-
-    from ..io import atomic_write_bytes
-
-    tensors, block_sizes = {}, set()
-    for name, layer in updater.layers:
-        tensors[name] = updater.explored_mask(name).numpy().astype(np.uint8)
-        block_sizes.add(layer.pattern.block_size)
-    metadata = {"format": "ipu_app.explored/1", "block_size": ",".join(str(b) for b in sorted(block_sizes))}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
-
-
-def load_explored(path) -> tuple[dict[str, np.ndarray], int]:
-    """``({layer name: bool block map}, block size)`` from a file written by :func:`save_explored`."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..io import first_line
-
+def build_updater(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    schedule: UpdateSchedule,
+    *,
+    mode: str = "dynamic",
+    pruning_ratio: float = 0.5,
+    pruning_schedule: str = "cosine",
+    regrowth: str = "random",
+    block_metric: str = "l1",
+    seed: int = 0,
+    check_invariants: bool = True,
+    grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PatternUpdater:
+    """The updater of ``sparsity.*`` settings, by the names configs use; each is checked here, once
+    (an unknown name or a ratio out of range is an ``UpdaterError`` naming the choices)."""
+    if mode not in PATTERN_MODES:
+        raise UpdaterError(f"unknown mode {mode!r}; use one of {list(PATTERN_MODES)}")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            maps = {name: f.get_tensor(name).astype(bool) for name in f.keys()}
-    except (OSError, ValueError, SafetensorError) as exc:  # missing, empty, truncated or not safetensors
-        raise UpdaterError(f"cannot read {path}: {first_line(exc)}") from None
-    try:
-        block_size = int(metadata.get("block_size", "1").split(",")[0])
-    except ValueError:
-        raise UpdaterError(f"{path}: bad block_size metadata {metadata.get('block_size')!r}") from None
-    return maps, block_size
-
-
-def _members(positions: torch.Tensor, subset: torch.Tensor, size: int) -> torch.Tensor:
-    """``positions in subset`` for block positions in ``[0, size)``, via a lookup table (O(k), unlike isin)."""
-    table = torch.zeros(size, dtype=torch.bool, device=positions.device)
-    table[subset.to(positions.device)] = True
-    return table[positions]
+        scorer = BlockScorer(block_metric)
+        prune_fraction = PruneFraction(pruning_ratio, schedule.total_steps, pruning_schedule)
+        rule = regrowth_rule(regrowth, seed=seed, scorer=scorer, grad_reduce=grad_reduce)
+    except ValueError as exc:
+        raise UpdaterError(str(exc)) from None
+    return PatternUpdater(model, optimizer, schedule, prune_fraction=prune_fraction, regrowth=rule, scorer=scorer,
+                          dynamic=mode == "dynamic", check_invariants=check_invariants)

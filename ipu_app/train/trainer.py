@@ -42,7 +42,7 @@ from ..seeding import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears
 from ..sparse.regularize import group_lasso_
 from ..rundir import RunDir
-from ..sparse.updater import PRG_WARN, PatternUpdater, save_explored
+from ..sparse.updater import PRG_WARN, build_updater
 from .distributed import DistContext, check_patterns_consistent
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
@@ -194,7 +194,7 @@ class Trainer:
         self.schedule = config.update_schedule()
         self.updater = None
         if s.mode != "dense":
-            self.updater = PatternUpdater(
+            self.updater = build_updater(
                 self.model, self.optimizer, self.schedule, mode=s.mode, pruning_ratio=s.pruning_ratio,
                 pruning_schedule=s.pruning_schedule, regrowth=s.regrowth, block_metric=s.block_metric,
                 seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
@@ -297,7 +297,7 @@ class Trainer:
         # Validation sees the model the phase trained, before an update prunes it.
         if step % t.validate_every == 0 and step < self.total_steps:
             self.evaluate()
-        if self.updater is not None and self.config.sparsity.mode == "dynamic" and self.schedule.is_update_step(step):
+        if self.updater is not None and self.updater.is_update_step(step):
             if self._last_step_finite:
                 stats = self.update_pattern(step)
                 check_patterns_consistent(self.dist, self.sparse_layers, step)
@@ -588,7 +588,7 @@ class Trainer:
             try:
                 self.model.save(self.run.model_dir)
                 if self.updater is not None:
-                    save_explored(self.updater, self.run.explored_path)
+                    self.updater.exploration.save(self.run.explored_path)
                 copy_tokenizer(self.data_dir / "tokenizer", self.run.tokenizer_dir)
                 self.run.write_summary(_json(summary) + "\n")
             except OSError as exc:  # summary.json comes last: without it the run resumes and writes again
@@ -638,7 +638,7 @@ class Trainer:
             "vocab_size": self.model.config.vocab_size,
         }
         if self.updater is not None:
-            summary["mean_explored_dof"] = self.updater.mean_explored_dof()
+            summary["mean_explored_dof"] = self.updater.exploration.mean_explored_dof()
         return summary
 
     def close(self) -> None:

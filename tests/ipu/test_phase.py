@@ -7,7 +7,7 @@ from ipu_app.ipu.phase import IpuPatternSync, IpuStateError, pattern_buffer_name
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.schedule import UpdateSchedule
-from ipu_app.sparse.updater import PatternUpdater
+from ipu_app.sparse.updater import build_updater
 
 from .recorder import Recorder
 
@@ -55,7 +55,7 @@ def tiny_model(**kwargs):
 
 
 def updater_for(model, optimizer, **kwargs):
-    return PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 5), mode="dynamic", pruning_ratio=0.5,
+    return build_updater(model, optimizer, UpdateSchedule.evenly_spaced(10, 5), mode="dynamic", pruning_ratio=0.5,
                           seed=3, **kwargs)
 
 

@@ -7,10 +7,9 @@ from ipu_app.sparse.scoring import (
     largest,
     num_to_prune,
     select_prune,
-    select_regrow_gradient,
-    select_regrow_random,
     smallest,
 )
+from ipu_app.sparse.regrowth import select_regrow_gradient, select_regrow_random
 
 
 def test_block_norms_by_metric():

@@ -8,9 +8,9 @@ from torch import nn
 
 from ipu_app.model.sparse_linear import SparseLinear
 from ipu_app.sparse.layer import sparse_weights
-from ipu_app.sparse import scoring
+from ipu_app.sparse import regrowth, scoring
 from ipu_app.sparse.schedule import UpdateSchedule
-from ipu_app.sparse.updater import PatternInvariantError, PatternUpdater, UpdaterError
+from ipu_app.sparse.updater import PatternInvariantError, build_updater, UpdaterError
 
 OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
@@ -62,7 +62,7 @@ def test_update_surgery_with_optimizers(name, b):
     layers = sparse_weights(model)
     before = [(m.pattern.clone(), m.to_dense(), {k: dense_state(m, v) for k, v in slot_state(optimizer, m).items()})
               for _, m in layers]
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5,
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5,
                              pruning_schedule="constant")
     stats = updater.update(25)
     for (_, layer), (old_pattern, old_dense, old_state), layer_stats in zip(layers, before, stats.layers):
@@ -89,7 +89,7 @@ def test_pruned_blocks_have_lowest_block_norm():
     layer = model[0]
     old_index = layer.pattern.linear_index()
     norms = scoring.block_norms(layer.values, "l1")
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5, pruning_schedule="constant")
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5, pruning_schedule="constant")
     updater.update(5)
     survivors = torch.isin(old_index, layer.pattern.linear_index())
     assert norms[~survivors].max() <= norms[survivors].min()
@@ -100,7 +100,7 @@ def test_unsupported_optimizer_state_is_a_clear_error_and_changes_nothing():
     optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
     train_steps(model, optimizer, n=1)
     before = [m.pattern.clone() for _, m in sparse_weights(model)]
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2))
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2))
     with pytest.raises(UpdaterError, match="'row_var'.*Adafactor is not supported"):
         updater.update(5)
     assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_weights(model), before))
@@ -110,28 +110,28 @@ def test_same_seed_same_patterns_across_processes_and_devices():
     runs = []
     for _ in range(2):
         model = make_model(seed=1)
-        updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), seed=5)
+        updater = build_updater(model, None, UpdateSchedule.evenly_spaced(100, 10), seed=5)
         for step in updater.schedule.steps[:3]:
             updater.step(step)
         runs.append([m.pattern for _, m in sparse_weights(model)])
     assert all(a.equal(b) for a, b in zip(*runs))
     other = make_model(seed=1)
-    PatternUpdater(other, None, UpdateSchedule.evenly_spaced(100, 10), seed=6).update(10)
+    build_updater(other, None, UpdateSchedule.evenly_spaced(100, 10), seed=6).update(10)
     assert not all(a.equal(m.pattern) for a, (_, m) in zip(runs[0], sparse_weights(other)))
 
 
 def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
     seen = []
-    real = scoring.select_regrow_random
+    real = regrowth.select_regrow_random
 
     def spy(occupied, k, generator):
         seen.append(generator.initial_seed())
         return real(occupied, k, generator)
 
-    monkeypatch.setattr("ipu_app.sparse.updater.select_regrow_random", spy)
+    monkeypatch.setattr("ipu_app.sparse.regrowth.select_regrow_random", spy)
     from ipu_app.seeding import derive_seed
 
-    updater = PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(100, 10), seed=9)
+    updater = build_updater(make_model(), None, UpdateSchedule.evenly_spaced(100, 10), seed=9)
     updater.step(30)  # third update: index 2
     assert seen == [derive_seed(9, 2, 0), derive_seed(9, 2, 1)]
 
@@ -139,17 +139,17 @@ def test_random_regrowth_comes_from_seed_update_and_layer(monkeypatch):
 def test_static_mode_never_updates():
     model = make_model()
     before = [m.pattern.clone() for _, m in sparse_weights(model)]
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 10), mode="static")
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(100, 10), mode="static")
     assert all(updater.step(t) is None for t in range(1, 100))
     assert all(m.pattern.equal(p) for (_, m), p in zip(sparse_weights(model), before))
-    assert updater.mean_explored_dof() == pytest.approx(model[0].pattern.density)
+    assert updater.exploration.mean_explored_dof() == pytest.approx(model[0].pattern.density)
     with pytest.raises(UpdaterError, match="never updates"):
         updater.update(10)
 
 
 def test_steps_off_schedule_do_nothing_and_cosine_decays_prune_count():
     model = make_model(b=1, s=0.9)
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5)
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=0.5)
     assert updater.step(24) is None
     first, last = updater.step(25), updater.step(75)
     nnz = model[0].nnz
@@ -161,7 +161,7 @@ def test_steps_off_schedule_do_nothing_and_cosine_decays_prune_count():
 def test_rigl_records_dense_gradient_only_before_updates():
     model = make_model(b=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.explicit(10, [3]), regrowth="gradient")
+    updater = build_updater(model, optimizer, UpdateSchedule.explicit(10, [3]), regrowth="gradient")
     hooks = []
     for step in (1, 2, 3):
         updater.begin_step(step)
@@ -186,7 +186,7 @@ def test_rigl_grows_largest_gradient_blocks():
     model = make_model(b=4)
     layer = model[0]
     old_index = layer.pattern.linear_index()
-    updater = PatternUpdater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient",
+    updater = build_updater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient",
                              pruning_ratio=0.5, pruning_schedule="constant")
     grad = torch.rand(64, 32)
     layer.dense_grad = grad.clone()
@@ -200,11 +200,11 @@ def test_rigl_grows_largest_gradient_blocks():
 
 
 def test_rigl_without_recorded_gradient_fails_clearly():
-    updater = PatternUpdater(make_model(), None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
+    updater = build_updater(make_model(), None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
     with pytest.raises(UpdaterError, match="begin_step"):
         updater.step(5)
     model = make_model()
-    updater = PatternUpdater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
+    updater = build_updater(model, None, UpdateSchedule.explicit(10, [5]), regrowth="gradient")
     for _, m in updater.layers:
         m.dense_grad = torch.full((m.out_features, m.in_features), float("nan"))
     with pytest.raises(UpdaterError, match="not finite"):
@@ -217,16 +217,16 @@ def test_invariant_violation_raises(monkeypatch):
     def bad_regrow(occupied, k, generator):  # regrows already-active blocks
         return torch.nonzero(occupied).flatten()[:k]
 
-    monkeypatch.setattr("ipu_app.sparse.updater.select_regrow_random", bad_regrow)
+    monkeypatch.setattr("ipu_app.sparse.regrowth.select_regrow_random", bad_regrow)
     with pytest.raises(PatternInvariantError):
-        PatternUpdater(model, None, UpdateSchedule.evenly_spaced(10, 2)).update(5)
+        build_updater(model, None, UpdateSchedule.evenly_spaced(10, 2)).update(5)
 
 
 def test_telemetry_explored_dof_and_recent_regrowth():
     model = make_model(b=1, s=0.9)
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(1000, 20), pruning_ratio=1.0,
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(1000, 20), pruning_ratio=1.0,
                              pruning_schedule="constant")
-    dof = [updater.mean_explored_dof()]
+    dof = [updater.exploration.mean_explored_dof()]
     for step in updater.schedule.steps[:5]:
         stats = updater.step(step)
         dof.append(stats.mean_explored_dof)
@@ -235,8 +235,8 @@ def test_telemetry_explored_dof_and_recent_regrowth():
     assert dof[0] == pytest.approx(205 / 2048) and all(b > a for a, b in zip(dof, dof[1:]))
     # with pr = 1 every pruned block had been grown at the previous update (fresh zeros tie at norm 0)
     assert stats.layers[0].pruned_recently_grown == 1.0
-    union = updater.explored_mask("0")
-    assert union.sum() / union.numel() == pytest.approx(updater.explored_dof()["0"])
+    union = updater.exploration.explored_mask("0")
+    assert union.sum() / union.numel() == pytest.approx(updater.exploration.explored_dof()["0"])
     assert stats.as_dict()["layers"][0]["name"] == "0"
 
 
@@ -246,7 +246,7 @@ def test_state_dict_resume_matches_uninterrupted_run():
     def run():
         model = make_model(seed=2)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        updater = PatternUpdater(model, optimizer, schedule, seed=1)
+        updater = build_updater(model, optimizer, schedule, seed=1)
         train_steps(model, optimizer, n=40, updater=updater)
         return model, optimizer, updater
 
@@ -254,14 +254,14 @@ def test_state_dict_resume_matches_uninterrupted_run():
     # interrupted: 20 steps, then a fresh process restores model, optimizer and updater state
     model = make_model(seed=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    updater = PatternUpdater(model, optimizer, schedule, seed=1)
+    updater = build_updater(model, optimizer, schedule, seed=1)
     train_steps(model, optimizer, n=20, updater=updater)
     saved = (model.state_dict(), optimizer.state_dict(), updater.state_dict())
     model2 = make_model(seed=99)  # different initial pattern: must be overwritten by the checkpoint
     model2.load_state_dict(saved[0])
     optimizer2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
     optimizer2.load_state_dict(saved[1])
-    updater2 = PatternUpdater(model2, optimizer2, schedule, seed=1)
+    updater2 = build_updater(model2, optimizer2, schedule, seed=1)
     updater2.load_state_dict(saved[2])
     g = torch.Generator().manual_seed(0)
     for _ in range(20):  # replay the data stream position
@@ -275,13 +275,13 @@ def test_state_dict_resume_matches_uninterrupted_run():
         updater2.step(step)
     for (_, a), (_, b) in zip(sparse_weights(full_model), sparse_weights(model2)):
         assert a.pattern.equal(b.pattern) and torch.equal(a.values, b.values)
-    assert full_updater.explored_dof() == updater2.explored_dof()
+    assert full_updater.exploration.explored_dof() == updater2.exploration.explored_dof()
     assert full_updater.update_count == updater2.update_count == 4
 
 
 def test_load_state_dict_rejects_other_models():
-    updater = PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2))
-    other = PatternUpdater(nn.Sequential(SparseLinear(8, 8, sparsity=0.5)), None, UpdateSchedule.evenly_spaced(10, 2))
+    updater = build_updater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2))
+    other = build_updater(nn.Sequential(SparseLinear(8, 8, sparsity=0.5)), None, UpdateSchedule.evenly_spaced(10, 2))
     with pytest.raises(UpdaterError, match="does not match"):
         updater.load_state_dict(other.state_dict())
 
@@ -291,7 +291,7 @@ def test_frozen_inactive_update_loses_nothing():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_steps(model, optimizer)
     before = [m.to_dense() for _, m in sparse_weights(model)]
-    PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5).update(5)
+    build_updater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=0.5).update(5)
     for (_, m), dense in zip(sparse_weights(model), before):
         assert torch.equal(m.to_dense(), dense)  # weights only moved between trained and frozen sets
         assert torch.all(m.frozen[m.mask()] == 0)
@@ -307,9 +307,9 @@ def test_updater_option_errors():
         ({"pruning_ratio": 2.0}, "pruning_ratio"),
     ):
         with pytest.raises(UpdaterError, match=match):
-            PatternUpdater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2), **kwargs)
+            build_updater(make_model(), None, UpdateSchedule.evenly_spaced(10, 2), **kwargs)
     with pytest.raises(UpdaterError, match="no sparse layers"):
-        PatternUpdater(nn.Linear(2, 2), None, UpdateSchedule.evenly_spaced(10, 2))
+        build_updater(nn.Linear(2, 2), None, UpdateSchedule.evenly_spaced(10, 2))
 
 
 @given(
@@ -329,7 +329,7 @@ def test_updater_properties(b, s, pr, regrowth, metric, seed):
     optimizer.step()
     old_index = layer.pattern.linear_index()
     layer.dense_grad = torch.rand(32, 16, generator=g)
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.explicit(10, [1]), pruning_ratio=pr,
+    updater = build_updater(model, optimizer, UpdateSchedule.explicit(10, [1]), pruning_ratio=pr,
                              pruning_schedule="constant", regrowth=regrowth, block_metric=metric, seed=seed)
     stats = updater.update(1).layers[0]  # invariants are checked inside
     new_index = layer.pattern.linear_index()
@@ -348,7 +348,7 @@ def test_one_element_values_keep_their_moments_remapped():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_steps_4x4(model, optimizer)
     assert optimizer.state[layer.values]["exp_avg"].abs().sum() > 0
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=1.0,
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(10, 2), pruning_ratio=1.0,
                              pruning_schedule="constant")
     stats = updater.update(5)
     assert stats.pruned == 1
@@ -369,7 +369,7 @@ def train_steps_4x4(model, optimizer, n=2):
 
 def test_mean_pruned_recently_grown_skips_layers_without_history():
     model = make_model(b=1, s=0.9)
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=1.0,
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(100, 4), pruning_ratio=1.0,
                              pruning_schedule="constant")
     first = updater.update(25)
     assert math.isnan(first.mean_pruned_recently_grown) and math.isnan(first.as_dict()["mean_pruned_recently_grown"])
@@ -381,9 +381,9 @@ def test_mean_pruned_recently_grown_skips_layers_without_history():
 def test_grown_pruned_again_counts_the_previous_growth():
     # pr 0.5 then (cosine, T = 40) smaller: of the blocks grown at step 10, the fraction pruned at step 20.
     model = make_model(b=1, s=0.9)
-    updater = PatternUpdater(model, None, UpdateSchedule.explicit(40, [10, 20]), pruning_ratio=0.5)
+    updater = build_updater(model, None, UpdateSchedule.explicit(40, [10, 20]), pruning_ratio=0.5)
     updater.step(10)
-    grown = {name: set(updater._last_grown[i].tolist()) for i, (name, _) in enumerate(updater.layers)}
+    grown = {name: set(updater.exploration.last_grown(i).tolist()) for i, (name, _) in enumerate(updater.layers)}
     before = {name: set(layer.pattern.linear_index().tolist()) for name, layer in updater.layers}
     stats = updater.step(20)
     for (name, layer), layer_stats in zip(updater.layers, stats.layers):
@@ -429,7 +429,7 @@ def test_updater_works_on_any_module_offering_the_interface():
     scale = torch.tensor([1.0, 10.0, 0.1, 100.0]).reshape(4, 1, 1)
     layer = BareBlockSparse(8, 8, 2, [0, 1, 2, 3], [0, 1, 2, 3], torch.ones(4, 2, 2) * scale)
     model = nn.Sequential(layer)
-    updater = PatternUpdater(model, None, UpdateSchedule.evenly_spaced(4, 2), pruning_ratio=0.5,
+    updater = build_updater(model, None, UpdateSchedule.evenly_spaced(4, 2), pruning_ratio=0.5,
                              pruning_schedule="constant")
     assert [name for name, _ in updater.layers] == ["0"]
     stats = updater.step(2)

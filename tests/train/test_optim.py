@@ -9,7 +9,7 @@ from ipu_app.model.bert import SparseBertForPreTraining
 from ipu_app.model.sparse_linear import SparseLinear
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.schedule import UpdateSchedule
-from ipu_app.sparse.updater import PatternUpdater
+from ipu_app.sparse.updater import build_updater
 from ipu_app.train.optim import SlotAdamW, build_optimizer, parameter_groups
 
 
@@ -50,7 +50,7 @@ def first_step_size_of_regrown_slots(per_slot):
     lr = 1e-3
     optimizer = cls(parameter_groups(model, 0.0, per_slot_steps=per_slot), lr=lr, eps=1e-12)
     run(model, optimizer, 50)
-    updater = PatternUpdater(model, optimizer, UpdateSchedule.evenly_spaced(100, 2), pruning_ratio=0.5,
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(100, 2), pruning_ratio=0.5,
                              pruning_schedule="constant")
     updater.update(50)
     layer = model[1]
