@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..choices import BENCH_DTYPES, BENCH_SHAPES, SUPPORTED_BLOCK_SIZES
 from ..io import atomic_write_bytes
+from .plotting import save_png
 
 SHAPES = BENCH_SHAPES  # name: (in_features, out_features)
 DTYPES = dict(zip(BENCH_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
@@ -248,10 +249,9 @@ def _kernel_dicts(rows: list[KernelRow]) -> list[dict]:
 
 
 def plot_kernels(rows: list[KernelRow], path: Path) -> None:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     shapes = list(dict.fromkeys(r.shape for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False, sharey=True)
@@ -274,10 +274,7 @@ def plot_kernels(rows: list[KernelRow], path: Path) -> None:
     axes[0][0].set_ylabel(f"epsilon (fwd+bwd, {rows[0].dtype}, {rows[0].device})")
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, tight_bbox=False)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -470,10 +467,9 @@ def train_table(rows: list[TrainRow]) -> str:
 
 
 def plot_train(rows: list[TrainRow], title: str, path: Path) -> None:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.4))
     bars = ax.bar([r.variant for r in rows], [r.step_ms for r in rows], color="tab:blue")
@@ -483,10 +479,7 @@ def plot_train(rows: list[TrainRow], title: str, path: Path) -> None:
     ax.set_ylabel("median step time (ms)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, tight_bbox=False)
 
 
 # -------------------------------------------------------------------------------------------- CLI

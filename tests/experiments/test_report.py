@@ -379,7 +379,7 @@ def test_freeze_unfreeze_report(runs_root, tmp_path):
 
 
 def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
-    from ipu_app.experiments.report import paired_difference
+    from ipu_app.experiments.figures.paired import paired_difference
 
     static = {0: 6.20, 1: 6.25, 2: 6.18}
     dyn = {0: 6.15, 1: 6.21, 2: 6.12}  # better by 0.05, 0.04, 0.06: consistent across seeds
@@ -423,7 +423,7 @@ def test_paired_report_per_seed_differences_against_static(runs_root, tmp_path):
 def test_seeds_for_power_match_the_textbook_paired_t_test():
     """80% power at 5% (two-sided), paired: d = 1 needs 10 pairs, d = 0.8 15, d = 0.5 34 (the
     standard tables, e.g. G*Power's matched-pairs t-test)."""
-    from ipu_app.experiments.report import seeds_for_power
+    from ipu_app.experiments.figures.paired import seeds_for_power
 
     assert seeds_for_power(0.01, 0.01) == 10
     assert seeds_for_power(-0.008, 0.01) == 15
@@ -483,7 +483,8 @@ def test_pareto_draws_a_single_dense_size(runs_root):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ipu_app.experiments.report import METHOD_LABELS, _draw_pareto
+    from ipu_app.experiments.figures.common import METHOD_LABELS
+    from ipu_app.experiments.figures.pareto import draw_pareto
     from ipu_app.experiments.runs import dense_curve, load_runs
 
     make_run(runs_root, "bert_mini_dense", "bert_mini_dense", 2.6)
@@ -491,7 +492,7 @@ def test_pareto_draws_a_single_dense_size(runs_root):
     runs, _ = load_runs(runs_root)
     assert dense_curve(runs) is None
     fig, ax = plt.subplots()
-    _draw_pareto(ax, runs, None, lambda r: METHOD_LABELS[r.method])
+    draw_pareto(ax, runs, None, lambda r: METHOD_LABELS[r.method])
     dense = next(r for r in runs if r.mode == "dense")
     drawn = {(float(x), float(y)) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())}
     assert (dense.flops, 2.6) in drawn
@@ -523,3 +524,18 @@ def test_capacity_report_applies_the_pilots_choice_rule(runs_root, tmp_path):
     assert rows[2000, 0.9]["eligible"] == "False" and float(rows[2000, 0.9]["val_rise"]) == pytest.approx(0.1)
     assert rows[2000, 0.95]["eligible"] == "False" and rows[1000, 0.5]["eligible"] == "False"
     assert [k for k, r in rows.items() if r["chosen"] == "True"] == [(1000, 0.95)]
+
+
+def test_every_figure_is_a_module_with_a_table_and_a_plot_function():
+    from pathlib import Path
+
+    from ipu_app.experiments import figures
+
+    folder = Path(figures.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "common"}
+    assert modules == set(figures.NAMES)  # a figure module not in the registry is caught
+    for name in figures.NAMES:
+        module = figures.figure_module(name)
+        assert callable(module.tables) and callable(module.plot), name
+    with pytest.raises(KeyError):
+        figures.figure_module("common")
