@@ -37,7 +37,8 @@ def _export(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .experiments.sweep import SweepRunner, format_plan, format_results, load_sweep
+    from .experiments.sweep import SweepRunner, format_plan, format_results
+    from .experiments.sweep_spec import load_sweep
 
     sweep = load_sweep(args.spec)
     directory = Path(args.output_dir or Path("runs") / "sweeps" / sweep.name)

@@ -414,16 +414,24 @@ def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = Non
     raise ConfigError(f"config {text!r} not found{hint}")
 
 
-def read_yaml(path: Path) -> dict:
-    """A YAML file holding a mapping (empty -> {}); one-line ConfigError otherwise."""
+def parse_yaml(text: str, path: Path | str) -> Any:
+    """``yaml.safe_load(text)``; a one-line ConfigError naming ``path`` and the line otherwise (the one
+    way configs, saved configs and sweep specs report broken YAML)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file holding a mapping (empty -> {}); one-line ConfigError otherwise."""
+    try:
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    data = parse_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):

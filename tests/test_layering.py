@@ -32,6 +32,7 @@ EXCEPTIONS = {  # (importer, imported prefix): the documented ones
 }
 ENTRY_POINTS = ("__main__", "train.cli")  # only these may import a command line
 TORCH_FREE = ("choices", "config", "rundir", "signals", "sparse.flops", "sparse.schedule", "experiments.sweep",
+              "experiments.sweep_spec",
               "experiments.runs", "experiments.report", "__main__")
 
 

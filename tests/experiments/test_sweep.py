@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from ipu_app.__main__ import main as app_main
-from ipu_app.experiments.sweep import SweepError, SweepRunner, load_sweep
+from ipu_app.experiments.sweep import SweepRunner
+from ipu_app.experiments.sweep_spec import SweepError, load_sweep
 from ipu_app.rundir import RunDir
 
 SHIPPED = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "sweeps").glob("*.yaml"))
@@ -211,7 +212,7 @@ def test_devices_spread_runs_over_gpus_several_per_gpu(tmp_path, monkeypatch):
 
     import torch
 
-    from ipu_app.experiments.sweep import RunSpec
+    from ipu_app.experiments.sweep_spec import RunSpec
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     spec = write_spec(tmp_path, {"grid": [{"config": "bert_tiny_dense", "seed": [0, 1, 2, 3, 4]}], "figure": "pareto"})
