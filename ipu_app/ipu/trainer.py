@@ -12,7 +12,6 @@ Validation and checkpoints read the weights from the device first; validation ru
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
@@ -21,7 +20,8 @@ from ..train.distributed import DistContext
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
 from ..train.sums import TRAIN_FIELDS, Sums
-from ..train.trainer import Trainer, _real_tokens
+from ..train.step import StepResult, real_token_count
+from ..train.trainer import Trainer
 from . import import_poptorch
 from ..data.loader import static_batch
 from .model import IpuPretrainingModel, parallelize
@@ -104,92 +104,94 @@ def _half(config: RunConfig) -> bool:
     return config.training.precision in ("auto", "fp16")
 
 
-class IpuTrainer(Trainer):
-    def __init__(self, config: RunConfig, run_dir, *, poptorch=None, popdist=None, popsparse_library=None,
-                 **kwargs) -> None:
+class IpuStep:
+    """The step backend of ``backend: ipu`` (see ``train.step``): one PopTorch executor call per
+    optimizer step; pattern updates through :class:`IpuPatternSync`; the host reads the weights from
+    the device before validation and checkpoints. The loop around it is the CPU/GPU trainer's."""
+
+    def __init__(self, config: RunConfig, *, poptorch=None, popdist=None, popsparse_library=None) -> None:
         check_ipu_config(config)
         self.poptorch = poptorch if poptorch is not None else import_poptorch()
+        self.popdist = popdist
+        self.popsparse_library = popsparse_library
         self.plan = plan(config)
-        kwargs.setdefault("dist", InstanceContext.from_popdist(popdist))
-        super().__init__(config, run_dir, device="cpu", **kwargs)
-        self.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
         self.half = _half(config)
         self.replicas_here = self.plan.replication_factor // config.ipu.instances
         self.micro_per_call = self.plan.gradient_accumulation * self.replicas_here
-        self._loss_divisor = self.micro_per_call  # window sums: this instance's micro-batches, not reduced
         self.popsparse = None
-        if config.ipu.sparse_op == "popsparse" and self.sparse_layers:
-            from .custom_ops import PopsparseLayers
-            from .popsparse import sparse_matmul_options
-
-            options = sparse_matmul_options(config.ipu.sparse_available_memory, config.ipu.meta_info_bucket_oversize,
-                                            "half" if config.ipu.enable_half_partials else "float",
-                                            config.sparsity.block_size)
-            self.popsparse = PopsparseLayers(self.model, self.poptorch, config.micro_batch_size * config.data.seq_len,
-                                             options, self.half, library=popsparse_library)
-        if config.ipu.sparse_op == "popsparse_static" and self.sparse_layers:
-            from .custom_ops import StaticPopsparseLayers
-
-            self.static_popsparse = StaticPopsparseLayers(self.model, self.poptorch,
-                                                          config.micro_batch_size * config.data.seq_len,
-                                                          "float16" if self.half else "float32")
-        self.wrapper = IpuPretrainingModel(self.model, self.poptorch)
-        self.hooks = parallelize(self.wrapper, self.plan.placement, self.poptorch,
-                                 recompute_every_layer=config.ipu.recompute_checkpoint_every_layer)
-        if self.half:
-            self.wrapper.half()
-        # The executor wraps ``self.wrapper``: PopART names of the model's tensors start with "model.".
-        options = build_options(config, self.poptorch, pattern_buffer_names(self.model, "model."), popdist=popdist)
-        self.executor = self.poptorch.trainingModel(self.wrapper, options=options, optimizer=self.optimizer)
-        self.sync = (IpuPatternSync(self.executor, self.optimizer, self.updater, self.model,
-                                    dense_gradient=self._host_dense_gradient, prefix="model.",
-                                    on_pattern_change=self.popsparse.refresh if self.popsparse else None)
-                     if self.updater is not None else None)
+        self.static_popsparse = None
         self._last_batch = None
-        if self.dist.world_size > 1:  # the base trainer sliced validation by rank for all-reduced sums
-            from ..data.loader import MaskingConfig, validation_batches
 
-            masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
-            self.validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
-                                                 max_sequences=config.data.validation_sequences)
-
-    # --------------------------------------------------------------- backend hooks
-    def make_optimizer(self):
-        o = self.config.optimizer
+    def make_optimizer(self, trainer: Trainer):
+        o = trainer.config.optimizer
         loss_scaling = o.loss_scale if isinstance(o.loss_scale, float) else None
         return self.poptorch.optim.AdamW(
-            parameter_groups(self.model, o.weight_decay, o.sparse_weight_decay), lr=self.config.learning_rate,
+            parameter_groups(trainer.model, o.weight_decay, o.sparse_weight_decay), lr=trainer.config.learning_rate,
             betas=(o.beta1, o.beta2),
             eps=o.eps, weight_decay=o.weight_decay, loss_scaling=loss_scaling,
             max_grad_norm=o.max_grad_norm or None, bias_correction=True,
             accum_type=torch.float32, first_order_momentum_accum_type=torch.float32,
             second_order_momentum_accum_type=torch.float32)
 
-    def update_pattern(self, step: int):
-        return self.sync.step(step)
+    def attach(self, trainer: Trainer) -> None:
+        config, model, poptorch = trainer.config, trainer.model, self.poptorch
+        trainer.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
+        trainer._loss_divisor = self.micro_per_call  # window sums: this instance's micro-batches, not reduced
+        if config.ipu.sparse_op == "popsparse" and trainer.sparse_layers:
+            from .custom_ops import PopsparseLayers
+            from .popsparse import sparse_matmul_options
+
+            options = sparse_matmul_options(config.ipu.sparse_available_memory, config.ipu.meta_info_bucket_oversize,
+                                            "half" if config.ipu.enable_half_partials else "float",
+                                            config.sparsity.block_size)
+            self.popsparse = PopsparseLayers(model, poptorch, config.micro_batch_size * config.data.seq_len,
+                                             options, self.half, library=self.popsparse_library)
+        if config.ipu.sparse_op == "popsparse_static" and trainer.sparse_layers:
+            from .custom_ops import StaticPopsparseLayers
+
+            self.static_popsparse = StaticPopsparseLayers(model, poptorch, config.micro_batch_size * config.data.seq_len,
+                                                          "float16" if self.half else "float32")
+        self.wrapper = IpuPretrainingModel(model, poptorch)
+        self.hooks = parallelize(self.wrapper, self.plan.placement, poptorch,
+                                 recompute_every_layer=config.ipu.recompute_checkpoint_every_layer)
+        if self.half:
+            self.wrapper.half()
+        # The executor wraps ``self.wrapper``: PopART names of the model's tensors start with "model.".
+        options = build_options(config, poptorch, pattern_buffer_names(model, "model."), popdist=self.popdist)
+        self.executor = poptorch.trainingModel(self.wrapper, options=options, optimizer=trainer.optimizer)
+        self.sync = (IpuPatternSync(self.executor, trainer.optimizer, trainer.updater, model,
+                                    dense_gradient=self._host_dense_gradient, prefix="model.",
+                                    on_pattern_change=self.popsparse.refresh if self.popsparse else None)
+                     if trainer.updater is not None else None)
+        if trainer.dist.world_size > 1:  # the loop sliced validation by rank for all-reduced sums
+            from ..train.build import build_validation
+
+            trainer.validation, _ = build_validation(config, trainer.data_dir, trainer.dist, trainer.static_masks,
+                                                     shard=False)
 
     # -------------------------------------------------------------------- one step
-    def _call_batch(self) -> dict:
-        micro = [static_batch(next(self.batches), self.config.data.max_predictions) for _ in range(self.micro_per_call)]
+    def call_batch(self, trainer: Trainer) -> dict:
+        """One executor call's input: ``micro_per_call`` micro-batches, concatenated."""
+        micro = [static_batch(trainer.next_batch(), trainer.config.data.max_predictions)
+                 for _ in range(self.micro_per_call)]
         batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
         self._last_batch = micro[-1]
         return batch
 
-    def train_step(self, step: int) -> None:
-        started = time.perf_counter()
-        batch = self._call_batch()
-        lr = self.scheduler.get_last_lr()[0]
+    def step(self, trainer: Trainer, step: int) -> StepResult:
+        batch = self.call_batch(trainer)
+        lr = trainer.scheduler.get_last_lr()[0]
         # Outputs are per micro-batch of the call; summed here (no all-reduce: instances do not share
         # sums, so logged training losses are instance 0's replicas').
         loss, mlm, nsp, correct, masked = (torch.as_tensor(t).double().sum() for t in self.executor(**batch))
-        self.scheduler.step()
-        self.executor.setOptimizer(self.optimizer)  # the new learning rate, without recompiling
+        trainer.scheduler.step()
+        self.executor.setOptimizer(trainer.optimizer)  # the new learning rate, without recompiling
         sums = Sums(TRAIN_FIELDS).add(mlm_loss=mlm, nsp_loss=nsp, mlm_correct=correct)
-        # The skip record, the non-finite steps in a row and the divergence stop are the torch step's.
-        self.end_step(step, finite=bool(torch.isfinite(loss)), grad_norm=float("nan"), lr=lr, sums=sums,
-                      masked=int(masked), tokens=batch["input_ids"].numel(),
-                      real_tokens=_real_tokens(batch),
-                      seconds=time.perf_counter() - started)
+        return StepResult(finite=bool(torch.isfinite(loss)), grad_norm=float("nan"), lr=lr, sums=sums,
+                          masked=int(masked), tokens=batch["input_ids"].numel(), real_tokens=real_token_count(batch))
+
+    def update_pattern(self, trainer: Trainer, step: int):
+        return self.sync.step(step)
 
     def _host_dense_gradient(self, model, step: int) -> None:
         """RigL: the dense gradient of the step's last micro-batch, on the host."""
@@ -204,23 +206,31 @@ class IpuTrainer(Trainer):
 
     # ------------------------------------------------------- validation, checkpoints
     @torch.no_grad()
-    def evaluate(self, final: bool = False) -> dict:
+    def evaluate(self, trainer: Trainer, final: bool, evaluate) -> dict:
         self.executor.copyWeightsToHost()
-        if not self.dist.is_main:  # instance 0 validates on the whole set; the others go on
+        if not trainer.dist.is_main:  # instance 0 validates on the whole set; the others go on
             nan = float("nan")
             return {"mlm_loss": nan, "mlm_accuracy": nan, "nsp_loss": nan, "sequences": 0}
         if not self.half:
-            return super().evaluate(final)
-        device_model, self.model = self.model, copy.deepcopy(self.model).float()
+            return evaluate(final)
+        device_model, trainer.model = trainer.model, copy.deepcopy(trainer.model).float()
+        compiled, trainer.compiled_eval = trainer.compiled_eval, trainer.model
         try:
-            return super().evaluate(final)
+            return evaluate(final)
         finally:
-            self.model = device_model
+            trainer.model, trainer.compiled_eval = device_model, compiled
 
-    def save_checkpoint(self):
+    def before_checkpoint(self, trainer: Trainer) -> None:
         self.executor.copyWeightsToHost()
-        return super().save_checkpoint()
 
-    def close(self) -> None:
-        super().close()
+    def close(self, trainer: Trainer) -> None:
         self.executor.destroy()
+
+
+def IpuTrainer(config: RunConfig, run_dir, *, poptorch=None, popdist=None, popsparse_library=None,  # noqa: N802
+               **kwargs) -> Trainer:
+    """The trainer of ``backend: ipu``: the one loop with an :class:`IpuStep` (``trainer.backend``), on
+    the host device, with ``poprun`` instances as its ranks."""
+    backend = IpuStep(config, poptorch=poptorch, popdist=popdist, popsparse_library=popsparse_library)
+    kwargs.setdefault("dist", InstanceContext.from_popdist(popdist))
+    return Trainer(config, run_dir, device="cpu", backend=backend, **kwargs)

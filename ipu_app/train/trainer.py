@@ -16,40 +16,36 @@ work) and it keeps the loop readable. Steps count completed optimizer steps, fro
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import ops, signals
-from ..config import ConfigError, RunConfig
-from ..data.corpus import CorpusError
-from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
-                           static_batch, validation_batches)
+from ..config import RunConfig
+from ..data.loader import Prefetcher, WorkerLoader
 from ..data.tokenizer import file_sha256
 from ..io import first_line
 from ..machine import cpu_identity, machine_key
-from ..model.bert import SparseBertForPreTraining
-from ..sparse.layer import sparse_weights
-from ..seeding import derive_seed
-from ..sparse.freeze import PartialFreezer, freezable_linears
-from ..sparse.regularize import group_lasso_
 from ..rundir import RunDir
-from ..sparse.updater import PRG_WARN, build_updater
-from .distributed import DistContext, check_patterns_consistent
+from ..sparse.layer import sparse_weights
+from ..sparse.updater import PRG_WARN
+from .build import (build_freezer, build_loader, build_model, build_pattern_updater, build_validation,
+                    resolve_data_dir, uses_static_masks)
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
+from .distributed import DistContext, check_patterns_consistent
 from .metrics import METRICS_VERSION, MetricsLogger, NullLogger
-from .optim import build_optimizer, build_scheduler
-from .sums import TRAIN_FIELDS, Sums, output_sums
+from .optim import build_scheduler
 from .precision import Precision, resolve_precision, resolve_threads
+from .step import StepBackend, TorchStep, masked_tokens
+from .sums import TRAIN_FIELDS, Sums, output_sums
+
+__all__ = ["Trainer", "TrainingDiverged", "evaluate_batches", "resolve_data_dir"]
 
 
 @dataclass
@@ -116,11 +112,12 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  device: str | torch.device | None = None, tensorboard: bool = True,
-                 dist: DistContext = DistContext()) -> None:
+                 dist: DistContext = DistContext(), backend: StepBackend | None = None) -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.run_dir = self.run.path
         self.dist = dist
+        self.backend = backend if backend is not None else TorchStep()
         self.progress = progress and dist.is_main
         self.device = torch.device(device) if device else dist.device()
         self.precision: Precision = resolve_precision(config.training.precision, self.device)
@@ -133,51 +130,13 @@ class Trainer:
 
         self.data_dir = resolve_data_dir(config, progress)
         self.data_manifest_sha256 = file_sha256(self.data_dir / "manifest.json")  # recorded in checkpoints
-        masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
-        train_set = PretrainingDataset(self.data_dir, "train", masking, seed=config.seed)
-        # Fixed-size masked positions (no data-dependent shape, no host sync) where a compiled graph
-        # or a GPU runs the model; the exact rows (nonzero) on an eager CPU run.
-        fixed = config.data.fixed_size_masks
-        self.static_masks = (self.device.type == "cuda" or t.compile) if fixed is None else fixed
-        self._host_transform = (functools.partial(static_batch, max_predictions=config.data.max_predictions)
-                                if self.static_masks else None)
-        global_micro = config.micro_batch_size * dist.world_size
-        if len(train_set) < global_micro:
-            raise CorpusError(f"{self.data_dir} has {len(train_set)} training samples of seq_len "
-                              f"{config.data.seq_len}, fewer than one batch of {global_micro}; prepare more data "
-                              "or lower training.micro_batch_size")
-        self.batches = BatchIterator(train_set, config.micro_batch_size, dist.rank, dist.world_size)
-        prefetch, pin = config.data.prefetch_batches, self.device.type == "cuda"
-        if config.data.num_workers:
-            self.batches = WorkerLoader(self.batches, config.data.num_workers, self._host_transform, pin_memory=pin,
-                                        prefetch=2 if prefetch is None else max(prefetch, 1))
-        elif prefetch or (prefetch is None and pin):  # null: 2 ahead on a GPU, none on a CPU
-            self.batches = Prefetcher(self.batches, prefetch or 2, self._host_transform, pin_memory=pin)
-        if not isinstance(self.batches, BatchIterator):
-            self._host_transform = None  # the thread or the workers apply it
-        validation = validation_batches(self.data_dir, config.micro_batch_size, masking,
-                                        max_sequences=config.data.validation_sequences)
-        if self.static_masks:
-            validation = [static_batch(b, config.data.max_predictions) for b in validation]
-        self.validation = validation[dist.rank :: dist.world_size]  # sums are all-reduced
-        self.validation_sequences = sum(b["input_ids"].shape[0] for b in validation)
+        self.static_masks = uses_static_masks(config, self.device)
+        loader = build_loader(config, self.data_dir, dist, self.device, self.static_masks)
+        self.batches, self._host_transform = loader.batches, loader.host_transform
+        self.validation, self.validation_sequences = build_validation(config, self.data_dir, dist, self.static_masks)
         self._local_validation_sequences = sum(b["input_ids"].shape[0] for b in self.validation)
-        if not self.validation:
-            raise ConfigError(f"{self.data_dir} has no validation sequences; prepare more data")
 
-        torch.manual_seed(config.seed)  # dense initialisation and dropout draw from the global generator
-        self.model = SparseBertForPreTraining(config.model_config(train_set.vocab_size)).to(self.device)
-        if dist.rank > 0:  # identical weights and patterns on every rank; independent dropout streams
-            torch.manual_seed(derive_seed(config.seed, 0xD15, dist.rank))
-        self.forward_model = self.model
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Buffers (the patterns) are not broadcast: ranks keep them equal by construction and the
-            # hash check after every update proves it, instead of rank 0 silently overwriting them.
-            self.forward_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        self.model, self.forward_model = build_model(config, loader.train_set.vocab_size, self.device, dist)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
@@ -187,28 +146,15 @@ class Trainer:
             ops.preload()  # dynamo traces the backend choice as a dict lookup, not an import (no graph break)
         self.compiled_model = torch.compile(self.forward_model) if t.compile else self.forward_model
         self.compiled_eval = torch.compile(self.model) if t.compile else self.model
-        self.optimizer = self.make_optimizer()
+        self.optimizer = self.backend.make_optimizer(self)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = self.precision.grad_scaler(config.optimizer.loss_scale)
-        s = config.sparsity
         self.schedule = config.update_schedule()
-        self.updater = None
-        if s.mode != "dense":
-            self.updater = build_updater(
-                self.model, self.optimizer, self.schedule, mode=s.mode, pruning_ratio=s.pruning_ratio,
-                pruning_schedule=s.pruning_schedule, regrowth=s.regrowth, block_metric=s.block_metric,
-                seed=config.seed, grad_reduce=dist.all_reduce_mean if dist.enabled else None,
-            )
+        self.updater = build_pattern_updater(config, self.model, self.optimizer, self.schedule, dist)
         self.sparse_layers = sparse_weights(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
         self.kernel_line = ops.kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
-        self.freezer = None
-        if s.freeze != "none":
-            from ..model.sizes import SPARSE_MODULES
-
-            paths = {SPARSE_MODULES[m] for m in s.modules}
-            self.freezer = PartialFreezer(freezable_linears(self.model.bert.encoder, paths, "bert.encoder."),
-                                          s.freeze, s.ratio, t.steps, config.seed)
+        self.freezer = build_freezer(config, self.model)
         self.step = 0
         self.window = _Window()
         self._loss_divisor = self.accumulation * dist.world_size  # summed micro-batch means -> a mean
@@ -231,6 +177,13 @@ class Trainer:
         self.machine = machine_key(self.device.type, gpu)
         if self.machine not in self.counters.machines:
             self.counters.machines.append(self.machine)
+        self.backend.attach(self)
+
+    def stateful(self) -> dict:
+        """Every part whose ``state_dict`` a checkpoint holds, by its key in the checkpoint (None: the
+        run has no such part), in the order they are restored."""
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                "updater": self.updater, "freezer": self.freezer, "data": self.batches}
 
     # ==================================================================== the loop
     def train(self, stop_at: int | None = None) -> dict | None:
@@ -332,68 +285,18 @@ class Trainer:
             if self.dist.is_main:
                 (tqdm.write if has_bar else print)(message, file=sys.stderr)
 
-    # ============================================================ backend hooks
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, self.config)
-
-    def update_pattern(self, step: int):
-        """The scheduled pattern update after step ``step`` (an accelerator also moves state here)."""
-        return self.updater.step(step)
-
     # ================================================================ one step
+    def update_pattern(self, step: int):
+        """The scheduled pattern update after step ``step`` (the backend moves its state)."""
+        return self.backend.update_pattern(self, step)
+
     def train_step(self, step: int) -> None:
-        """Optimizer step number ``step``: its micro-batches, clipping, the optimizer and the learning
-        rate; what the loop runs between phase boundaries (and what ``bench train`` times)."""
+        """Optimizer step number ``step`` on the backend, then its bookkeeping: what the loop runs
+        between phase boundaries (and what ``bench train`` times)."""
         started = time.perf_counter()
-        model, optimizer = self.model, self.optimizer
-        model.train()
-        if self.updater is not None:
-            self.updater.begin_step(step)  # RigL: dense gradients only before an update
-        # RigL's recording steps run eagerly (tensor hooks); the others run the compiled model.
-        recording = self.updater is not None and self.updater.needs_dense_grad(step)
-        forward = self.forward_model if recording else self.compiled_model
-        sums = Sums(TRAIN_FIELDS, self.device)
-        tokens = real_tokens = masked = 0
-        for micro in range(self.accumulation):
-            batch = self._next_batch()
-            masked += _masked_tokens(batch)  # counted on the host, before the copy
-            tokens += batch["input_ids"].numel()
-            real_tokens += _real_tokens(batch)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            last = micro == self.accumulation - 1
-            # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
-            with sync:
-                with self.precision.autocast():
-                    out = forward(**batch)
-                loss = out.loss / self.accumulation
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            sums.add(**output_sums(out))  # on the device: no sync per micro-batch
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
-        if self.freezer is not None:
-            self.freezer.before_optimizer_step(step)
-        max_norm = self.config.optimizer.max_grad_norm or float("inf")
-        # The step's one host sync: whether the gradients are finite decides the optimizer step.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        finite = math.isfinite(grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        if self.scaler:
-            self.scaler.step(optimizer)  # skips the step itself when the gradients overflowed
-            self.scaler.update()
-        elif finite:
-            optimizer.step()
-        if self.freezer is not None:
-            self.freezer.after_optimizer_step(step)
-        if finite and self.config.sparsity.group_lasso > 0:
-            for _, layer in self.sparse_layers:
-                group_lasso_(layer.values, lr, self.config.sparsity.group_lasso)
-        optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped first step still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            self.scheduler.step()
-        self.end_step(step, finite=finite, grad_norm=grad_norm, lr=lr, sums=sums, masked=masked,
-                      tokens=tokens * self.dist.world_size, real_tokens=real_tokens * self.dist.world_size,
+        result = self.backend.step(self, step)
+        self.end_step(step, finite=result.finite, grad_norm=result.grad_norm, lr=result.lr, sums=result.sums,
+                      masked=result.masked, tokens=result.tokens, real_tokens=result.real_tokens,
                       seconds=time.perf_counter() - started)
 
     def end_step(self, step: int, *, finite: bool, grad_norm: float, lr: float, sums: Sums, masked: int,
@@ -421,7 +324,8 @@ class Trainer:
         self.window.add(sums, steps=1, masked=masked, grad_norm=grad_norm if finite else 0.0, seconds=seconds,
                         tokens=tokens, real_tokens=real_tokens)
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next training micro-batch of this rank, on the host."""
         batch = next(self.batches)
         return self._host_transform(batch) if self._host_transform is not None else batch
 
@@ -478,7 +382,11 @@ class Trainer:
 
     # ============================================================== validation
     def evaluate(self, final: bool = False) -> dict:
-        """MLM loss, NSP loss and MLM accuracy on the fixed validation set (``evaluate_batches``)."""
+        """MLM loss, NSP loss and MLM accuracy on the fixed validation set (``evaluate_batches``), on
+        the host model once the backend has made it current."""
+        return self.backend.evaluate(self, final, self._evaluate_host)
+
+    def _evaluate_host(self, final: bool) -> dict:
         self.model.eval()
         if final and not self.progress and self.dist.is_main:
             print(f"final validation: {self.validation_sequences:,} sequences", file=sys.stderr)
@@ -498,12 +406,7 @@ class Trainer:
         self._count_wall_time(restart=True)  # the checkpoint holds the wall time so far
         return {
             "config": self.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "updater": self.updater.state_dict() if self.updater is not None else None,
-            "freezer": self.freezer.state_dict() if self.freezer is not None else None,
-            "data": self.batches.state_dict(),
+            **{key: part.state_dict() if part else None for key, part in self.stateful().items()},
             "rng": self.dist.all_gather_object(rng_state()),  # one entry per rank
             "window": self.window.state_dict(),
             "counters": vars(self.counters).copy(),
@@ -514,6 +417,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Every rank contributes its RNG state; rank 0 writes."""
+        self.backend.before_checkpoint(self)
         state = self._state()
         path = None
         if self.dist.is_main:
@@ -529,15 +433,9 @@ class Trainer:
                                   "manifest.json differs): resume on the data the run started with, or start a "
                                   "new run")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler and state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-            if self.updater is not None:
-                self.updater.load_state_dict(state["updater"])
-            if self.freezer is not None:
-                self.freezer.load_state_dict(state["freezer"])
-            self.batches.load_state_dict(state["data"])
+            for key, part in self.stateful().items():
+                if part and state[key] is not None:
+                    part.load_state_dict(state[key])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {first_line(exc)}") from None
         for _, layer in self.sparse_layers:
@@ -645,6 +543,7 @@ class Trainer:
         self.metrics.close()
         if isinstance(self.batches, (Prefetcher, WorkerLoader)):
             self.batches.close()  # stop the thread or the processes building batches ahead
+        self.backend.close(self)
 
     # ================================================================ signals
     def _signals_to_checkpoint(self):
@@ -662,24 +561,6 @@ class Trainer:
         return self._stop_requested
 
 
-def resolve_data_dir(config: RunConfig, progress: bool = True) -> Path:
-    """``data.dir`` if given (it must be prepared), else the embedded corpus (prepared once, cached)."""
-    from ..data.prepare import prepare_embedded
-    from ..data.shards import load_manifest
-
-    if config.data.dir:
-        path = Path(config.data.dir)
-        load_manifest(path)  # one-line error when it is not prepared data
-        return path
-    return prepare_embedded(config.data.tokenizer, config.data.vocab_size, progress=progress)
-
-
-def _masked_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Masked tokens of a host batch (either form of the labels)."""
-    labels = batch["masked_labels"] if "masked_labels" in batch else batch["mlm_labels"]
-    return int(np.count_nonzero(labels.numpy() != -100))  # numpy: never a device read
-
-
 @torch.no_grad()
 def evaluate_batches(model, batches, *, device: torch.device, autocast=contextlib.nullcontext,
                      reduce=None, nsp: bool = True, on_batch=None) -> dict:
@@ -690,7 +571,7 @@ def evaluate_batches(model, batches, *, device: torch.device, autocast=contextli
     sums = Sums(TRAIN_FIELDS, device)
     masked = sequences = 0
     for batch in batches:
-        n, m = batch["input_ids"].shape[0], _masked_tokens(batch)
+        n, m = batch["input_ids"].shape[0], masked_tokens(batch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             out = model(**batch)
@@ -706,11 +587,6 @@ def evaluate_batches(model, batches, *, device: torch.device, autocast=contextli
     if nsp:
         result["nsp_loss"] = read["nsp_loss"] / max(sequences, 1)
     return result
-
-
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions of a host batch that the attention mask keeps (the batch's tokens less padding)."""
-    return int(np.count_nonzero(batch["attention_mask"].numpy()))
 
 
 def _next_multiple(step: int, every: int) -> int:

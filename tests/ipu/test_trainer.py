@@ -58,7 +58,7 @@ def test_static_graph_loss_equals_the_model(data_dir):
 
 def test_ipu_trainer_matches_the_cpu_trainer(data_dir, tmp_path):
     cpu, ipu, sim, trainer = cpu_and_ipu(data_dir, tmp_path, "bert_tiny_sparse")
-    assert trainer.micro_per_call == 2 and not trainer.half
+    assert trainer.backend.micro_per_call == 2 and not trainer.backend.half
     assert ipu["pattern_updates"] == cpu["pattern_updates"] == 2
     names = [entry[0] for entry in sim.log]
     assert names.count("executor()") == 6 and names.count("executor.setOptimizer") == 6
@@ -115,8 +115,8 @@ def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_pa
         sim = SimPoptorch()
         trainer = IpuTrainer(config, tmp_path / str(index), poptorch=sim, popdist=popdist_for(index, sim), progress=False,
                              tensorboard=False)
-        assert trainer.micro_per_call == 1  # accumulation 1 x 1 local replica: 8 = 4 micro x 1 x 2 replicas
-        first = trainer._call_batch()["input_ids"]
+        assert trainer.backend.micro_per_call == 1  # accumulation 1 x 1 local replica: 8 = 4 micro x 1 x 2 replicas
+        first = trainer.backend.call_batch(trainer)["input_ids"]
         runs[index] = first
         assert trainer.train() is not None
     assert not torch.equal(runs[0], runs[1])  # each instance reads its own share of the global batch
@@ -133,7 +133,7 @@ def test_popsparse_op_path_matches_the_cpu_trainer(data_dir, tmp_path):
                                          ("ipu.sparse_op=popsparse",), popsparse_library=FakeLibrary())
     layer = sparse_weights(trainer.model)[0][1]
     assert layer.popsparse_metainfo.dtype == torch.float16 and layer.popsparse_nz_index.dtype == torch.int32
-    updatable = trainer.executor.options.updatable
+    updatable = trainer.backend.executor.options.updatable
     assert sum(n.endswith("popsparse_metainfo") for n in updatable) == 12
     assert all(n.startswith("model.bert.encoder.layer.") for n in updatable)
     (tmp_path / "fresh").mkdir()  # the same run, untrained: its nz order before any update
@@ -191,7 +191,7 @@ def test_ipu_steps_skip_and_stop_a_diverged_run_like_the_torch_step(data_dir, tm
 
     trainer = IpuTrainer(small(data_dir, "bert_tiny_sparse", "backend=ipu", "training.max_skipped_steps=2"), tmp_path,
                          poptorch=SimPoptorch(), progress=False, tensorboard=False)
-    executor = trainer.executor
+    executor = trainer.backend.executor
 
     class NonFinite:
         """The device's step, reporting a non-finite loss."""
@@ -203,7 +203,7 @@ def test_ipu_steps_skip_and_stop_a_diverged_run_like_the_torch_step(data_dir, tm
         def __getattr__(self, name):
             return getattr(executor, name)
 
-    trainer.executor = NonFinite()
+    trainer.backend.executor = NonFinite()
     with pytest.raises(TrainingDiverged, match=r"the 2 optimizer steps 1\.\.2 all had non-finite gradients"):
         trainer.train()
     assert [r["step"] for r in read_metrics(tmp_path, "skip")] == [1, 2]
