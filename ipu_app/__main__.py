@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .choices import BENCH_DTYPES, BENCH_SHAPES
+from .experiments.figures import NAMES as FIGURE_NAMES
 
 
 def _prepare_data(args) -> int:
@@ -202,9 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sweep)
     p = sub.add_parser("report", help="tables and a figure from finished run directories (never trains)")
     p.add_argument("runs_dir", help="a sweep directory or any directory holding run directories")
-    p.add_argument("--figure", help="pareto, sparsity, prune_ratio_updates, block_metric, group_lasso, init, "
-                                    "zero_vs_frozen, freeze_unfreeze, exploration or learning_rate "
-                                    "(default: the sweep's 'figure')")
+    p.add_argument("--figure", choices=FIGURE_NAMES, metavar="FIGURE",
+                   help=f"one of {', '.join(FIGURE_NAMES)} (default: the sweep's 'figure')")
     p.add_argument("--output", help="output directory (default RUNS_DIR/report)")
     p.add_argument("--layer", default=None,
                    help="exploration: the weight whose accumulated pattern is drawn (default layer 2's FFN up)")

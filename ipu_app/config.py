@@ -55,7 +55,7 @@ class SparsitySection:
     # Steps between pattern updates; set, it replaces T / num_updates (updates at every multiple below T).
     update_every: int | None = None
     # Segments shorter than this warn at start-up: regrown blocks start at zero and are pruned again
-    # before they grow (see README, "How long a segment must be"). --steps keeps segments this long.
+    # before they grow (see docs/training.md, "How long a segment must be"). --steps keeps segments this long.
     min_segment_steps: int = 1000
     regrowth: str = "random"
     block_metric: str = "l1"
@@ -89,7 +89,7 @@ class TrainingSection:
     threads: int | None = None
     # torch.compile the model (inductor; the sparse kernels stay opaque custom ops, and a pattern
     # update causes no recompilation). Off by default: on a CPU the compiled step measured slower
-    # than eager (README, Benchmarks); on a GPU it is still to be measured.
+    # than eager (docs/kernels.md, Benchmarks); on a GPU it is still to be measured.
     compile: bool = False
     # fp32 matrix products in TF32 on Ampere and newer GPUs (dense linears, attention, the Triton kernels).
     tf32: bool = True
@@ -106,7 +106,7 @@ class OptimizerSection:
     sparse_weight_decay: float | None = None
     # Adam's bias correction for the sparse values of a dynamic run: per_slot (the default: each slot
     # counts its own steps from its regrowth, so a regrown weight gets Adam's bias correction afresh;
-    # measured ahead of global beyond noise, README "DynSparse vs static") | global (the paper's: one
+    # measured ahead of global beyond noise, docs/experiments.md "Result") | global (the paper's: one
     # step count, so regrown weights restart with zero moments but no bias correction; the only one
     # poptorch's optimizer has, so backend: ipu needs it). Dense and static runs have no regrown
     # slots: both settings are plain AdamW there.
