@@ -51,8 +51,10 @@ class SparsitySection:
     block_size: int = 1
     pruning_ratio: float = 0.5
     pruning_schedule: str = "cosine"
-    num_updates: int = 160  # the paper's n: n segments, n - 1 updates
-    # Steps between pattern updates; set, it replaces T / num_updates (updates at every multiple below T).
+    # The paper's n: training is cut into n segments, the pattern changes at the n - 1 boundaries
+    # (formerly num_updates, still read: RENAMED_KEYS).
+    segments: int = 160
+    # Steps between pattern updates; set, it replaces T / segments (updates at every multiple below T).
     update_every: int | None = None
     # Segments shorter than this warn at start-up: regrown blocks start at zero and are pruned again
     # before they grow (see docs/training.md, "How long a segment must be"). --steps keeps segments this long.
@@ -234,7 +236,7 @@ class RunConfig:
             return UpdateSchedule.never(steps)
         if s.update_every is not None:
             return UpdateSchedule.every(steps, s.update_every)
-        return UpdateSchedule.evenly_spaced(steps, s.num_updates)
+        return UpdateSchedule.evenly_spaced(steps, s.segments)
 
     @property
     def dense_gradient_steps(self) -> int:
@@ -263,7 +265,7 @@ class RunConfig:
             return None
         return (f"pattern updates every {segment:.0f} steps, below sparsity.min_segment_steps="
                 f"{self.sparsity.min_segment_steps}: regrown blocks start at zero and are mostly pruned again "
-                "before they grow; set sparsity.update_every (or a lower sparsity.num_updates) or train longer")
+                "before they grow; set sparsity.update_every (or a lower sparsity.segments) or train longer")
 
     # -------------------------------------------------------------------- checks
     def validate(self) -> "RunConfig":
@@ -297,14 +299,14 @@ class RunConfig:
         _check(s.freeze == "none" or s.ratio > 0, "sparsity.freeze needs sparsity.ratio > 0 (the untrained fraction)")
         _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
         if s.mode == "dynamic":
-            _check(s.num_updates >= 1, f"sparsity.num_updates must be >= 1, got {s.num_updates}")
-            _check(s.num_updates <= t.steps or s.update_every is not None,
-                   f"sparsity.num_updates={s.num_updates} is more than training.steps={t.steps}; "
+            _check(s.segments >= 1, f"sparsity.segments must be >= 1, got {s.segments}")
+            _check(s.segments <= t.steps or s.update_every is not None,
+                   f"sparsity.segments={s.segments} is more than training.steps={t.steps}; "
                    "use at most one update per step")
         if s.mode == "dynamic" and s.update_every is not None:
             _check(1 <= s.update_every < t.steps,
                    f"sparsity.update_every={s.update_every} must be in [1, training.steps={t.steps}) "
-                   "(or null: training.steps / sparsity.num_updates)")
+                   "(or null: training.steps / sparsity.segments)")
         _check(s.min_segment_steps >= 1, f"sparsity.min_segment_steps must be >= 1, got {s.min_segment_steps}")
         _check(t.batch_size >= 1, f"training.batch_size must be >= 1, got {t.batch_size}")
         _check(t.micro_batch_size is None or t.micro_batch_size >= 1,
@@ -398,6 +400,32 @@ def config_names(directory: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
+# Keys renamed since configs were first written -> their names now. The old name is still read wherever a
+# config comes from (config files, --set, sweep specs, saved run configs, checkpoints) and means the new one.
+RENAMED_KEYS = {"sparsity.num_updates": "sparsity.segments"}
+
+
+def canonical_key(dotted: str) -> str:
+    """A dotted key under its current name (``sparsity.num_updates`` -> ``sparsity.segments``)."""
+    return RENAMED_KEYS.get(dotted, dotted)
+
+
+def rename_old_keys(raw: Any, where: str = "config") -> Any:
+    """``raw`` with renamed keys under their current names (a new mapping where one was renamed); giving
+    both the old and the new name is a ConfigError naming ``where``."""
+    if not isinstance(raw, dict):
+        return raw
+    for old, new in RENAMED_KEYS.items():
+        section, old_leaf = old.rsplit(".", 1)
+        new_leaf = new.rsplit(".", 1)[1]
+        node = raw.get(section)
+        if isinstance(node, dict) and old_leaf in node:
+            if new_leaf in node:
+                raise ConfigError(f"{where}: {old} is the old name of {new}; give only {new}")
+            raw = {**raw, section: {(new_leaf if k == old_leaf else k): v for k, v in node.items()}}
+    return raw
+
+
 def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
     """A config name (``bert_mini_sparse``) or a path to a YAML file -> an existing path."""
     text = str(name_or_path)
@@ -465,7 +493,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in _chain:
         raise ConfigError(f"config inheritance loop: {' -> '.join(p.stem for p in _chain + (path,))}")
-    data = read_yaml(path)
+    data = rename_old_keys(read_yaml(path), str(path))
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -484,8 +512,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
     ``steps`` (the ``--steps`` shortcut) shortens or lengthens the run; unless
     ``training.warmup_steps`` is overridden too, the warmup keeps its fraction of the run
     (the paper's 10k of 757k steps), so a short run still reaches its peak learning rate. Unless
-    ``sparsity.num_updates`` or ``sparsity.update_every`` is set too, the number of segments is
-    lowered so that each lasts at least ``sparsity.min_segment_steps`` (see ``short_run_updates``).
+    ``sparsity.segments`` or ``sparsity.update_every`` is set too, the number of segments is
+    lowered so that each lasts at least ``sparsity.min_segment_steps`` (see ``short_run_segments``).
     ``log_every``, ``validate_every`` and ``checkpoint_every`` are lowered (never raised) so that the
     run has at least ``SHORT_RUN_EVENTS`` of each. Explicit ``--set`` values always win; what changed
     is kept in ``config.adjusted`` (``--describe`` prints it).
@@ -536,23 +564,23 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
     _set_path(raw, "training.steps", steps)
     sparsity = raw.setdefault("sparsity", {})
     if (isinstance(sparsity, dict) and sparsity.get("update_every") is None
-            and not overridden & {"sparsity.num_updates", "sparsity.update_every"}):
-        change(sparsity, "num_updates", short_run_updates(
-            steps, sparsity.get("num_updates", SparsitySection.num_updates),
+            and not overridden & {"sparsity.segments", "sparsity.update_every"}):
+        change(sparsity, "segments", short_run_segments(
+            steps, sparsity.get("segments", SparsitySection.segments),
             sparsity.get("min_segment_steps", SparsitySection.min_segment_steps)), "sparsity")
         if sparsity.get("mode", SparsitySection.mode) != "dynamic":
             # Inert without pattern updates: still set (saved configs, and so sweeps' stale checks, stay
             # as they were), but not reported as a change the run is subject to.
-            changed.pop("sparsity.num_updates", None)
+            changed.pop("sparsity.segments", None)
     return changed
 
 
-def short_run_updates(steps: int, num_updates: Any, min_segment_steps: Any) -> Any:
-    """The paper's ``n`` for a run of ``steps``: at most ``num_updates``, with segments of at least
+def short_run_segments(steps: int, segments: Any, min_segment_steps: Any) -> Any:
+    """The paper's ``n`` for a run of ``steps``: at most ``segments``, with segments of at least
     ``min_segment_steps`` steps, and at least 2 segments (one update) where the run has 2 steps."""
-    if not (isinstance(num_updates, int) and isinstance(min_segment_steps, int) and min_segment_steps >= 1):
-        return num_updates  # validation reports the bad value
-    return max(min(2, steps), min(num_updates, steps // min_segment_steps))
+    if not (isinstance(segments, int) and isinstance(min_segment_steps, int) and min_segment_steps >= 1):
+        return segments  # validation reports the bad value
+    return max(min(2, steps), min(segments, steps // min_segment_steps))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -560,7 +588,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, text = item.split("=", 1)
-    key = key.strip()
+    key = canonical_key(key.strip())
     if not key:
         raise ConfigError(f"--set {item!r}: the key is empty")
     try:
@@ -610,8 +638,9 @@ def _lookup_field(cls, parts: list[str], dotted: str, section_ok: bool = False):
 
 
 def from_dict(raw: dict) -> RunConfig:
-    """A typed RunConfig from a merged mapping; unknown keys and wrong types fail with one line."""
-    return _build(RunConfig, raw, "")
+    """A typed RunConfig from a merged mapping (old key names read as their new ones); unknown keys and
+    wrong types fail with one line."""
+    return _build(RunConfig, rename_old_keys(raw), "")
 
 
 def _build(cls, raw: Any, prefix: str):

@@ -14,7 +14,7 @@ from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import build_updater
 
 
-def relative_val_error(mode: str, seed: int, steps: int = 600, num_updates: int = 30) -> float:
+def relative_val_error(mode: str, seed: int, steps: int = 600, segments: int = 30) -> float:
     g = torch.Generator().manual_seed(1000 + seed)
     d_in, d_hidden, d_out = 64, 64, 8
     w1 = torch.randn(d_hidden, d_in, generator=g) * (torch.rand(d_hidden, d_in, generator=g) < 0.1)
@@ -32,7 +32,7 @@ def relative_val_error(mode: str, seed: int, steps: int = 600, num_updates: int 
         SparseLinear(d_hidden, d_out, sparsity=0.9, generator=gm, init="glorot"),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(steps, num_updates), mode=mode,
+    updater = build_updater(model, optimizer, UpdateSchedule.evenly_spaced(steps, segments), mode=mode,
                              pruning_ratio=0.5, regrowth="random", seed=seed)
     for step in range(1, steps + 1):
         batch = torch.randint(0, x_train.shape[0], (128,), generator=gm)
@@ -41,7 +41,7 @@ def relative_val_error(mode: str, seed: int, steps: int = 600, num_updates: int 
         loss.backward()
         optimizer.step()
         updater.step(step)
-    assert updater.update_count == (num_updates - 1 if mode == "dynamic" else 0)
+    assert updater.update_count == (segments - 1 if mode == "dynamic" else 0)
     with torch.no_grad():
         return float((model(x_val) - y_val).pow(2).mean() / y_val.pow(2).mean())
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..config import ConfigError, rename_old_keys
 from ..rundir import RunDir
 from ..train.metrics import METRICS_VERSION
 
@@ -153,8 +154,8 @@ def load_runs(root: Path, warn: Callable[[str], None] = lambda message: None) ->
             continue
         try:
             summary = _read_json(run.summary_path)
-            config = _read_yaml(run.config_path)
-        except ReportError as exc:  # a damaged run is left out; the others are reported
+            config = rename_old_keys(_read_yaml(run.config_path), str(run.config_path))
+        except (ReportError, ConfigError) as exc:  # a damaged run is left out; the others are reported
             warn(f"skipping run {path.name}: {exc}")
             continue
         missing = [k for k in REQUIRED_SUMMARY if summary.get(k) is None]

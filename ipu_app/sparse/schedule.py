@@ -59,20 +59,24 @@ class UpdateSchedule:
     steps: tuple[int, ...]
 
     @classmethod
-    def evenly_spaced(cls, total_steps: int, num_updates: int) -> "UpdateSchedule":
-        """The paper's schedule: training is cut into ``n = num_updates`` segments of
+    def evenly_spaced(cls, total_steps: int, segments: int | None = None, *,
+                      num_updates: int | None = None) -> "UpdateSchedule":
+        """The paper's schedule: training is cut into ``n = segments`` segments of
         ``T/n`` steps and the pattern changes at every segment boundary, i.e. at
         ``k * T / n`` for ``k = 1 .. n-1``; there is no update after the last segment,
-        so ``n - 1`` updates happen (Algorithm 1)."""
+        so ``n - 1`` updates happen (Algorithm 1). ``num_updates`` is the old name of ``segments``."""
+        if (segments is None) == (num_updates is None):
+            raise ScheduleError("give segments (the paper's n; num_updates is its old name), exactly once")
+        segments = num_updates if segments is None else segments
         if total_steps <= 0:
             raise ScheduleError(f"total_steps must be positive, got {total_steps}")
-        if num_updates < 1:
-            raise ScheduleError(f"num_updates must be >= 1, got {num_updates}")
-        if num_updates > total_steps:
+        if segments < 1:
+            raise ScheduleError(f"segments must be >= 1, got {segments}")
+        if segments > total_steps:
             raise ScheduleError(
-                f"num_updates={num_updates} exceeds total_steps={total_steps}: segments would be shorter than one step"
+                f"segments={segments} exceeds total_steps={total_steps}: segments would be shorter than one step"
             )
-        steps = tuple(k * total_steps // num_updates for k in range(1, num_updates))
+        steps = tuple(k * total_steps // segments for k in range(1, segments))
         return cls(total_steps, steps)
 
     @classmethod

@@ -167,16 +167,16 @@ def test_prune_ratio_updates_report(runs_root, tmp_path):
     for pr, n, loss, dof in ((0.25, 160, 2.44, 0.5), (0.5, 160, 2.41, 0.8), (0.5, 80, 2.43, 0.6),
                              (0.5, 40, 2.47, 0.4)):
         make_run(runs_root, f"pr{pr}_n{n}", "bert_medium_sparse", loss,
-                 overrides=(f"sparsity.pruning_ratio={pr}", f"sparsity.num_updates={n}"),
+                 overrides=(f"sparsity.pruning_ratio={pr}", f"sparsity.segments={n}"),
                  summary={"mean_explored_dof": dof}, metrics=update_records([10, 20], [0.2, dof], [0.0, 0.1]))
     build_report(runs_root, "prune_ratio_updates", tmp_path / "r")
     assert_png(tmp_path / "r" / "prune_ratio_updates.png")
     rows = read_csv(tmp_path / "r" / "prune_ratio_updates.csv")
-    got = {(float(r["pruning_ratio"]), int(r["num_updates"])): r for r in rows}
+    got = {(float(r["pruning_ratio"]), int(r["segments"])): r for r in rows}
     assert float(got[0.5, 160]["pr_x_n"]) == 80 and float(got[0.25, 160]["pr_x_n"]) == 40
     assert float(got[0.5, 160]["explored_dof"]) == 0.8
     assert float(got[0.5, 160]["pruned_recently_grown"]) == pytest.approx(0.05)  # NaN layers are left out
-    assert [int(r["num_updates"]) for r in rows] == [40, 80, 160, 160]
+    assert [int(r["segments"]) for r in rows] == [40, 80, 160, 160]
 
 
 def test_exploration_report(runs_root, tmp_path):

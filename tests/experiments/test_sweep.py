@@ -23,7 +23,7 @@ def test_grid_expansion_and_names(tmp_path):
         "set": {"training.steps": 400, "training.batch_size": 32},
         "grid": [
             {"config": ["bert_tiny_dense", "bert_mini_dense"]},
-            {"config": "bert_mini_sparse", "sparsity.pruning_ratio": [0.25, 0.5], "sparsity.num_updates": [40, 80],
+            {"config": "bert_mini_sparse", "sparsity.pruning_ratio": [0.25, 0.5], "sparsity.segments": [40, 80],
              "seed": [0, 1]},
             {"config": "bert_mini_sparse", "label": "attn_only", "sparsity.modules": [["query", "key"]]},
         ]})
@@ -31,7 +31,7 @@ def test_grid_expansion_and_names(tmp_path):
     assert sweep.name == "grid" and sweep.figure == "prune_ratio_updates"
     names = [r.name for r in sweep.runs]
     assert len(names) == 2 + 8 + 1
-    assert names[:3] == ["bert_tiny_dense", "bert_mini_dense", "bert_mini_sparse,pruning_ratio=0.25,num_updates=40,seed=0"]
+    assert names[:3] == ["bert_tiny_dense", "bert_mini_dense", "bert_mini_sparse,pruning_ratio=0.25,segments=40,seed=0"]
     assert names[-1] == "attn_only,modules=query+key"
     run = sweep.runs[3]
     config = run.resolve()
@@ -90,7 +90,7 @@ def test_sweeps_measured_or_reproducing_the_paper_keep_its_bias_correction():
 def test_sweep_runs_skips_resumes_and_records_failures(tmp_path, data_dir, capsys):
     spec = write_spec(tmp_path, {
         "figure": "pareto",
-        "set": {"training.steps": 4, "training.batch_size": 4, "training.micro_batch_size": 4, "sparsity.num_updates": 2,
+        "set": {"training.steps": 4, "training.batch_size": 4, "training.micro_batch_size": 4, "sparsity.segments": 2,
                 "data.validation_sequences": 8,
                 "training.checkpoint_every": 2, "training.precision": "fp32", "data.dir": str(data_dir)},
         "grid": [{"config": ["bert_tiny_dense", "bert_tiny_sparse"]},

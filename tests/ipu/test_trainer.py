@@ -16,7 +16,7 @@ def small(data_dir, name="bert_tiny_sparse", *extra):
     return load_config(name, [
         f"data.dir={data_dir}", "training.steps=6", "training.batch_size=8", "training.micro_batch_size=4",
         "training.warmup_steps=1", "training.log_every=1", "training.validate_every=3", "training.checkpoint_every=100",
-        "training.precision=fp32", "sparsity.num_updates=3", "data.validation_sequences=8",
+        "training.precision=fp32", "sparsity.segments=3", "data.validation_sequences=8",
         "optimizer.bias_correction=global", *extra])  # the paper's: poptorch's Adam has one step count
 
 
@@ -108,7 +108,7 @@ def test_poprun_instances_share_the_batch_and_instance_0_writes(data_dir, tmp_pa
     assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (1, 2, False, False)
     assert ctx.all_gather_object("rng") == ["rng", "rng"]
     config = small(data_dir, "bert_tiny_sparse", "backend=ipu", "ipu.instances=2", "ipu.replication_factor=2",
-                   "training.steps=2", "training.validate_every=100", "sparsity.num_updates=2")
+                   "training.steps=2", "training.validate_every=100", "sparsity.segments=2")
     runs = {}
     for index in (0, 1):
         (tmp_path / str(index)).mkdir()

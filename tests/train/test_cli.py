@@ -21,7 +21,7 @@ def run_cli(capsys, *argv):
 def small_run_args(data_dir, run_dir, steps=6):
     return ["--config", "bert_tiny_sparse", "--steps", str(steps), "--output-dir", str(run_dir), "--no-progress",
             "--set", f"data.dir={data_dir}", "--set", "training.batch_size=4", "--set", "training.micro_batch_size=4",
-            "--set", "sparsity.num_updates=3", "--set", "data.validation_sequences=8",
+            "--set", "sparsity.segments=3", "--set", "data.validation_sequences=8",
             "--set", "training.checkpoint_every=2", "--set", "training.precision=fp32"]
 
 
@@ -90,8 +90,8 @@ def test_describe_names_the_kernels(capsys):
     (["--config", "bert_tiny_sparce"], "did you mean 'bert_tiny_sparse'"),
     (["--config", "bert_tiny_sparse", "--set", "sparsity.ratio=1"], "sparsity.ratio must be in [0, 1)"),
     (["--config", "bert_tiny_sparse", "--set", "training.batch_size=ten"], "training.batch_size must be an integer"),
-    (["--config", "bert_tiny_sparse", "--steps", "100", "--set", "sparsity.num_updates=160"],
-     "sparsity.num_updates=160 is more than training.steps=100"),
+    (["--config", "bert_tiny_sparse", "--steps", "100", "--set", "sparsity.segments=160"],
+     "sparsity.segments=160 is more than training.steps=100"),
     (["--config", "bert_tiny_sparse", "--set", "sparsity.update_every=757000"], "sparsity.update_every=757000 must be in [1"),
     (["--config", "bert_tiny_sparse", "--set", "optimizer.bias_correction=fresh"], "optimizer.bias_correction='fresh' is not valid"),
     (["--config", "bert_tiny_sparse", "--set", "sparsity.blocksize=4"], "did you mean 'sparsity.block_size'"),
@@ -208,7 +208,7 @@ def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_
                               "--set", "training.checkpoint_every=300", "--set", f"data.dir={data_dir}")[1])
     assert info["intervals"] == {"log_every": 100, "validate_every": 500, "checkpoint_every": 300}
     assert info["adjusted_by_steps"] == {"training.warmup_steps": [10000, 26], "training.validate_every": [10000, 500],
-                                         "sparsity.num_updates": [160, 2]}  # checkpoint_every was set: it wins
+                                         "sparsity.segments": [160, 2]}  # checkpoint_every was set: it wins
     from ipu_app.data.loader import validation_batches
 
     available = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 64))

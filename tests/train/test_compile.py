@@ -98,7 +98,7 @@ def test_compiled_training_trains_like_eager_and_compiles_once_over_pattern_upda
         return load_config("bert_tiny_sparse", [
             f"data.dir={data_dir}", "training.steps=12", "training.batch_size=8", "training.micro_batch_size=4",
             "training.warmup_steps=2", "training.log_every=1", "training.validate_every=6",
-            "training.checkpoint_every=4", "training.precision=fp32", "sparsity.num_updates=4",
+            "training.checkpoint_every=4", "training.precision=fp32", "sparsity.segments=4",
             "data.validation_sequences=16", *extra])
 
     eager_run, compiled_run = tmp_path / "eager", tmp_path / "compiled"

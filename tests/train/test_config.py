@@ -39,10 +39,10 @@ def test_shipped_configs_follow_the_paper_recipe(size):
     assert dense.sparsity.mode == "dense" and dense.effective_sparsity == 0.0
     assert static.sparsity.mode == "static" and static.sparsity.ratio == 0.9
     s = sparse.sparsity
-    assert (s.mode, s.ratio, s.pruning_ratio, s.num_updates, s.regrowth, s.block_size, s.pruning_schedule) == (
+    assert (s.mode, s.ratio, s.pruning_ratio, s.segments, s.regrowth, s.block_size, s.pruning_schedule) == (
         "dynamic", 0.9, 0.5, 160, "random", 1, "cosine")
     b16 = load_config(f"bert_{size}_sparse_b16").sparsity
-    assert (b16.block_size, b16.num_updates, b16.block_metric) == (16, 80, "l1")
+    assert (b16.block_size, b16.segments, b16.block_metric) == (16, 80, "l1")
     assert load_config(f"bert_{size}_sparse_rigl").sparsity.regrowth == "gradient"
 
 
@@ -61,11 +61,11 @@ def test_base_inheritance_merges_in_order(tmp_path):
     (tmp_path / "a.yaml").write_text("training:\n  steps: 100\n  warmup_steps: 10\n  batch_size: 16\nsparsity:\n  ratio: 0.5\n")
     (tmp_path / "b.yaml").write_text("training:\n  steps: 200\n")
     (tmp_path / "c.yaml").write_text(
-        "base: [bert_tiny_sparse, a, b]\ntraining:\n  micro_batch_size: 8\nsparsity:\n  num_updates: 4\n")
+        "base: [bert_tiny_sparse, a, b]\ntraining:\n  micro_batch_size: 8\nsparsity:\n  segments: 4\n")
     c = load_config(tmp_path / "c.yaml")
     assert c.model.size == "tiny"  # from the shipped config
     assert (c.training.steps, c.training.batch_size, c.training.micro_batch_size) == (200, 16, 8)
-    assert (c.sparsity.ratio, c.sparsity.num_updates, c.sparsity.mode) == (0.5, 4, "dynamic")
+    assert (c.sparsity.ratio, c.sparsity.segments, c.sparsity.mode) == (0.5, 4, "dynamic")
     assert c.name == "c"
     assert c.accumulation_steps() == 2
 
@@ -97,7 +97,7 @@ def test_overrides_are_typed():
     ("model.nsp=3", "model.nsp must be true/false"),
     ("sparsity.ratio=1.0", r"sparsity.ratio must be in \[0, 1\), got 1.0"),
     ("sparsity.block_size=3", "sparsity.block_size=3 is not supported"),
-    ("sparsity.num_updates=1000000", "more than training.steps"),
+    ("sparsity.segments=1000000", "more than training.steps"),
     ("training.batch_size=100", "not a multiple of training.micro_batch_size=32"),
     ("model.size=huge", "model.size='huge' is not valid"),
     ("sparsity.regrowth=magnitude", "sparsity.regrowth='magnitude' is not valid"),
@@ -141,11 +141,11 @@ def test_steps_shortcut_caps_the_intervals_to_the_run_and_explicit_values_win():
     c = load_config("bert_medium_sparse", ["training.validate_every=1500", "training.log_every=7"], steps=2000)
     assert (c.training.log_every, c.training.validate_every, c.training.checkpoint_every) == (7, 1500, 500)
     assert c.adjusted == {"training.warmup_steps": (10000, 26), "training.checkpoint_every": (10000, 500),
-                          "sparsity.num_updates": (160, 2)}
+                          "sparsity.segments": (160, 2)}
     assert load_config("bert_medium_sparse").adjusted == {}
     # Without pattern updates the number of segments is no change a run is subject to.
-    assert "sparsity.num_updates" not in load_config("bert_medium_static", steps=2000).adjusted
-    assert "sparsity.num_updates" not in load_config("bert_medium_dense", steps=2000).adjusted
+    assert "sparsity.segments" not in load_config("bert_medium_static", steps=2000).adjusted
+    assert "sparsity.segments" not in load_config("bert_medium_dense", steps=2000).adjusted
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5e-4", 5e-4), ("0.002", 0.002), ("auto", "auto")])
@@ -200,16 +200,16 @@ def test_steps_keeps_segments_long_enough_and_explicit_settings_win():
     from ipu_app.config import load_config
 
     paper = load_config("bert_tiny_sparse")
-    assert paper.sparsity.num_updates == 160 and paper.schedule_warning() is None
+    assert paper.sparsity.segments == 160 and paper.schedule_warning() is None
     assert paper.segment_steps == pytest.approx(757000 / 160, rel=1e-3)
     short = load_config("bert_tiny_sparse", steps=5000)  # segments of >= min_segment_steps = 1000
-    assert short.sparsity.num_updates == 5 and short.update_schedule().steps == (1000, 2000, 3000, 4000)
+    assert short.sparsity.segments == 5 and short.update_schedule().steps == (1000, 2000, 3000, 4000)
     assert short.schedule_warning() is None
     tiny = load_config("bert_tiny_sparse", steps=300)  # too short for one sound segment: one update, a warning
-    assert tiny.sparsity.num_updates == 2 and tiny.update_schedule().steps == (150,)
+    assert tiny.sparsity.segments == 2 and tiny.update_schedule().steps == (150,)
     assert "updates every 150 steps, below sparsity.min_segment_steps=1000" in tiny.schedule_warning()
-    kept = load_config("bert_tiny_sparse", ["sparsity.num_updates=30"], steps=3000)
-    assert kept.sparsity.num_updates == 30 and "every 100 steps" in kept.schedule_warning()
+    kept = load_config("bert_tiny_sparse", ["sparsity.segments=30"], steps=3000)
+    assert kept.sparsity.segments == 30 and "every 100 steps" in kept.schedule_warning()
     every = load_config("bert_tiny_sparse", ["sparsity.update_every=700", "sparsity.min_segment_steps=500"], steps=3000)
     assert every.update_schedule().steps == (700, 1400, 2100, 2800) and every.schedule_warning() is None
     assert load_config("bert_tiny_static", steps=300).update_schedule().steps == ()
@@ -231,3 +231,48 @@ def test_schedule_and_optimizer_option_errors():
         load_config("bert_mini_sparse", ["backend=ipu"])
     assert load_config("bert_mini_sparse", ["backend=ipu", "optimizer.bias_correction=global"]).backend == "ipu"
     assert load_config("bert_mini_static", ["backend=ipu"]).optimizer.bias_correction == "per_slot"  # no regrowth
+
+
+def test_the_old_name_num_updates_is_read_as_segments_everywhere(tmp_path):
+    from ipu_app.config import from_dict
+    from ipu_app.experiments.runs import load_runs
+    from ipu_app.experiments.sweep_spec import load_sweep
+    from ipu_app.rundir import RunDir
+    from ipu_app.sparse.schedule import ScheduleError, UpdateSchedule
+
+    old = tmp_path / "old.yaml"
+    old.write_text("base: bert_tiny_sparse\nsparsity: {num_updates: 40}\n")
+    assert load_config(old).sparsity.segments == 40
+    # --set with the old name overrides the file's new name and counts as explicit for --steps
+    c = load_config("bert_tiny_sparse", ["sparsity.num_updates=30"], steps=3000)
+    assert c.sparsity.segments == 30 and "sparsity.segments" not in c.adjusted
+    both = tmp_path / "both.yaml"
+    both.write_text("base: bert_tiny_sparse\nsparsity: {num_updates: 40, segments: 20}\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: sparsity.num_updates is the old name of sparsity.segments; "
+                                          r"give only sparsity.segments"):
+        load_config(both)
+    # a run directory and a checkpoint's config saved before the rename
+    saved = load_config("bert_tiny_sparse", steps=200).to_saved_dict()
+    saved["sparsity"]["num_updates"] = saved["sparsity"].pop("segments")
+    assert from_dict(saved) == load_config("bert_tiny_sparse", steps=200)
+    import yaml
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "name": "bert_tiny_sparse"}))
+    assert RunDir(run).load_config().sparsity.segments == 2
+    (run / "summary.json").write_text('{"final_val_mlm_loss": 6.0, "metrics_version": 2, '
+                                      '"non_embedding_flops_per_sequence": 1.0, "learning_rate": 0.001}')
+    runs, _ = load_runs(tmp_path / "runs")
+    assert [r.get("sparsity.segments") for r in runs] == [2]
+    # a sweep spec keeps its run names (so its run directories are found again) and sets segments
+    spec = tmp_path / "s.yaml"
+    spec.write_text("grid:\n  - config: bert_tiny_sparse\n    sparsity.num_updates: [2, 4]\n    training.steps: 100\n")
+    sweep = load_sweep(spec)
+    assert [r.name for r in sweep.runs] == ["bert_tiny_sparse,num_updates=2,steps=100",
+                                            "bert_tiny_sparse,num_updates=4,steps=100"]
+    assert [r.resolve().sparsity.segments for r in sweep.runs] == [2, 4]
+    # the Python API
+    assert UpdateSchedule.evenly_spaced(100, num_updates=4) == UpdateSchedule.evenly_spaced(100, 4)
+    with pytest.raises(ScheduleError, match="exactly once"):
+        UpdateSchedule.evenly_spaced(100, 4, num_updates=4)

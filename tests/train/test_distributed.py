@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def common_args(data_dir, steps=12, extra=()):
     sets = [f"data.dir={data_dir}", "training.batch_size=8", "training.micro_batch_size=4",
-            "sparsity.num_updates=4", "data.validation_sequences=16", "training.precision=fp32",
+            "sparsity.segments=4", "data.validation_sequences=16", "training.precision=fp32",
             "training.log_every=1", "training.warmup_steps=2", "training.validate_every=6",
             "training.dist_timeout_s=60", *extra]
     args = ["--steps", str(steps), "--no-progress"]
@@ -102,7 +102,7 @@ def _worker_pids(marker: str) -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_a_killed_rank_ends_the_job(data_dir, tmp_path):
     run = tmp_path / "killed"
-    args = ["--config", "bert_tiny_sparse", *common_args(data_dir, steps=5000, extra=["sparsity.num_updates=10"]),
+    args = ["--config", "bert_tiny_sparse", *common_args(data_dir, steps=5000, extra=["sparsity.segments=10"]),
             "--output-dir", str(run)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "run_pretraining.py"), *args]

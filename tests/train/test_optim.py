@@ -76,7 +76,7 @@ def test_regrown_slots_get_bias_correction_afresh_only_per_slot():
 
 def test_sparse_values_get_their_own_weight_decay(data_dir):
     config = load_config("bert_tiny_sparse", [f"data.dir={data_dir}", "optimizer.sparse_weight_decay=0.1",
-                                              "training.steps=10", "training.warmup_steps=1", "sparsity.num_updates=2"])
+                                              "training.steps=10", "training.warmup_steps=1", "sparsity.segments=2"])
     model = SparseBertForPreTraining(config.model_config())
     optimizer = build_optimizer(model, config)
     assert type(optimizer) is SlotAdamW  # per_slot is the default of a dynamic run
@@ -86,7 +86,7 @@ def test_sparse_values_get_their_own_weight_decay(data_dir):
     embeddings = model.bert.embeddings.word_embeddings.weight
     assert decay[id(embeddings)] == 0.01
     assert [g.get("per_slot_steps", False) for g in optimizer.param_groups] == [False, True, False]
-    short = ["training.steps=10", "training.warmup_steps=1", "sparsity.num_updates=2"]
+    short = ["training.steps=10", "training.warmup_steps=1", "sparsity.segments=2"]
     paper = build_optimizer(model, load_config("bert_tiny_sparse", ["optimizer.bias_correction=global", *short]))
     assert type(paper) is torch.optim.AdamW
     assert not any(g.get("per_slot_steps") for g in paper.param_groups)

@@ -40,7 +40,7 @@ def _config(data_dir, *extra):
         f"data.dir={data_dir}", f"training.steps={STEPS}", f"training.batch_size={BATCH}",
         f"training.micro_batch_size={MICRO}", "training.warmup_steps=2", "training.log_every=1",
         "training.validate_every=6", "training.checkpoint_every=6", "training.precision=fp32",
-        "model.dropout=0.0", "sparsity.num_updates=3", f"data.validation_sequences={VALIDATION}",
+        "model.dropout=0.0", "sparsity.segments=3", f"data.validation_sequences={VALIDATION}",
         "training.learning_rate=0.002", *extra])
 
 
@@ -272,7 +272,7 @@ def test_an_untrained_model_validates_at_chance(data_dir, tmp_path):
 
 
 def test_wall_time_after_a_resume_counts_every_process(data_dir, tmp_path):
-    config = _config(data_dir, "training.steps=6", "sparsity.num_updates=2")
+    config = _config(data_dir, "training.steps=6", "sparsity.segments=2")
     first = Trainer(config, tmp_path, progress=False, tensorboard=False)
     assert first.train(stop_at=4) is None
     first.close()

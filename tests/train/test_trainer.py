@@ -16,7 +16,7 @@ def small_config(data_dir, name="bert_tiny_sparse", *extra):
         f"data.dir={data_dir}", "training.steps=12", "training.batch_size=8", "training.micro_batch_size=4",
         "training.warmup_steps=2", "training.log_every=1", "training.validate_every=6",
         "training.checkpoint_every=4", "training.keep_checkpoints=2", "training.precision=fp32",
-        "sparsity.num_updates=4", "data.validation_sequences=16", *extra,
+        "sparsity.segments=4", "data.validation_sequences=16", *extra,
     ]
     return load_config(name, overrides)
 
@@ -492,7 +492,7 @@ def test_the_threads_setting_reaches_torch_and_the_log(data_dir, tmp_path, capsy
     try:
         trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "training.threads=1",
                                            "training.steps=2", "training.warmup_steps=1",
-                                           "sparsity.num_updates=2"), tmp_path / "run")
+                                           "sparsity.segments=2"), tmp_path / "run")
         assert torch.get_num_threads() == 1
         summary = trainer.train()
     finally:
