@@ -506,7 +506,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: int | None = None,
-                seed: int | None = None) -> RunConfig:
+                seed: int | None = None, world_size: int = 1) -> RunConfig:
     """Load, override (``section.key=value``), type-check and validate a config.
 
     ``steps`` (the ``--steps`` shortcut) shortens or lengthens the run; unless
@@ -526,6 +526,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
         _set_path(raw, key, value)
         overridden.add(key)
     adjusted = _rescale_to_steps(raw, steps, overridden) if steps is not None else {}
+    adjusted.update(_fit_micro_batch(raw, overridden, world_size))
     if seed is not None:
         _set_path(raw, "seed", seed)
     config = from_dict(raw)
@@ -573,6 +574,25 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
             # as they were), but not reported as a change the run is subject to.
             changed.pop("sparsity.segments", None)
     return changed
+
+
+def _fit_micro_batch(raw: dict, overridden: set[str], world_size: int) -> dict[str, tuple[Any, Any]]:
+    """A batch set below (or off) the recipe's micro-batch shrinks the micro-batch to the largest divisor of
+    the per-process batch no larger than it, unless the micro-batch was set explicitly too (then a batch
+    that does not divide stays an error)."""
+    training = raw.get("training")
+    if (not isinstance(training, dict) or "training.batch_size" not in overridden
+            or "training.micro_batch_size" in overridden):
+        return {}
+    batch, micro = training.get("batch_size"), training.get("micro_batch_size")
+    if not (isinstance(batch, int) and isinstance(micro, int) and batch >= 1 and micro >= 1 and world_size >= 1):
+        return {}
+    per_process, rest = divmod(batch, world_size)
+    if rest or per_process == 0 or per_process % micro == 0:
+        return {}
+    new = max(d for d in range(1, min(micro, per_process) + 1) if per_process % d == 0)
+    training["micro_batch_size"] = new
+    return {"training.micro_batch_size": (micro, new)}
 
 
 def short_run_segments(steps: int, segments: Any, min_segment_steps: Any) -> Any:

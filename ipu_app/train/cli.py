@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     parser.add_argument("--describe", action="store_true", help="report the resolved config, sizes and FLOPs; train nothing")
     parser.add_argument("--json", action="store_true", help="with --describe: one JSON object on stdout")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for this process (new runs and --resume; overrides training.threads "
+                             "and OMP_NUM_THREADS). On a machine shared with other jobs use fewer than the cores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -49,6 +52,8 @@ def _check_args(args) -> None:
         raise ConfigError("--json goes with --describe")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
 
 
 def main(argv=None) -> int:
@@ -124,8 +129,13 @@ def _main(args) -> int:
         run = RunDir(args.resume)
         config = run.load_config()
     else:
-        config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed)
+        config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed,
+                             world_size=ctx.world_size)
         run = RunDir(args.output_dir or Path("runs") / config.name)
+        if "training.micro_batch_size" in config.adjusted and ctx.is_main and not args.describe:
+            old, new = config.adjusted["training.micro_batch_size"]
+            print(f"note: training.micro_batch_size {old} -> {new} to fit training.batch_size="
+                  f"{config.training.batch_size} (set training.micro_batch_size to choose)", file=sys.stderr)
         _adopt_data_vocabulary(config)
     config.accumulation_steps(ctx.world_size)  # batch = micro x accumulation x processes, or a clear error
     if args.describe:
@@ -199,9 +209,10 @@ def _train_locked(args, ctx, config: RunConfig, run: RunDir, created: bool) -> i
             from ..ipu.trainer import IpuTrainer, import_popdist
 
             trainer = IpuTrainer(config, run_dir, resume=resume, progress=not args.no_progress,
-                                 popdist=import_popdist())
+                                 popdist=import_popdist(), threads=args.threads)
         else:
-            trainer = Trainer(config, run_dir, resume=resume, progress=not args.no_progress, dist=ctx)
+            trainer = Trainer(config, run_dir, resume=resume, progress=not args.no_progress, dist=ctx,
+                              threads=args.threads)
     except BaseException:
         if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
             run.remove_new(created)

@@ -73,7 +73,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         **config.run_flops(model.active_encoder_weights()),
         "encoder_share": encoder_share(config, model, trained, rows),
         "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
-        "adjusted_by_steps": {key: list(change) for key, change in config.adjusted.items()},
+        "adjusted": {key: list(change) for key, change in config.adjusted.items()},
         "validation": validation_size(config),
         "vocabulary": vocabulary,
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
@@ -183,9 +183,9 @@ def format_description(info: dict) -> str:
            f"{info['freeze']['untrained_steps']} ({info['freeze']['mode']})"] if info.get("freeze") else []),
         "log / validate / checkpoint      every {log_every} / {validate_every} / {checkpoint_every} steps".format(
             **info["intervals"]),
-        *(["--steps rescaled                 " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
-                                                         info["adjusted_by_steps"].items())]
-          if info.get("adjusted_by_steps") else []),
+        *(["rescaled (--steps, batch)       " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                         info["adjusted"].items())]
+          if info.get("adjusted") else []),
         f"validation sequences             {_validation_text(info['validation'])}",
         f"vocabulary                       {_vocabulary_text(info['vocabulary'], c['data'])}",
         *_ipu_lines(info.get("ipu")),

@@ -59,11 +59,14 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, kind)
 
 
-def resolve_threads(setting: int | None) -> tuple[int, str]:
-    """``(threads, where the number comes from)`` for ``training.threads``: the setting, else
-    ``OMP_NUM_THREADS`` (what ``sweep --jobs`` sets for each run), else the cores this process may use."""
+def resolve_threads(setting: int | None, run_time: int | None = None) -> tuple[int, str]:
+    """``(threads, where the number comes from)``: ``run_time`` (``--threads``, which changes no result
+    and so also applies on ``--resume``), else ``training.threads``, else ``OMP_NUM_THREADS`` (what
+    ``sweep --jobs`` sets for each run), else the cores this process may use."""
     import os
 
+    if run_time:
+        return run_time, "--threads"
     if setting:
         return setting, "training.threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -112,7 +112,8 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  device: str | torch.device | None = None, tensorboard: bool = True,
-                 dist: DistContext = DistContext(), backend: StepBackend | None = None) -> None:
+                 dist: DistContext = DistContext(), backend: StepBackend | None = None,
+                 threads: int | None = None) -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.run_dir = self.run.path
@@ -121,7 +122,7 @@ class Trainer:
         self.progress = progress and dist.is_main
         self.device = torch.device(device) if device else dist.device()
         self.precision: Precision = resolve_precision(config.training.precision, self.device)
-        self.threads, threads_from = resolve_threads(config.training.threads)
+        self.threads, threads_from = resolve_threads(config.training.threads, threads)
         torch.set_num_threads(self.threads)  # torch's CPU ops and the CPU kernels (they ask torch)
         self.threads_line = f"CPU threads: {self.threads} ({threads_from})"
         t = config.training

@@ -154,6 +154,15 @@ def test_train_refuse_existing_and_resume(capsys, tmp_path, data_dir):
     # Resuming a finished run does nothing.
     code, _, err = run_cli(capsys, "--resume", str(run))
     assert code == 0 and "finished already" in err
+    # --threads applies on resume too (--set is refused there: the config is the saved one).
+    (run / "summary.json").unlink()
+    code, _, err = run_cli(capsys, "--resume", str(run), "--set", "training.threads=1")
+    assert code == 1 and "drop --set" in err
+    code, _, err = run_cli(capsys, "--resume", str(run), "--threads", "0")
+    assert code == 1 and "--threads must be >= 1, got 0" in err
+    code, _, err = run_cli(capsys, "--resume", str(run), "--threads", "1")
+    assert code == 0, err
+    assert "CPU threads: 1 (--threads)" in err and json.loads((run / "summary.json").read_text())["threads"] == 1
     # A hand-edited config that no longer matches the checkpoints is refused.
     (run / "summary.json").unlink()
     config = (run / "config.yaml").read_text()
@@ -207,7 +216,7 @@ def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_
     info = json.loads(run_cli(capsys, "--config", "bert_medium_sparse", "--steps", "2000", "--describe", "--json",
                               "--set", "training.checkpoint_every=300", "--set", f"data.dir={data_dir}")[1])
     assert info["intervals"] == {"log_every": 100, "validate_every": 500, "checkpoint_every": 300}
-    assert info["adjusted_by_steps"] == {"training.warmup_steps": [10000, 26], "training.validate_every": [10000, 500],
+    assert info["adjusted"] == {"training.warmup_steps": [10000, 26], "training.validate_every": [10000, 500],
                                          "sparsity.segments": [160, 2]}  # checkpoint_every was set: it wins
     from ipu_app.data.loader import validation_batches
 
@@ -216,12 +225,12 @@ def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_
     code, out, _ = run_cli(capsys, "--config", "bert_medium_sparse", "--steps", "2000", "--describe",
                            "--set", f"data.dir={data_dir}", "--set", "data.validation_sequences=3")
     assert f"validation sequences             3 of {available:,}; set data.validation_sequences=N" in out
-    assert "--steps rescaled                 training.warmup_steps 10000 -> 26, training.validate_every" in out
+    assert "rescaled (--steps, batch)       training.warmup_steps 10000 -> 26, training.validate_every" in out
     assert "log / validate / checkpoint      every 100 / 500 / 500 steps" in out
     assert "params of the dense model" in out and "params trained" in out and "active values only" in out
     # Without --steps nothing is rescaled, and the config dump of a CPU config has no ipu section.
     info = json.loads(run_cli(capsys, "--config", "bert_medium_sparse", "--describe", "--json")[1])
-    assert info["adjusted_by_steps"] == {} and "ipu" not in info["config"]
+    assert info["adjusted"] == {} and "ipu" not in info["config"]
 
 
 @pytest.mark.parametrize("damage", ["other_vocab", "missing"])

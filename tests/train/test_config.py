@@ -98,7 +98,7 @@ def test_overrides_are_typed():
     ("sparsity.ratio=1.0", r"sparsity.ratio must be in \[0, 1\), got 1.0"),
     ("sparsity.block_size=3", "sparsity.block_size=3 is not supported"),
     ("sparsity.segments=1000000", "more than training.steps"),
-    ("training.batch_size=100", "not a multiple of training.micro_batch_size=32"),
+    ("training.micro_batch_size=24", "training.batch_size=512 is not a multiple of training.micro_batch_size=24"),
     ("model.size=huge", "model.size='huge' is not valid"),
     ("sparsity.regrowth=magnitude", "sparsity.regrowth='magnitude' is not valid"),
     ("training.learning_rate=fast", "must be a number or 'auto'"),
@@ -276,3 +276,19 @@ def test_the_old_name_num_updates_is_read_as_segments_everywhere(tmp_path):
     assert UpdateSchedule.evenly_spaced(100, num_updates=4) == UpdateSchedule.evenly_spaced(100, 4)
     with pytest.raises(ScheduleError, match="exactly once"):
         UpdateSchedule.evenly_spaced(100, 4, num_updates=4)
+
+
+def test_a_batch_below_the_micro_batch_shrinks_the_micro_batch():
+    c = load_config("bert_tiny_sparse", ["training.batch_size=16"])  # the recipe's micro-batch is 32
+    assert (c.training.micro_batch_size, c.accumulation_steps()) == (16, 1)
+    assert c.adjusted == {"training.micro_batch_size": (32, 16)}
+    assert load_config("bert_tiny_sparse", ["training.batch_size=48"]).training.micro_batch_size == 24
+    assert load_config("bert_tiny_sparse", ["training.batch_size=7"]).training.micro_batch_size == 7
+    # per process under data parallel: 48 over 4 processes is 12 each
+    assert load_config("bert_tiny_sparse", ["training.batch_size=48"], world_size=4).training.micro_batch_size == 12
+    # a batch the micro-batch divides, or a micro-batch given too, is left as it is
+    assert load_config("bert_tiny_sparse", ["training.batch_size=64"]).adjusted == {}
+    assert load_config("bert_tiny_sparse", ["training.batch_size=16",
+                                            "training.micro_batch_size=8"]).training.micro_batch_size == 8
+    with pytest.raises(ConfigError, match="training.batch_size=16 is not a multiple of training.micro_batch_size=32"):
+        load_config("bert_tiny_sparse", ["training.batch_size=16", "training.micro_batch_size=32"]).accumulation_steps()
