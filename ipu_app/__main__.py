@@ -30,6 +30,31 @@ def _revalidate(args) -> int:
     return revalidate_main(args.run_dirs, force=args.force)
 
 
+def _evaluate(args) -> int:
+    import json
+
+    from .train.evaluate import evaluate_run
+    from .train.precision import resolve_threads
+
+    import torch
+
+    torch.set_num_threads(resolve_threads(None, args.threads)[0])
+    from .train.checkpoint import CheckpointError
+
+    try:
+        result = evaluate_run(args.run, checkpoint=args.checkpoint, data=args.data, sequences=args.sequences,
+                              progress=not args.no_progress)
+    except CheckpointError as exc:  # a damaged or foreign checkpoint: one line, as for any bad input
+        raise ValueError(str(exc)) from None
+    text = json.dumps(result)
+    if args.output:
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.output), (text + "\n").encode())
+    print(text)
+    return 0
+
+
 def _export(args) -> int:
     from .model.export import export_run
 
@@ -222,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--force", action="store_true", help="also runs at the current metrics_version")
     p.set_defaults(func=_revalidate)
+    p = sub.add_parser("evaluate", help="MLM / NSP loss and accuracy of a run's model or checkpoint on a validation "
+                                        "set (the code training validates with); JSON out")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--checkpoint", default=None,
+                   help="final (RUN_DIR/model), latest or a step number (default: final if the run finished, else latest)")
+    p.add_argument("--data", help="another prepared data directory (same tokenizer) whose validation split to use")
+    p.add_argument("--sequences", type=int, help="a fixed random N of the validation sequences (default: the run's "
+                                                 "data.validation_sequences on its own data, all on other data)")
+    p.add_argument("--output", help="also write the JSON to this file")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
+    p.add_argument("--no-progress", action="store_true", help="no start-up line on stderr")
+    p.set_defaults(func=_evaluate)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")

@@ -13,22 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from ..rundir import RunDir
 from .metrics import METRICS_VERSION
 
-VALIDATION_KEYS = ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy", "final_val_sequences")
+VALIDATION_KEYS = ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy", "final_val_nsp_accuracy",
+                   "final_val_sequences")
 
 
 def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool = False) -> dict | None:
     """The run's new final validation values (None: the run is at the current version already and
     ``force`` is not set). Raises ValueError (one line) for a directory that is not a finished run."""
     from ..config import ConfigError
-    from ..data.loader import MaskingConfig, validation_batches
-    from ..model.bert import SparseBertForPreTraining
-    from .precision import resolve_precision
-    from .trainer import _json, evaluate_batches, resolve_data_dir
+    from .trainer import _json
 
     run = RunDir(run_dir)
     summary_path = run.summary_path
@@ -41,24 +37,16 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
         raise ConfigError(f"{summary_path} is damaged ({exc.msg})") from None
     if int(summary.get("metrics_version", 1)) >= METRICS_VERSION and not force:
         return None
-    config = run.load_config()
-    try:
-        model = SparseBertForPreTraining.load(run.model_dir).eval()
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    d = config.data
-    masking = MaskingConfig(d.seq_len, d.mask_prob, d.max_predictions)
-    batches = validation_batches(resolve_data_dir(config, progress), config.micro_batch_size, masking,
-                                 max_sequences=d.validation_sequences)
-    device = torch.device("cpu")
-    precision = resolve_precision(config.training.precision, device)
-    result = evaluate_batches(model, batches, device=device, autocast=precision.autocast, nsp=config.model.nsp)
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(run.path, checkpoint="final", progress=progress)
     previous = {k: summary.get(k) for k in (*VALIDATION_KEYS, "metrics_version")}
     new = {"final_val_mlm_loss": result["mlm_loss"], "final_val_nsp_loss": result.get("nsp_loss"),
-           "final_val_mlm_accuracy": result["mlm_accuracy"], "final_val_sequences": result["sequences"]}
+           "final_val_mlm_accuracy": result["mlm_accuracy"], "final_val_nsp_accuracy": result.get("nsp_accuracy"),
+           "final_val_sequences": result["sequences"]}
     history = summary.get("revalidated", [])
     summary.update(new, metrics_version=METRICS_VERSION,
-                   revalidated=[*history, {"previous": previous, "precision": precision.name}])
+                   revalidated=[*history, {"previous": previous, "precision": result["precision"]}])
     run.write_summary(_json(summary) + "\n")  # as the trainer writes it
     return new
 

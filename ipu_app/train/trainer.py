@@ -15,7 +15,6 @@ work) and it keeps the loop readable. Steps count completed optimizer steps, fro
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -39,11 +38,12 @@ from .build import (build_freezer, build_loader, build_model, build_pattern_upda
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .distributed import DistContext, check_patterns_consistent
+from .evaluate import evaluate_batches
 from .metrics import METRICS_VERSION, MetricsLogger, NullLogger
 from .optim import build_scheduler
 from .precision import Precision, resolve_precision, resolve_threads
-from .step import StepBackend, TorchStep, masked_tokens
-from .sums import TRAIN_FIELDS, Sums, output_sums
+from .step import StepBackend, TorchStep
+from .sums import TRAIN_FIELDS, Sums
 
 __all__ = ["Trainer", "TrainingDiverged", "evaluate_batches", "resolve_data_dir"]
 
@@ -509,6 +509,7 @@ class Trainer:
             "final_val_mlm_loss": val["mlm_loss"],
             "final_val_nsp_loss": val.get("nsp_loss"),
             "final_val_mlm_accuracy": val["mlm_accuracy"],
+            "final_val_nsp_accuracy": val.get("nsp_accuracy"),
             "final_val_sequences": val["sequences"],
             "final_train_loss": c.last_train_loss,
             "non_embedding_flops_per_sequence": flops["non_embedding_flops_per_sequence"],
@@ -563,33 +564,6 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, *, device: torch.device, autocast=contextlib.nullcontext,
-                     reduce=None, nsp: bool = True, on_batch=None) -> dict:
-    """MLM loss and accuracy over the masked tokens of ``batches`` (token-weighted) and NSP loss over
-    their sequences, as validation reports them: ``{"mlm_loss", "mlm_accuracy", "nsp_loss" (with
-    ``nsp``), "sequences", "masked_tokens"}``. ``reduce`` sums over ranks; ``on_batch(sequences)``
-    is called after each batch (a progress bar)."""
-    sums = Sums(TRAIN_FIELDS, device)
-    masked = sequences = 0
-    for batch in batches:
-        n, m = batch["input_ids"].shape[0], masked_tokens(batch)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            out = model(**batch)
-        got = output_sums(out)  # batch means: weighted by their counts here
-        sums.add(mlm_loss=got["mlm_loss"] * m, nsp_loss=got["nsp_loss"] * n, mlm_correct=got["mlm_correct"])
-        masked, sequences = masked + m, sequences + n
-        if on_batch is not None:
-            on_batch(n)
-    read = sums.read(reduce, masked=masked, sequences=sequences)
-    masked, sequences = int(read["masked"]), int(read["sequences"])
-    result = {"mlm_loss": read["mlm_loss"] / max(masked, 1), "mlm_accuracy": read["mlm_correct"] / max(masked, 1),
-              "sequences": sequences, "masked_tokens": masked}
-    if nsp:
-        result["nsp_loss"] = read["nsp_loss"] / max(sequences, 1)
-    return result
-
-
 def _next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 

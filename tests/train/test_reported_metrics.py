@@ -102,6 +102,7 @@ def _hf_sums(model, batch) -> dict:
         "correct": int((logits.argmax(-1) == labels[keep]).sum()),
         "masked": int(keep.sum()),
         "nsp": torch.nn.functional.cross_entropy(out.seq_relationship_logits, batch["nsp_labels"], reduction="sum"),
+        "nsp_correct": int((out.seq_relationship_logits.argmax(-1) == batch["nsp_labels"]).sum()),
         "sequences": labels.shape[0],
     }
 
@@ -120,12 +121,12 @@ def test_validation_metrics_equal_hugging_face_on_the_same_batches(run, data_dir
     masking = MaskingConfig(config.data.seq_len, config.data.mask_prob, config.data.max_predictions)
     batches = validation_batches(data_dir, MICRO, masking, max_sequences=VALIDATION)
     model = _hf(run["hf"]).eval()
-    totals = {"mlm": 0.0, "correct": 0, "masked": 0, "nsp": 0.0, "sequences": 0}
+    totals = {"mlm": 0.0, "correct": 0, "masked": 0, "nsp": 0.0, "nsp_correct": 0, "sequences": 0}
     for batch in batches:
         for key, value in _hf_sums(model, batch).items():
             totals[key] += float(value) if torch.is_tensor(value) else value
     expected = {"mlm_loss": totals["mlm"] / totals["masked"], "mlm_accuracy": totals["correct"] / totals["masked"],
-                "nsp_loss": totals["nsp"] / totals["sequences"]}
+                "nsp_loss": totals["nsp"] / totals["sequences"], "nsp_accuracy": totals["nsp_correct"] / totals["sequences"]}
     summary = run["summary"]
     saved = json.loads((run["run_dir"] / "summary.json").read_text())
     last_val = read_metrics(run["run_dir"], "val")[-1]
@@ -310,3 +311,34 @@ def test_revalidate_recomputes_an_old_runs_summary(run, data_dir, tmp_path, caps
     assert json.loads((old / "summary.json").read_text()) == fixed
     assert app_main(["revalidate", str(tmp_path / "nothing")]) == 1
     assert "is not a finished run (no summary.json)" in capsys.readouterr().err
+
+
+def test_evaluate_command_recomputes_the_final_validation_and_evaluates_checkpoints(run, data_dir, tmp_path, capsys):
+    """``python -m ipu_app evaluate`` on the final model gives the run's own final validation (the same
+    code); a checkpoint and another sequence count are evaluated too; bad requests are one line."""
+    import shutil
+
+    from ipu_app.__main__ import main as app_main
+
+    summary = run["summary"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run_dir"], run_dir)
+    (run_dir / "config.yaml").write_text(_config(data_dir).to_yaml())  # what run_pretraining.py writes
+    run = {"run_dir": run_dir}
+    out_file = tmp_path / "eval.json"
+    assert app_main(["evaluate", "--run", str(run["run_dir"]), "--output", str(out_file), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out_file.read_text()) == result
+    assert result["model"] == "final model" and result["step"] == STEPS and result["sequences"] == VALIDATION
+    for key in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"):
+        assert result[key] == pytest.approx(summary[f"final_val_{key}"], rel=1e-6), key
+    # the last checkpoint is the final step's weights: the same numbers
+    assert app_main(["evaluate", "--run", str(run["run_dir"]), "--checkpoint", str(STEPS), "--no-progress"]) == 0
+    at_last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert at_last["model"].startswith("checkpoint step_") and at_last["mlm_loss"] == pytest.approx(result["mlm_loss"], rel=1e-6)
+    assert app_main(["evaluate", "--run", str(run["run_dir"]), "--sequences", "3", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sequences"] == 3
+    assert app_main(["evaluate", "--run", str(run["run_dir"]), "--checkpoint", "5", "--no-progress"]) == 1
+    assert "has no checkpoint at step 5; it has" in capsys.readouterr().err
+    assert app_main(["evaluate", "--run", str(tmp_path), "--no-progress"]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
