@@ -33,14 +33,15 @@ def _revalidate(args) -> int:
 def _evaluate(args) -> int:
     import json
 
+    import torch
+
+    from .train.checkpoint import CheckpointError
     from .train.evaluate import evaluate_run
     from .train.precision import resolve_threads
 
-    import torch
-
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(resolve_threads(None, args.threads)[0])
-    from .train.checkpoint import CheckpointError
-
     try:
         result = evaluate_run(args.run, checkpoint=args.checkpoint, data=args.data, sequences=args.sequences,
                               progress=not args.no_progress)

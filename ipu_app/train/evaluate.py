@@ -49,6 +49,14 @@ def evaluate_batches(model, batches, *, device: torch.device, autocast=contextli
     return result
 
 
+def final_validation(result: dict) -> dict:
+    """``summary.json``'s ``final_val_*`` values from an ``evaluate_batches`` result (the trainer's
+    summary and ``revalidate`` both write them)."""
+    return {"final_val_mlm_loss": result["mlm_loss"], "final_val_nsp_loss": result.get("nsp_loss"),
+            "final_val_mlm_accuracy": result["mlm_accuracy"], "final_val_nsp_accuracy": result.get("nsp_accuracy"),
+            "final_val_sequences": result["sequences"]}
+
+
 def load_run_model(run: RunDir, config: RunConfig, checkpoint: str | int | None = None,
                    vocab_size: int | None = None):
     """``(model, what it is, step)`` of a run: ``checkpoint`` ``final`` (``RUN_DIR/model``), ``latest``,
@@ -85,16 +93,15 @@ def load_run_model(run: RunDir, config: RunConfig, checkpoint: str | int | None 
     return model.eval(), f"checkpoint {path.name}", step
 
 
-def evaluation_data(config: RunConfig, run: RunDir, data: str | Path | None, progress: bool = False
-                    ) -> tuple[Path, Path, dict]:
-    """``(the run's own data, the data to evaluate on, its manifest)``: another prepared corpus must have
-    been tokenised with the run's tokenizer (checked by the tokenizer's hash)."""
+def evaluation_data(config: RunConfig, data: str | Path | None, progress: bool = False) -> tuple[Path, dict]:
+    """``(the data to evaluate on, its manifest)``: the run's own, or another prepared corpus, which must
+    have been tokenised with the run's tokenizer (checked by the tokenizer's hash)."""
     from ..data.shards import load_manifest
     from .build import resolve_data_dir
 
     own = resolve_data_dir(config, progress)
     if data is None:
-        return own, own, load_manifest(own)
+        return own, load_manifest(own)
     data = Path(data)
     manifest, own_manifest = load_manifest(data), load_manifest(own)
     if manifest.get("tokenizer_sha256") != own_manifest.get("tokenizer_sha256"):
@@ -102,7 +109,7 @@ def evaluation_data(config: RunConfig, run: RunDir, data: str | Path | None, pro
             f"{data} was tokenised with another vocabulary ({manifest.get('vocab_size')} tokens) than the run's "
             f"({own_manifest.get('vocab_size')} tokens); evaluate on data prepared with the run's tokenizer "
             f"(the one in {own / 'tokenizer'})")
-    return own, data, manifest
+    return data, manifest
 
 
 def evaluate_run(run_dir: str | Path, *, checkpoint: str | int | None = None, data: str | Path | None = None,
@@ -118,7 +125,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | int | None = None, da
     config = run.load_config()
     if sequences is not None and sequences < 1:
         raise ConfigError(f"--sequences must be >= 1, got {sequences}")
-    own, data_dir, manifest = evaluation_data(config, run, data, progress)
+    data_dir, manifest = evaluation_data(config, data, progress)
     if sequences is None and data is None:
         sequences = config.data.validation_sequences
     model, source, step = load_run_model(run, config, checkpoint, vocab_size=manifest["vocab_size"])

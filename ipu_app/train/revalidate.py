@@ -16,14 +16,11 @@ from pathlib import Path
 from ..rundir import RunDir
 from .metrics import METRICS_VERSION
 
-VALIDATION_KEYS = ("final_val_mlm_loss", "final_val_nsp_loss", "final_val_mlm_accuracy", "final_val_nsp_accuracy",
-                   "final_val_sequences")
-
-
 def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool = False) -> dict | None:
     """The run's new final validation values (None: the run is at the current version already and
     ``force`` is not set). Raises ValueError (one line) for a directory that is not a finished run."""
     from ..config import ConfigError
+    from .evaluate import evaluate_run, final_validation
     from .trainer import _json
 
     run = RunDir(run_dir)
@@ -37,13 +34,9 @@ def revalidate_run(run_dir: str | Path, *, force: bool = False, progress: bool =
         raise ConfigError(f"{summary_path} is damaged ({exc.msg})") from None
     if int(summary.get("metrics_version", 1)) >= METRICS_VERSION and not force:
         return None
-    from .evaluate import evaluate_run
-
     result = evaluate_run(run.path, checkpoint="final", progress=progress)
-    previous = {k: summary.get(k) for k in (*VALIDATION_KEYS, "metrics_version")}
-    new = {"final_val_mlm_loss": result["mlm_loss"], "final_val_nsp_loss": result.get("nsp_loss"),
-           "final_val_mlm_accuracy": result["mlm_accuracy"], "final_val_nsp_accuracy": result.get("nsp_accuracy"),
-           "final_val_sequences": result["sequences"]}
+    new = final_validation(result)
+    previous = {k: summary.get(k) for k in (*new, "metrics_version")}
     history = summary.get("revalidated", [])
     summary.update(new, metrics_version=METRICS_VERSION,
                    revalidated=[*history, {"previous": previous, "precision": result["precision"]}])

@@ -38,7 +38,7 @@ from .build import (build_freezer, build_loader, build_model, build_pattern_upda
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .distributed import DistContext, check_patterns_consistent
-from .evaluate import evaluate_batches
+from .evaluate import evaluate_batches, final_validation
 from .metrics import METRICS_VERSION, MetricsLogger, NullLogger
 from .optim import build_scheduler
 from .precision import Precision, resolve_precision, resolve_threads
@@ -506,11 +506,7 @@ class Trainer:
             "config": self.config.name,
             "metrics_version": METRICS_VERSION,  # report flags runs without it
             "steps": self.step,
-            "final_val_mlm_loss": val["mlm_loss"],
-            "final_val_nsp_loss": val.get("nsp_loss"),
-            "final_val_mlm_accuracy": val["mlm_accuracy"],
-            "final_val_nsp_accuracy": val.get("nsp_accuracy"),
-            "final_val_sequences": val["sequences"],
+            **final_validation(val),
             "final_train_loss": c.last_train_loss,
             "non_embedding_flops_per_sequence": flops["non_embedding_flops_per_sequence"],
             "non_embedding_nonzero_params": flops["non_embedding_nonzero_params"],
