@@ -15,6 +15,9 @@ VALUE_INITS = ("trunc_normal", "trunc_normal_rescaled", "glorot", "glorot_rescal
 BLOCK_METRICS = ("l1", "l2", "linf")  # block norm that pruning ranks by (sparse/scoring.py)
 REGROWTH_RULES = ("random", "gradient")  # sparse/scoring.py
 PRUNING_SCHEDULES = ("cosine", "constant")  # pr(t) (sparse/schedule.py)
+# With training.init_from: the source's pattern where it fits (auto), always (keep), the largest blocks of
+# the source's weight (magnitude) or the run's own random pattern (random) (train/init_from.py)
+INIT_PATTERNS = ("auto", "keep", "magnitude", "random")
 SPARSE_BACKENDS = ("reference", "cpu", "triton")  # ops/<name>.py
 BACKEND_NAMES = ("auto", *SPARSE_BACKENDS)
 # ``bench kernels`` shapes: name -> (in_features, out_features) of the BERT FFN linears.

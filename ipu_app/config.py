@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
-from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FREEZE_MODES, INACTIVE_MODES, PRECISIONS,
-                      PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES, SUPPORTED_BLOCK_SIZES, VALUE_INITS)
+from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FREEZE_MODES, INACTIVE_MODES, INIT_PATTERNS,
+                      PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES, SUPPORTED_BLOCK_SIZES,
+                      VALUE_INITS)
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES
 from .sparse.flops import non_embedding_params
 
@@ -68,6 +69,9 @@ class SparsitySection:
     # Fig. 1b (dense mode only): a random fraction `ratio` of each weight in `modules` is untrained
     # in the first half (early: unfreeze at T/2) or the second half (late: freeze at T/2).
     freeze: str = "none"  # none | early | late
+    # With training.init_from, the sparse layers' pattern: auto (the source's where its block size and
+    # ratio are this run's, else magnitude) | keep | magnitude (the source weight's largest blocks) | random
+    init_pattern: str = "auto"
 
 
 @dataclass
@@ -95,6 +99,9 @@ class TrainingSection:
     compile: bool = False
     # fp32 matrix products in TF32 on Ampere and newer GPUs (dense linears, attention, the Triton kernels).
     tf32: bool = True
+    # Start from these weights instead of a random initialisation (--init-from): a run directory, a
+    # checkpoint directory or a Hugging Face BERT folder; the optimizer and schedule start anew.
+    init_from: str | None = None
 
 
 @dataclass
@@ -274,6 +281,7 @@ class RunConfig:
         _choice("sparsity.mode", s.mode, SPARSITY_MODES)
         _choice("sparsity.pruning_schedule", s.pruning_schedule, PRUNING_SCHEDULES)
         _choice("sparsity.regrowth", s.regrowth, REGROWTH_RULES)
+        _choice("sparsity.init_pattern", s.init_pattern, INIT_PATTERNS)
         _choice("sparsity.block_metric", s.block_metric, BLOCK_METRICS)
         _choice("sparsity.init", s.init, VALUE_INITS)
         _choice("sparsity.inactive", s.inactive, INACTIVE_MODES)

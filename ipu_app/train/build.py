@@ -111,6 +111,17 @@ def build_model(config: RunConfig, vocab_size: int, device: torch.device, dist: 
     return model, forward_model
 
 
+def initialize_model(config: RunConfig, model, data_dir: Path) -> dict:
+    """``training.init_from``: the source's weights (and pattern) into the fresh model; the record
+    the summary keeps."""
+    from ..data.shards import load_manifest
+    from .init_from import initialize_from, load_source
+
+    source = load_source(config.training.init_from)
+    return initialize_from(model, source, config.sparsity.init_pattern,
+                           tokenizer_sha256=load_manifest(data_dir).get("tokenizer_sha256"))
+
+
 def build_pattern_updater(config: RunConfig, model, optimizer, schedule, dist: DistContext) -> PatternUpdater | None:
     """The run's ``PatternUpdater`` (None for a dense run)."""
     s = config.sparsity

@@ -16,6 +16,8 @@ EPILOG = """examples:
   python run_pretraining.py --config bert_tiny_sparse --steps 300 --set training.batch_size=32
   python run_pretraining.py --config bert_mini_sparse --describe --json
   python run_pretraining.py --resume runs/bert_medium_sparse
+  python run_pretraining.py --config bert_tiny_sparse --init-from runs/bert_tiny_sparse \
+      --set data.seq_len=512 --set data.max_predictions=76 --output-dir runs/bert_tiny_sparse_512
 """
 
 
@@ -31,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="random seed (patterns, initialisation, data order)")
     parser.add_argument("--output-dir", help="the run directory (default: runs/CONFIG_NAME); must be new or empty")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="a new run starting from these weights: a run directory (its final model, else its "
+                             "latest checkpoint), a checkpoint directory, an export or a Hugging Face BERT folder; "
+                             "new optimizer and schedule (sets training.init_from; the pattern: "
+                             "sparsity.init_pattern)")
     parser.add_argument("--describe", action="store_true", help="report the resolved config, sizes and FLOPs; train nothing")
     parser.add_argument("--json", action="store_true", help="with --describe: one JSON object on stdout")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -43,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     if args.resume:
         extra = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--steps", args.steps),
-                                          ("--seed", args.seed), ("--output-dir", args.output_dir)) if value]
+                                          ("--seed", args.seed), ("--output-dir", args.output_dir),
+                                          ("--init-from", args.init_from)) if value]
         if extra:
             raise ConfigError(f"--resume continues the run with its saved config; drop {', '.join(extra)}")
     elif not args.config:
@@ -110,6 +118,7 @@ def _is_user_error(exc: Exception) -> bool:
     from ..ops import BackendError
     from ..sparse.updater import UpdaterError
     from .checkpoint import CheckpointError
+    from .init_from import InitFromError
     from .distributed import PatternMismatchError
     from .metrics import MetricsError
     from .trainer import TrainingDiverged
@@ -117,7 +126,8 @@ def _is_user_error(exc: Exception) -> bool:
     from ..ipu import IpuUnavailable
 
     return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError,
-                            PatternMismatchError, IpuUnavailable, OSError, MetricsError, TrainingDiverged))
+                            PatternMismatchError, IpuUnavailable, OSError, MetricsError, TrainingDiverged,
+                            InitFromError))
 
 
 def _main(args) -> int:
@@ -131,6 +141,11 @@ def _main(args) -> int:
     else:
         config = load_config(args.config, args.overrides, steps=args.steps, seed=args.seed,
                              world_size=ctx.world_size)
+        if args.init_from:
+            config.training.init_from = str(Path(args.init_from).resolve())
+        if config.training.init_from and not Path(config.training.init_from).is_dir():
+            raise ConfigError(f"training.init_from={config.training.init_from}: no such directory (a run, a "
+                              "checkpoint or a Hugging Face BERT folder)")
         run = RunDir(args.output_dir or Path("runs") / config.name)
         if "training.micro_batch_size" in config.adjusted and ctx.is_main and not args.describe:
             old, new = config.adjusted["training.micro_batch_size"]

@@ -76,6 +76,8 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         "adjusted": {key: list(change) for key, change in config.adjusted.items()},
         "validation": validation_size(config),
         "vocabulary": vocabulary,
+        # training.init_from: the weights the run starts from (loaded when it starts, not here)
+        "init_from": ({"path": t.init_from, "pattern": config.sparsity.init_pattern} if t.init_from else None),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
         "sparse_kernels": _local_kernel_line(config),
         "threads": _threads(config),
@@ -188,6 +190,8 @@ def format_description(info: dict) -> str:
           if info.get("adjusted") else []),
         f"validation sequences             {_validation_text(info['validation'])}",
         f"vocabulary                       {_vocabulary_text(info['vocabulary'], c['data'])}",
+        *([f"starts from                      {info['init_from']['path']} (pattern: "
+           f"{info['init_from']['pattern']}; new optimizer and schedule)"] if info.get("init_from") else []),
         *_ipu_lines(info.get("ipu")),
         *([f"kernels (here)                   {info['sparse_kernels']}"] if info.get("sparse_kernels") else []),
         f"CPU threads (here)               {info['threads']['threads']} ({info['threads']['from']}; "

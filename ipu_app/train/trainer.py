@@ -34,7 +34,7 @@ from ..rundir import RunDir
 from ..sparse.layer import sparse_weights
 from ..sparse.updater import PRG_WARN
 from .build import (build_freezer, build_loader, build_model, build_pattern_updater, build_validation,
-                    resolve_data_dir, uses_static_masks)
+                    initialize_model, resolve_data_dir, uses_static_masks)
 from .checkpoint import (CheckpointDamaged, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .distributed import DistContext, check_patterns_consistent
@@ -105,6 +105,7 @@ class _Counters:
     skipped_in_a_row: int = 0  # consecutive optimizer steps skipped for non-finite gradients
     prg_warned: bool = False
     machines: list = field(default_factory=list)  # every machine kind (machine_key) that trained the run
+    init_from: dict | None = None  # training.init_from: what was loaded (source, step, pattern, positions)
 
 
 class Trainer:
@@ -138,6 +139,9 @@ class Trainer:
         self._local_validation_sequences = sum(b["input_ids"].shape[0] for b in self.validation)
 
         self.model, self.forward_model = build_model(config, loader.train_set.vocab_size, self.device, dist)
+        init_record = None
+        if t.init_from and not resume:  # a resumed run's checkpoint holds its weights
+            init_record = initialize_model(config, self.model, self.data_dir)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
@@ -160,7 +164,7 @@ class Trainer:
         self.window = _Window()
         self._loss_divisor = self.accumulation * dist.world_size  # summed micro-batch means -> a mean
         self._last_sums: Sums | None = None  # the latest step's loss sums, on the device
-        self.counters = _Counters()
+        self.counters = _Counters(init_from=init_record)
         self._stop_requested = False
         self._last_step_finite = True
         self._last_lr = float("nan")  # the learning rate of the latest step
@@ -532,6 +536,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,
             "vocab_size": self.model.config.vocab_size,
+            "init_from": c.init_from,
         }
         if self.updater is not None:
             summary["mean_explored_dof"] = self.updater.exploration.mean_explored_dof()
