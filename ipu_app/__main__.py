@@ -56,6 +56,43 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    import json
+
+    import torch
+
+    from .train.checkpoint import CheckpointError
+    from .train.finetune import Finetuner, FinetuneSettings, task_files
+    from .train.precision import resolve_threads
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(resolve_threads(None, args.threads)[0])
+    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                                max_seq_len=args.max_seq_len, pattern=args.pattern, segments=args.segments,
+                                pruning_ratio=args.pruning_ratio, seed=args.seed, log_every=args.log_every)
+    train, dev = task_files(args.task)
+    try:
+        tuner = Finetuner(args.run, train, dev, args.output, settings, text_columns=args.text_columns,
+                          label_column=args.label_column, checkpoint=args.checkpoint, progress=not args.no_progress)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    results = tuner.train()
+    print(json.dumps({"dev": results["dev"], "encoder_sparsity": results["encoder_sparsity"],
+                      "output": str(args.output)}))
+    return 0
+
+
+def _demo_task(args) -> int:
+    from .data.tasks import write_demo_task
+
+    counts = write_demo_task(args.output, train=args.train, dev=args.dev, seed=args.seed)
+    print(f"wrote {args.output}/train.tsv ({counts['train']:,} sentences) and dev.tsv ({counts['dev']:,}): "
+          "State of the Union address or encyclopedia?", file=sys.stderr)
+    return 0
+
+
 def _export(args) -> int:
     from .model.export import export_run
 
@@ -260,6 +297,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
     p.add_argument("--no-progress", action="store_true", help="no start-up line on stderr")
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser("finetune", help="fine-tune a run's model on a sentence(-pair) classification task, the "
+                                        "encoder kept sparse (pattern fixed or DynSparse continued)")
+    p.add_argument("--run", required=True, help="the pre-trained run directory")
+    p.add_argument("--task", required=True, nargs="+", metavar="PATH",
+                   help="a task folder (train.tsv + dev.tsv, GLUE's layout; .csv / .jsonl too) or TRAIN DEV files")
+    p.add_argument("--output", required=True, help="new, empty output directory")
+    p.add_argument("--text-columns", nargs="+", metavar="COLUMN",
+                   help="the text column(s) (default: GLUE's names: sentence, sentence1 sentence2, question "
+                        "sentence, ...)")
+    p.add_argument("--label-column", default="label", help="the label column (default: label)")
+    p.add_argument("--pattern", default="fixed", choices=("fixed", "dynamic"),
+                   help="fixed: the pre-trained pattern; dynamic: go on pruning and regrowing (default: fixed)")
+    p.add_argument("--segments", type=int, default=4, help="--pattern dynamic: the training is cut into N segments, "
+                                                           "the pattern changes between them (default: 4)")
+    p.add_argument("--pruning-ratio", type=float, help="--pattern dynamic: pr (default: the run's)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--log-every", type=int, default=10, help="steps between train records in metrics.jsonl")
+    p.add_argument("--checkpoint", default=None, help="final, latest or a step (default: final if the run finished)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_finetune)
+    p = sub.add_parser("demo-task", help="write a small classification task (train.tsv, dev.tsv) from the embedded "
+                                         "corpus: is a sentence from a State of the Union address or an encyclopedia?")
+    p.add_argument("--output", required=True, help="new, empty output directory")
+    p.add_argument("--train", type=int, default=2000, help="training sentences (default: 2000)")
+    p.add_argument("--dev", type=int, default=500, help="dev sentences (default: 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo_task)
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")

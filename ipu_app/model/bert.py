@@ -182,19 +182,7 @@ class SparseBertForPreTraining(nn.Module):
 
     def layer_sparsity(self) -> list[dict]:
         """Every encoder fully-connected weight: name, shape, block size, active weights, sparsity."""
-        rows = []
-        for name, module in self.bert.encoder.named_modules():
-            if isinstance(module, SparseLinear):
-                p = module.pattern
-                active, block = p.nnz * p.block_size**2, p.block_size
-            elif isinstance(module, nn.Linear):
-                active, block = module.weight.numel(), None
-            else:
-                continue
-            total = module.in_features * module.out_features
-            rows.append({"name": f"bert.encoder.{name}", "shape": [module.out_features, module.in_features],
-                         "block_size": block, "active_weights": active, "sparsity": 1.0 - active / total})
-        return rows
+        return encoder_layer_sparsity(self.bert)
 
     def active_encoder_weights(self) -> int:
         """The non-zero encoder fully-connected weights (what the paper's FLOPs count at density)."""
@@ -261,3 +249,20 @@ def _reinit_sparse(layer: SparseLinear, config: ModelConfig) -> None:
     if config.init != "trunc_normal":  # from_linear kept the trunc-normal dense init at the active positions
         init_values_(layer.values, config.init, layer.in_features, layer.out_features, config.sparsity)
 
+
+def encoder_layer_sparsity(bert: nn.Module) -> list[dict]:
+    """Every fully-connected weight of ``bert.encoder`` (any Hugging Face ``BertModel``, sparse layers or
+    not): name, shape, block size, active weights, sparsity."""
+    rows = []
+    for name, module in bert.encoder.named_modules():
+        if isinstance(module, SparseLinear):
+            p = module.pattern
+            active, block = p.nnz * p.block_size**2, p.block_size
+        elif isinstance(module, nn.Linear):
+            active, block = module.weight.numel(), None
+        else:
+            continue
+        total = module.in_features * module.out_features
+        rows.append({"name": f"bert.encoder.{name}", "shape": [module.out_features, module.in_features],
+                     "block_size": block, "active_weights": active, "sparsity": 1.0 - active / total})
+    return rows

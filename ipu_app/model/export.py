@@ -39,21 +39,7 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ExportError(f"{output_dir} is not empty; choose a new output directory (nothing was overwritten)")
     dense = copy.deepcopy(model).cpu().float()
-    layers = sparse_weights(dense)
-    sidecar = {
-        "format_version": 1,
-        "sparsity_mode": model.config.sparsity_mode,
-        "block_size": model.config.block_size,
-        "target_sparsity": model.config.sparsity if layers else 0.0,
-        "inactive": model.config.inactive,
-        "layers": [
-            {"weight": f"{name}.weight", "shape": [m.out_features, m.in_features], "block_size": m.block_size,
-             "nnz_blocks": m.nnz, "sparsity": m.sparsity}
-            for name, m in layers
-        ],
-    }
-    patterns = {f"{name}.block_rows": m.block_rows.contiguous() for name, m in layers}
-    patterns.update({f"{name}.block_cols": m.block_cols.contiguous() for name, m in layers})
+    sidecar, patterns = sparsity_sidecar(dense, model.config)
     densify_(dense)
     hf_class = BertForPreTraining if model.config.nsp else BertForMaskedLM
     hf = hf_class(model.config.hf_config())
@@ -73,6 +59,34 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     return output_dir
 
 
+def sparsity_sidecar(model, config: ModelConfig) -> tuple[dict, dict]:
+    """``sparsity.json``'s content (each sparse layer's shape, block size, blocks and sparsity) and the
+    patterns' block coordinates by ``LAYER.block_rows`` / ``LAYER.block_cols``, for any model holding
+    sparse layers (names as in ``model``)."""
+    layers = sparse_weights(model)
+    sidecar = {
+        "format_version": 1,
+        "sparsity_mode": config.sparsity_mode,
+        "block_size": config.block_size,
+        "target_sparsity": config.sparsity if layers else 0.0,
+        "inactive": config.inactive,
+        "layers": [
+            {"weight": f"{name}.weight", "shape": [m.out_features, m.in_features], "block_size": m.block_size,
+             "nnz_blocks": m.nnz, "sparsity": m.sparsity}
+            for name, m in layers
+        ],
+    }
+    patterns = {f"{name}.block_rows": m.block_rows.detach().cpu().contiguous() for name, m in layers}
+    patterns.update({f"{name}.block_cols": m.block_cols.detach().cpu().contiguous() for name, m in layers})
+    return sidecar, patterns
+
+
+def write_sidecar(output_dir: Path, sidecar: dict, patterns: dict) -> None:
+    (output_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    if patterns:
+        write_safetensors(patterns, output_dir / PATTERNS)
+
+
 def _empty(directory: Path) -> None:
     for path in directory.iterdir():
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -80,9 +94,7 @@ def _empty(directory: Path) -> None:
 
 def _write_export(hf, output_dir: Path, sidecar: dict, patterns: dict, model, tokenizer_dir) -> None:
     hf.save_pretrained(str(output_dir))
-    (output_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
-    if patterns:
-        write_safetensors(patterns, output_dir / PATTERNS)
+    write_sidecar(output_dir, sidecar, patterns)
     for path in output_dir.glob("*.safetensors"):  # Hugging Face's too: readable as the umask says
         apply_umask(path)
     (output_dir / MODEL_CONFIG).write_text(model.config.to_json())
