@@ -20,6 +20,10 @@ def _prepare_data(args) -> int:
                              documents_per_shard=args.documents_per_shard, shard_bytes=int(args.shard_mb * 2**20))
     else:
         path = prepare_embedded(args.tokenizer, args.vocab_size, cache_dir=args.output)
+    from .data.prepare import prepared_counts
+    from .data.shards import load_manifest
+
+    print(f"prepared {path}: {prepared_counts(load_manifest(path))}", file=sys.stderr)
     print(path)
     return 0
 
@@ -246,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents-per-shard", type=int, default=2000, help="a shard is closed at this many documents")
     p.add_argument("--shard-mb", type=float, default=32, help="... or at this many MiB of text")
     p.add_argument("--output", help="output directory (embedded corpus: the cache root)")
-    p.add_argument("--tokenizer", default="bert-base-uncased", choices=["bert-base-uncased", "train"])
+    p.add_argument("--tokenizer", default="bert-base-uncased", metavar="bert-base-uncased|train|FOLDER",
+                   help="the standard vocabulary, one trained on the corpus (--vocab-size), or a Hugging Face "
+                        "WordPiece tokenizer folder, cased or not (default: bert-base-uncased)")
     p.add_argument("--vocab-size", type=int, default=30522)
     p.add_argument("--document-mode", default="blank_lines", choices=["blank_lines", "file"])
     p.add_argument("--overwrite", action="store_true",

@@ -126,7 +126,9 @@ class OptimizerSection:
 @dataclass
 class DataSection:
     dir: str | None = None  # prepared data (python -m ipu_app prepare-data); null = the embedded corpus
-    tokenizer: str = "bert-base-uncased"  # for the embedded corpus: bert-base-uncased | train
+    # for the embedded corpus: bert-base-uncased | train | a Hugging Face WordPiece tokenizer folder (with
+    # data.dir: the prepared data's, taken from its manifest)
+    tokenizer: str = "bert-base-uncased"
     vocab_size: int = 30522
     seq_len: int = 128
     mask_prob: float = 0.15

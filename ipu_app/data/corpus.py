@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -109,8 +110,7 @@ def expand_inputs(paths: Iterable[str | Path], input_format: str = "auto") -> li
             raise CorpusError(f"{path} is not a folder saved with datasets' save_to_disk (no state.json or "
                               "dataset_dict.json)")
         elif path.is_dir():
-            found = [Input(p, fmt) for p in sorted(path.rglob("*"))
-                     if p.is_file() and (fmt := _file_format(p, input_format)) is not None]
+            found = _folder_inputs(path, input_format)
             if not found:
                 kinds = ".txt, .jsonl, .parquet" if input_format == "auto" else f"{input_format} files"
                 raise CorpusError(f"{path} is a folder without input files ({kinds}); give text, JSON Lines or "
@@ -120,7 +120,45 @@ def expand_inputs(paths: Iterable[str | Path], input_format: str = "auto") -> li
             raise CorpusError(f"{path}: no such file or folder")
         else:
             inputs.append(Input(path, _file_format(path, input_format) or "text"))
-    return inputs
+    unique = {}
+    for item in inputs:  # a file given twice (or as a file and inside its folder) is read once
+        key = item.path.resolve()
+        if key in unique:
+            print(f"warning: {item.path} is given more than once; it is read once", file=sys.stderr)
+        else:
+            unique[key] = item
+    return list(unique.values())
+
+
+def _folder_inputs(path: Path, input_format: str) -> list[Input]:
+    """The inputs under a folder, sorted: ``save_to_disk`` folders inside it as datasets (auto format),
+    and the files of known formats outside those."""
+    entries = sorted(path.rglob("*"))
+    datasets = [p for p in entries if input_format == "auto" and is_saved_dataset(p)]
+    datasets = [d for d in datasets if not any(o in d.parents for o in datasets)]  # the outermost ones
+    found = [Input(d, "datasets") for d in datasets]
+    found += [Input(p, fmt) for p in entries if p.is_file() and not any(d in p.parents for d in datasets)
+              and (fmt := _file_format(p, input_format)) is not None]
+    return sorted(found, key=lambda i: str(i.path))
+
+
+def duplicate_warnings(inputs: list[Input], hashes: dict[str, str]) -> list[str]:
+    """Inputs that look like the same documents twice: identical bytes, or ``X`` beside ``X.gz``."""
+    warnings, by_hash = [], {}
+    for item in inputs:
+        by_hash.setdefault(hashes.get(str(item.path)), []).append(item.path)
+    for digest, paths in by_hash.items():
+        if digest is not None and len(paths) > 1:
+            warnings.append(f"{', '.join(map(str, paths))} have the same bytes: their documents are taken "
+                            f"{len(paths)} times; give one of them")
+    names = {item.path for item in inputs}
+    for item in inputs:
+        if item.path.suffix == ".gz" and item.path.with_suffix("") in names:
+            plain = item.path.with_suffix("")
+            if hashes.get(str(plain)) != hashes.get(str(item.path)):
+                warnings.append(f"{plain} and {item.path} are both read: if they hold the same documents, "
+                                "give one of them")
+    return warnings
 
 
 class _Counted:

@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .corpus import CorpusError, CorpusReader, embedded_documents, embedded_files, expand_inputs
+from .corpus import CorpusError, CorpusReader, duplicate_warnings, embedded_documents, embedded_files, expand_inputs
 from .shards import SHARD_BYTES, default_workers, prepare_data, source_hashes
-from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, vocab_tokens
+from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, use_tokenizer_folder, vocab_tokens
 
-TOKENIZERS = ("bert-base-uncased", "train")
+TOKENIZERS = ("bert-base-uncased", "train")  # or the path of a Hugging Face WordPiece tokenizer folder
 
 
 def cache_root() -> Path:
@@ -41,7 +41,10 @@ def _tokenizer(kind: str, documents, directory: Path, vocab_size: int) -> Path:
             print(f"trained a WordPiece vocabulary of {learned} tokens (asked for {vocab_size}: the corpus has no "
                   "more)", file=sys.stderr)
         return folder
-    raise CorpusError(f"unknown tokenizer {kind!r}; use one of {list(TOKENIZERS)}")
+    if Path(kind).is_dir():
+        return use_tokenizer_folder(kind, directory)
+    raise CorpusError(f"unknown tokenizer {kind!r}; use one of {list(TOKENIZERS)} or the path of a Hugging Face "
+                      "WordPiece tokenizer folder")
 
 
 def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer: str = "bert-base-uncased",
@@ -60,11 +63,36 @@ def prepare_files(paths: Sequence[str | Path], output_dir: str | Path, tokenizer
     sources = source_hashes(i.path for i in reader.inputs)
     output_dir = Path(output_dir)
     _check_replacement(output_dir, sources, tokenizer, overwrite)
+    if progress:
+        print(f"reading {describe_inputs(reader.inputs)}", file=sys.stderr)
+    for warning in duplicate_warnings(reader.inputs, sources):
+        print(f"warning: {warning}", file=sys.stderr)
     if documents_per_shard < 1 or shard_bytes < 1:
         raise CorpusError(f"shards need at least one document and one byte, got --documents-per-shard "
                           f"{documents_per_shard} and {shard_bytes} bytes")
     return _prepare(reader, output_dir, tokenizer, vocab_size, sources, progress, overwrite, workers,
                     dict(documents_per_shard=documents_per_shard, shard_bytes=shard_bytes))
+
+
+def describe_inputs(inputs) -> str:
+    """``3 inputs: 2 jsonl files, 1 datasets folder``."""
+    from collections import Counter
+
+    kinds = Counter(i.format for i in inputs)
+    parts = [f"{n} {kind} {'folder' if kind == 'datasets' else 'file'}{'s' if n > 1 else ''}"
+             for kind, n in sorted(kinds.items())]
+    return f"{len(inputs)} input{'s' if len(inputs) > 1 else ''}: {', '.join(parts)}"
+
+
+def prepared_counts(manifest: dict) -> str:
+    """The end-of-preparation line: documents, sentences, tokens and shards, per split."""
+    splits = manifest.get("splits", {})
+    total = {k: sum(s.get(k, 0) for s in splits.values()) for k in ("documents", "sentences", "tokens")}
+    shards = sum(len(s.get("shards", [])) for s in splits.values())
+    per_split = "; ".join(f"{name} {s.get('documents', 0):,} documents, {s.get('tokens', 0):,} tokens"
+                          for name, s in splits.items())
+    return (f"{total['documents']:,} documents, {total['sentences']:,} sentences, {total['tokens']:,} tokens in "
+            f"{shards} shard{'s' if shards != 1 else ''} ({per_split}); vocabulary {manifest.get('vocab_size'):,}")
 
 
 def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrite: bool) -> None:
@@ -98,6 +126,8 @@ def embedded_data_dir(tokenizer: str = "bert-base-uncased", vocab_size: int = 30
 
 def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None) -> tuple[Path, dict]:
     sources = source_hashes(embedded_files())
+    if tokenizer not in TOKENIZERS and (Path(tokenizer) / "vocab.txt").is_file():
+        tokenizer = f"folder {tokenizer_hash(tokenizer)}"  # a folder is its vocabulary (and casing), not its path
     key = hashlib.sha256(repr((sorted(sources.values()), tokenizer, vocab_size)).encode()).hexdigest()[:16]
     return Path(cache_dir or cache_root()) / f"embedded-{key}", sources
 
@@ -110,6 +140,7 @@ def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sourc
                 tokenizer_hash(output_dir / "tokenizer") != tokenizer_hash(tok_dir):
             shutil.rmtree(output_dir / "tokenizer")  # asked for: the new tokenizer replaces the old
         prepare_data(documents, tok_dir, output_dir, sources=sources, progress=progress,
+                     tokenizer_name=tokenizer if tokenizer in TOKENIZERS else str(Path(tokenizer).resolve()),
                      workers=default_workers() if workers is None else workers, **(shard_sizes or {}))
     return output_dir
 
@@ -128,5 +159,7 @@ def data_vocabulary(data) -> dict:
         return {"tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "from": "config"}
     manifest = load_manifest(path)  # a data.dir that is not prepared data: one line
     standard = manifest.get("tokenizer_sha256") == BERT_UNCASED_VOCAB_SHA256
-    return {"tokenizer": "bert-base-uncased" if standard else "train", "vocab_size": int(manifest["vocab_size"]),
+    named = manifest.get("tokenizer")  # what prepare-data was given (manifests of older versions lack it)
+    name = "bert-base-uncased" if standard else named if named and named not in TOKENIZERS else "train"
+    return {"tokenizer": name, "vocab_size": int(manifest["vocab_size"]),
             "from": "data"}

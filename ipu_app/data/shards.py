@@ -218,6 +218,7 @@ def prepare_data(
     progress: bool = True,
     workers: int = 1,
     shard_bytes: int = SHARD_BYTES,
+    tokenizer_name: str | None = None,
 ) -> dict:
     """Tokenise documents into shards under ``output_dir``; reuse finished shards; return the manifest.
 
@@ -294,6 +295,7 @@ def prepare_data(
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok_hash,
+        "tokenizer": tokenizer_name,  # bert-base-uncased, train or a tokenizer folder's path (None: not told)
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "sources": sources or {},
         "documents_per_shard": documents_per_shard,

