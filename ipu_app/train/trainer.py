@@ -200,6 +200,11 @@ class Trainer:
         warning = self.config.schedule_warning()
         if warning and self.dist.is_main and self.step == 0:
             print(f"warning: {warning}", file=sys.stderr)
+        init = self.counters.init_from
+        if init and self.dist.is_main and self.step == 0:
+            print(f"starting from {init['path']} ({init['kind']}{'' if init['step'] is None else ', step %d' % init['step']}"
+                  f"): pattern {init['pattern'] or '-'}, position embeddings {init['positions'] or 'as saved'}"
+                  + (f", freshly initialised: {', '.join(init['fresh'])}" if init["fresh"] else ""), file=sys.stderr)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress, desc=self.config.name or "train")
         try:

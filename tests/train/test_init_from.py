@@ -174,7 +174,10 @@ def test_the_command_line_records_the_source_and_refuses_bad_ones(source, data_d
               "--set", "training.batch_size=4", "--set", "data.validation_sequences=4",
               "--set", "model.max_position_embeddings=128", "--set", "training.precision=fp32"]
     out = tmp_path / "continued"
+    capsys.readouterr()
     assert main([*common, "--init-from", str(source["dir"]), "--output-dir", str(out)]) == 0
+    assert f"starting from {source['dir'].resolve()} (run, step {SOURCE_STEPS}): pattern keep, position embeddings " \
+           "as saved" in capsys.readouterr().err
     saved = load_config(out / "config.yaml")
     assert saved.training.init_from == str(source["dir"].resolve())
     summary = json.loads((out / "summary.json").read_text())
