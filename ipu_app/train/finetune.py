@@ -181,6 +181,8 @@ class Finetuner:
         from ..sparse.updater import build_updater
 
         s = self.settings
+        if s.pattern == "dynamic" and not sparse_weights(self.model):
+            self._say("note: the run's model is dense; --pattern dynamic has nothing to update")
         if s.pattern != "dynamic" or not sparse_weights(self.model):
             return None
         if s.segments > self.total_steps:
@@ -300,6 +302,10 @@ class Finetuner:
         from ..model.sparse_linear import densify_
         from .metrics import json_safe
 
+        if not self.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # save_pretrained's shard bar
         model_dir = self.output / "model"
         self.output.mkdir(parents=True, exist_ok=True)
         dense = copy.deepcopy(self.model).cpu().float()
