@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .choices import BENCH_DTYPES, BENCH_SHAPES
+from .choices import BENCH_DTYPES, BENCH_SHAPES, FINETUNE_PATTERNS
+from .config import FinetuneSettings
 from .experiments.figures import NAMES as FIGURE_NAMES
 
 
@@ -34,18 +35,24 @@ def _revalidate(args) -> int:
     return revalidate_main(args.run_dirs, force=args.force)
 
 
+def _use_threads(threads: int | None) -> None:
+    """``--threads`` of evaluate and finetune: checked, then torch's (default: OMP_NUM_THREADS or the cores)."""
+    import torch
+
+    from .train.precision import resolve_threads
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(resolve_threads(None, threads)[0])
+
+
 def _evaluate(args) -> int:
     import json
 
-    import torch
-
     from .train.checkpoint import CheckpointError
     from .train.evaluate import evaluate_run
-    from .train.precision import resolve_threads
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(resolve_threads(None, args.threads)[0])
+    _use_threads(args.threads)
     try:
         result = evaluate_run(args.run, checkpoint=args.checkpoint, data=args.data, sequences=args.sequences,
                               progress=not args.no_progress)
@@ -61,21 +68,16 @@ def _evaluate(args) -> int:
 
 
 def _finetune(args) -> int:
+    import dataclasses
     import json
 
-    import torch
-
+    from .config import FinetuneSettings
     from .train.checkpoint import CheckpointError
-    from .train.finetune import Finetuner, FinetuneSettings, task_files
-    from .train.precision import resolve_threads
+    from .train.finetune import Finetuner, task_files
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(resolve_threads(None, args.threads)[0])
-    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                                max_seq_len=args.max_seq_len, pattern=args.pattern, segments=args.segments,
-                                pruning_ratio=args.pruning_ratio, seed=args.seed, log_every=args.log_every)
+    _use_threads(args.threads)
+    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)
+                                   if hasattr(args, f.name)})
     train, dev = task_files(args.task)
     try:
         tuner = Finetuner(args.run, train, dev, args.output, settings, text_columns=args.text_columns,
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
     p.add_argument("--no-progress", action="store_true", help="no start-up line on stderr")
     p.set_defaults(func=_evaluate)
+    tuned = FinetuneSettings()  # finetune's defaults
     p = sub.add_parser("finetune", help="fine-tune a run's model on a sentence(-pair) classification task, the "
                                         "encoder kept sparse (pattern fixed or DynSparse continued)")
     p.add_argument("--run", required=True, help="the pre-trained run directory")
@@ -313,20 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text column(s) (default: GLUE's names: sentence, sentence1 sentence2, question "
                         "sentence, ...)")
     p.add_argument("--label-column", default="label", help="the label column (default: label)")
-    p.add_argument("--pattern", default="fixed", choices=("fixed", "dynamic"),
-                   help="fixed: the pre-trained pattern; dynamic: go on pruning and regrowing (default: fixed)")
-    p.add_argument("--segments", type=int, default=4, help="--pattern dynamic: the training is cut into N segments, "
-                                                           "the pattern changes between them (default: 4)")
+    p.add_argument("--pattern", default=tuned.pattern, choices=FINETUNE_PATTERNS,
+                   help=f"fixed: the pre-trained pattern; dynamic: go on pruning and regrowing (default: {tuned.pattern})")
+    p.add_argument("--segments", type=int, default=tuned.segments,
+                   help=f"--pattern dynamic: the training is cut into N segments, the pattern changes between them "
+                        f"(default: {tuned.segments})")
     p.add_argument("--pruning-ratio", type=float, help="--pattern dynamic: pr (default: the run's)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--log-every", type=int, default=10, help="steps between train records in metrics.jsonl")
+    for name in ("epochs", "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "max_seq_len"):
+        default = getattr(tuned, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=f"(default: {default})")
+    p.add_argument("--log-every", type=int, default=tuned.log_every,
+                   help=f"steps between train records in metrics.jsonl (default: {tuned.log_every})")
     p.add_argument("--checkpoint", default=None, help="final, latest or a step (default: final if the run finished)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=tuned.seed)
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_finetune)

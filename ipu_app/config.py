@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FREEZE_MODES, INACTIVE_MODES, INIT_PATTERNS,
-                      PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES, SUPPORTED_BLOCK_SIZES,
-                      VALUE_INITS)
+from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FINETUNE_PATTERNS, FREEZE_MODES, INACTIVE_MODES,
+                      INIT_PATTERNS, PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES,
+                      SUPPORTED_BLOCK_SIZES, VALUE_INITS)
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES
 from .sparse.flops import non_embedding_params
 
@@ -173,6 +173,38 @@ class IpuSection:
     vipu_server_host: str | None = None
     vipu_partition: str | None = None
     tcp_if_include: str = "eth0"  # network interface (or CIDR) for MPI between hosts
+
+
+@dataclass
+class FinetuneSettings:
+    """``python -m ipu_app finetune``'s settings (its options by the same names; train/finetune.py)."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 128
+    pattern: str = "fixed"  # fixed | dynamic
+    segments: int = 4  # dynamic: pattern updates at the segments - 1 inner boundaries
+    pruning_ratio: float | None = None  # dynamic: None = the run's sparsity.pruning_ratio
+    seed: int = 0
+    log_every: int = 10
+
+    def validate(self) -> "FinetuneSettings":
+        for name in ("epochs", "batch_size", "max_seq_len", "segments", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.pattern not in FINETUNE_PATTERNS:
+            raise ConfigError(f"--pattern {self.pattern!r}: use one of {list(FINETUNE_PATTERNS)}")
+        if self.max_seq_len > 512:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} is above BERT's 512 positions")
+        return self
 
 
 @dataclass

@@ -145,6 +145,12 @@ def _prepare(documents, output_dir: Path, tokenizer: str, vocab_size: int, sourc
     return output_dir
 
 
+def prepared_data_dir(data) -> Path:
+    """Where the data of a config's ``data`` section is (or will be) prepared: ``data.dir``, else the
+    embedded corpus's cache folder for its tokenizer; prepares nothing."""
+    return Path(data.dir) if data.dir else embedded_data_dir(data.tokenizer, data.vocab_size)
+
+
 def data_vocabulary(data) -> dict:
     """The tokenizer a run with the ``data`` config section trains with, read from the prepared
     data's manifest: ``{"tokenizer", "vocab_size", "from"}``. ``tokenizer`` is ``bert-base-uncased``
@@ -154,7 +160,7 @@ def data_vocabulary(data) -> dict:
     from .shards import load_manifest
     from .tokenizer import BERT_UNCASED_VOCAB_SHA256
 
-    path = Path(data.dir) if data.dir else embedded_data_dir(data.tokenizer, data.vocab_size)
+    path = prepared_data_dir(data)
     if not (path / "manifest.json").is_file():
         return {"tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "from": "config"}
     manifest = load_manifest(path)  # a data.dir that is not prepared data: one line

@@ -9,7 +9,6 @@ rebuilds the exact sparse model from the folder.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..io import apply_umask, write_safetensors
 from ..rundir import RunDir
 from .bert import ModelConfig, SparseBertForPreTraining
 from ..sparse.layer import sparse_weights
-from .sparse_linear import densify_
+from .sparse_linear import dense_copy
 
 SIDECAR = "sparsity.json"
 PATTERNS = "sparsity_patterns.safetensors"
@@ -38,9 +37,8 @@ def export_hf(model: SparseBertForPreTraining, output_dir: str | Path, tokenizer
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ExportError(f"{output_dir} is not empty; choose a new output directory (nothing was overwritten)")
-    dense = copy.deepcopy(model).cpu().float()
-    sidecar, patterns = sparsity_sidecar(dense, model.config)
-    densify_(dense)
+    sidecar, patterns = sparsity_sidecar(model, model.config)
+    dense = dense_copy(model)
     hf_class = BertForPreTraining if model.config.nsp else BertForMaskedLM
     hf = hf_class(model.config.hf_config())
     missing, unexpected = hf.load_state_dict(dense.state_dict(), strict=False)

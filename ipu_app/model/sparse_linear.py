@@ -233,6 +233,15 @@ def densify_(model: nn.Module) -> list[str]:
     return names
 
 
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A dense fp32 copy on the CPU of ``model``, its SparseLinear layers made ``nn.Linear`` (for export)."""
+    import copy
+
+    dense = copy.deepcopy(model).cpu().float()
+    densify_(dense)
+    return dense
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -20,50 +20,19 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ..config import ConfigError, FinetuneSettings
 from ..data.tasks import TaskData, TaskError, check_labels, label_names, read_task
 from ..io import atomic_write_bytes
 from ..rundir import RunDir
 
-PATTERNS = ("fixed", "dynamic")
 TASK_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
-
-
-@dataclass
-class FinetuneSettings:
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_seq_len: int = 128
-    pattern: str = "fixed"  # fixed | dynamic
-    segments: int = 4  # dynamic: pattern updates at the segments - 1 inner boundaries
-    pruning_ratio: float | None = None  # dynamic: None = the run's sparsity.pruning_ratio
-    seed: int = 0
-    log_every: int = 10
-
-    def validate(self) -> "FinetuneSettings":
-        for name in ("epochs", "batch_size", "max_seq_len", "segments", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.pattern not in PATTERNS:
-            raise ConfigError(f"--pattern {self.pattern!r}: use one of {list(PATTERNS)}")
-        if self.max_seq_len > 512:
-            raise ConfigError(f"--max-seq-len {self.max_seq_len} is above BERT's 512 positions")
-        return self
 
 
 def task_files(task: list[str]) -> tuple[Path, Path]:
@@ -164,16 +133,13 @@ class Finetuner:
         return model
 
     def _optimizer(self):
-        from .optim import SlotAdamW, _LinearWarmupDecay, parameter_groups
+        from .optim import adamw, warmup_decay
 
         s = self.settings
         per_slot = s.pattern == "dynamic" and self.config.optimizer.bias_correction == "per_slot"
-        groups = parameter_groups(self.model, s.weight_decay, None, per_slot)
-        o = self.config.optimizer
-        optimizer = (SlotAdamW if per_slot else torch.optim.AdamW)(groups, lr=s.learning_rate,
-                                                                   betas=(o.beta1, o.beta2), eps=o.eps)
-        warmup = int(s.warmup_ratio * self.total_steps)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, self.total_steps))
+        optimizer = adamw(self.model, s.learning_rate, self.config.optimizer, weight_decay=s.weight_decay,
+                          per_slot=per_slot)
+        return optimizer, warmup_decay(optimizer, int(s.warmup_ratio * self.total_steps), self.total_steps)
 
     def _updater(self):
         from ..sparse.layer import sparse_weights
@@ -299,7 +265,7 @@ class Finetuner:
     def _write(self, records: list[dict], results: dict, labels: np.ndarray, predictions: np.ndarray) -> None:
         from ..data.tokenizer import copy_tokenizer
         from ..model.export import sparsity_sidecar, write_sidecar
-        from ..model.sparse_linear import densify_
+        from ..model.sparse_linear import dense_copy
         from .metrics import json_safe
 
         if not self.progress:
@@ -308,10 +274,8 @@ class Finetuner:
             hf_logging.disable_progress_bar()  # save_pretrained's shard bar
         model_dir = self.output / "model"
         self.output.mkdir(parents=True, exist_ok=True)
-        dense = copy.deepcopy(self.model).cpu().float()
-        sidecar, patterns = sparsity_sidecar(dense, self.model_config)
-        densify_(dense)
-        dense.save_pretrained(str(model_dir))
+        sidecar, patterns = sparsity_sidecar(self.model, self.model_config)
+        dense_copy(self.model).save_pretrained(str(model_dir))
         write_sidecar(model_dir, sidecar, patterns)
         copy_tokenizer(self.tokenizer_dir, model_dir)
         lines = ["index\tlabel\tprediction\n"] + [f"{i}\t{self.labels[a]}\t{self.labels[b]}\n"

@@ -12,7 +12,6 @@ active positions. The optimizer, the learning-rate schedule and the step count s
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,13 +123,11 @@ def _from_huggingface(path: Path) -> InitSource:
 
 
 def _from_model(model: SparseBertForPreTraining, path: Path, kind: str, step, tokenizer) -> InitSource:
-    from ..model.sparse_linear import densify_
+    from ..model.sparse_linear import dense_copy
 
     patterns = {name: BlockPattern(m.out_features, m.in_features, m.block_size, m.block_rows.clone(),
                                    m.block_cols.clone()) for name, m in sparse_weights(model)}
-    dense = copy.deepcopy(model).cpu().float()
-    densify_(dense)
-    state = {k: v.detach() for k, v in dense.state_dict().items() if k not in TIED}
+    state = {k: v.detach() for k, v in dense_copy(model).state_dict().items() if k not in TIED}
     return InitSource(path, kind, state, patterns, step, tokenizer)
 
 
@@ -148,12 +145,10 @@ def _run_tokenizer(run: RunDir) -> str | None:
     if found:
         return found
     try:
-        from ..data.prepare import embedded_data_dir
+        from ..data.prepare import prepared_data_dir
         from ..data.shards import load_manifest
 
-        data = run.load_config().data
-        data_dir = Path(data.dir) if data.dir else embedded_data_dir(data.tokenizer, data.vocab_size)
-        return load_manifest(data_dir).get("tokenizer_sha256")
+        return load_manifest(prepared_data_dir(run.load_config().data)).get("tokenizer_sha256")
     except Exception:  # noqa: BLE001 - the data may be gone; the vocabulary size is still checked
         return None
 

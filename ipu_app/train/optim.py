@@ -94,11 +94,19 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     o = config.optimizer
     # Only a dynamic run regrows slots; for dense and static runs both settings are AdamW itself.
     per_slot = o.bias_correction == "per_slot" and config.sparsity.mode == "dynamic"
-    groups = parameter_groups(model, o.weight_decay, o.sparse_weight_decay, per_slot)
+    return adamw(model, config.learning_rate, o, weight_decay=o.weight_decay,
+                 sparse_weight_decay=o.sparse_weight_decay, per_slot=per_slot)
+
+
+def adamw(model: nn.Module, lr: float, o, *, weight_decay: float, sparse_weight_decay: float | None = None,
+          per_slot: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``parameter_groups`` with the betas and eps of ``o`` (an ``OptimizerSection``); SlotAdamW
+    with ``per_slot``. Pre-training and fine-tuning both build theirs here."""
+    groups = parameter_groups(model, weight_decay, sparse_weight_decay, per_slot)
     cls = SlotAdamW if per_slot else torch.optim.AdamW
     # On a GPU, AdamW's fused kernel: one launch for all parameters instead of several per tensor.
     fused = True if all(p.is_cuda for g in groups for p in g["params"]) and groups[0]["params"] else None
-    return cls(groups, lr=config.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    return cls(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -120,5 +128,10 @@ class _LinearWarmupDecay:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    t = config.training
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(t.warmup_steps, t.steps))
+    return warmup_decay(optimizer, config.training.warmup_steps, config.training.steps)
+
+
+def warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                 total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_steps`` to the optimizer's learning rate, then linear decay to 0 at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup_steps, total_steps))
