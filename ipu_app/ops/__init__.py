@@ -3,7 +3,8 @@
 
 * ``reference``: scatter into a dense weight + ``F.linear``; the spec the others are tested against.
 * ``cpu``: C kernels for CPUs: 16x16 tiles (AMX bf16, AVX-512 fp32) for block sizes that are multiples
-  of 16, token panels (fp32, any block size, any CPU with a C compiler) for the rest.
+  of 16, token panels (fp32, any block size, any CPU with a C compiler) for the rest; bf16 without
+  AMX runs them in fp32 on widened operands.
 * ``triton``: Triton GPU kernels, block sizes 16, 32 and 64.
 * ``auto``: per call, the fastest of these that covers the call (see :func:`choose`).
 
@@ -40,12 +41,26 @@ AUTO_MAX_DENSITY_DEFAULT = 0.5
 # the CPU's token-panel kernels, by block size (b = 1 and 2: one row at a time; b >= 4: four rows)
 PANEL_MAX_DENSITY = {1: 0.18, 2: 0.18}
 PANEL_MAX_DENSITY_DEFAULT = 0.35
+# bf16 that the CPU kernels run in fp32 (no AMX, or b < 16) races a dense bf16 GEMM: no faster than
+# fp32 where bf16 is emulated (no AVX-512 BF16: on the Zen 3 machine PyTorch's bf16 products take 65x
+# the fp32 time), about twice as fast with AVX-512 BF16 (Zen 4: 96 / 157 ms bf16 against 190 / 198
+# ms fp32 for BERT-Medium's FFN products at 4,096 tokens), which halves the density at which the
+# fp32 kernels still win; with AMX, dense bf16 is faster still and ``auto`` keeps the dense GEMMs.
+NATIVE_BF16_DENSE_SPEEDUP = 2.0
 
 
 def auto_max_density(backend: str, dtype: torch.dtype, block_size: int = 16) -> float:
     """The highest density at which ``auto`` runs ``backend``'s kernels for such a call."""
-    if backend == "cpu" and _module("cpu").path("cpu", dtype, block_size) == "panels":
-        return PANEL_MAX_DENSITY.get(block_size, PANEL_MAX_DENSITY_DEFAULT)
+    if backend == "cpu":
+        cpu = _module("cpu")
+        kernel_dtype = torch.float32 if cpu.converts(dtype, block_size) else dtype
+        if cpu.path("cpu", dtype, block_size) == "panels":
+            limit = PANEL_MAX_DENSITY.get(block_size, PANEL_MAX_DENSITY_DEFAULT)
+        else:
+            limit = AUTO_MAX_DENSITY.get((backend, kernel_dtype), AUTO_MAX_DENSITY_DEFAULT)
+        if kernel_dtype == dtype or not cpu.native_bf16():
+            return limit
+        return 0.0 if cpu.amx_available() else limit / NATIVE_BF16_DENSE_SPEEDUP
     return AUTO_MAX_DENSITY.get((backend, dtype), AUTO_MAX_DENSITY_DEFAULT)
 
 

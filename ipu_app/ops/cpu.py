@@ -6,13 +6,17 @@
   operand is packed as panels of 16 tokens per feature, so that each output row accumulates whole
   token vectors (8-float vector types: AVX2 or AVX-512 code from one portable source).
 
+bf16 on a CPU without AMX runs the fp32 kernels: its operands are widened where they are read (the
+panels' packing does it on the way; the tiles get a converted copy) and the results rounded back to
+bf16, so a bf16 run keeps its sparse speed on every CPU (:func:`converts`).
+
 Both are parallel with OpenMP. :func:`path` says which runs a call. The kernels are compiled on
 first use (``gcc -O3 -march=native -fopenmp``, about a second) into a cache directory keyed by the
 source, the compiler and this CPU, so a cluster sharing a home directory never loads a library built
 for another CPU; ``python -m ipu_app build-kernels`` (run by ``install.sh``) builds it ahead of time.
 
 Whatever these kernels do not cover falls back to ``ops.reference``, per call: a frozen inactive
-subset, fp16, bf16 on a CPU without AMX or at block sizes below 16, non-CPU tensors.
+subset, fp16 and fp64, non-CPU tensors.
 """
 
 from __future__ import annotations
@@ -104,16 +108,19 @@ _lib: ctypes.CDLL | None = None
 _lib_error: KernelBuildError | None = None
 _amx: bool = False
 _avx512: bool = False  # read once at load: torch.compile traces ``path`` but not a ctypes call
+_native_bf16: bool = False
 
 
 def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bsmm_amx_available.restype = i32
     lib.bsmm_f32_avx512.restype = i32
+    lib.bsmm_native_bf16.restype = i32
+    lib.bsmm_convert.argtypes = [p, i64, i32, p, i32]
     lib.bsmm_f32_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
     lib.bsmm_f32_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
-    lib.bsmm_pack.argtypes = [p, i64, i64, i64, p, i32]
-    lib.bsmm_unpack.argtypes = [p, i64, i64, p, i32]
+    lib.bsmm_pack.argtypes = [p, i64, i64, i64, i32, p, i32]
+    lib.bsmm_unpack.argtypes = [p, i64, i64, i32, p, i32]
     lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, i32]
     lib.bsmm_panel_lines.restype = i32
     lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, i64, i64, p, i32]
@@ -133,7 +140,7 @@ def load(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL:
     """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
-    global _lib, _lib_error, _amx, _avx512
+    global _lib, _lib_error, _amx, _avx512, _native_bf16
     if _lib is not None:  # loaded: no lock (also what lets torch.compile trace ``covers``)
         return _lib
     with _lock:
@@ -142,6 +149,7 @@ def library() -> ctypes.CDLL:
                 lib = load(build())
                 _amx = bool(lib.bsmm_amx_available())
                 _avx512 = bool(lib.bsmm_f32_avx512())
+                _native_bf16 = bool(lib.bsmm_native_bf16())
                 _lib = lib
             except (KernelBuildError, OSError) as exc:
                 _lib_error = exc if isinstance(exc, KernelBuildError) else KernelBuildError(
@@ -165,24 +173,34 @@ def amx_available() -> bool:
     return available() and _amx
 
 
+def native_bf16() -> bool:
+    """True when this CPU has bf16 dot products (AVX-512 BF16): dense bf16 GEMMs are then about twice
+    as fast as fp32 ones; without them PyTorch emulates bf16 and is far slower than in fp32."""
+    return available() and _native_bf16
+
+
+def converts(dtype: torch.dtype, block_size: int = TILE) -> bool:
+    """True when calls in ``dtype`` run the fp32 kernels on widened operands: bf16 other than on AMX
+    tiles (a CPU without AMX, or a block size the tiles do not take)."""
+    return dtype == torch.bfloat16 and not (_amx and block_size % TILE == 0)
+
+
 def kernel_name(dtype: torch.dtype, block_size: int = TILE) -> str:
     """What runs a call in ``dtype`` here, for the log."""
-    if path("cpu", dtype, block_size) == "panels":
-        return "fp32 token panels"
-    if dtype == torch.bfloat16:
-        return "AMX"
-    return "AVX-512"
+    name = "fp32 token panels" if path("cpu", dtype, block_size) == "panels" else (
+        "AMX" if dtype == torch.bfloat16 and _amx else "AVX-512")
+    return name + (" (bf16 widened to fp32)" if converts(dtype, block_size) else "")
 
 
 def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> str | None:
-    """Which kernels run such a call: ``"tiles"`` (16x16 tiles: AMX bf16, AVX-512 fp32), ``"panels"``
-    (fp32 on token panels: any block size, any CPU), or None (the reference op)."""
-    if frozen or device_type != "cpu" or not available():
+    """Which kernels run such a call: ``"tiles"`` (16x16 tiles: AMX bf16, AVX-512 fp32 and bf16 in
+    fp32), ``"panels"`` (fp32 on token panels, bf16 in fp32: any block size, any CPU), or None (the
+    reference op)."""
+    if frozen or device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not available():
         return None
-    if block_size % TILE == 0 and (amx_available() if dtype == torch.bfloat16 else
-                                   dtype == torch.float32 and _avx512):
+    if block_size % TILE == 0 and (_avx512 or (dtype == torch.bfloat16 and _amx)):
         return "tiles"
-    return "panels" if dtype == torch.float32 else None
+    return "panels"
 
 
 def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
@@ -203,15 +221,25 @@ def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
 
 
+def _convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` between bf16 and fp32 in the kernels' parallel loop (PyTorch's own widening
+    of bf16 is several times slower on CPUs without bf16 instructions)."""
+    t = t.contiguous()
+    out = torch.empty(t.shape, dtype=dtype)
+    library().bsmm_convert(t.data_ptr(), t.numel(), dtype == torch.bfloat16, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int, bias) -> torch.Tensor:
     """``C = A`` times each line's tiles: forward (block rows) or input gradient (block columns)."""
     lib, T, threads = library(), a.shape[0], torch.get_num_threads()
-    if a.dtype == torch.float32:
-        weights = weights.contiguous()
-        c = torch.empty(T, nlines * TILE, dtype=a.dtype)
-        lib.bsmm_f32_lines(a.data_ptr(), T, a.shape[1], weights.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
+    if a.dtype == torch.float32 or converts(a.dtype):
+        a32 = a if a.dtype == torch.float32 else _convert(a, torch.float32)
+        weights = weights.float().contiguous()
+        c = torch.empty(T, nlines * TILE, dtype=torch.float32)
+        lib.bsmm_f32_lines(a32.data_ptr(), T, a.shape[1], weights.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
                            other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
-        return c
+        return c if a.dtype == torch.float32 else _convert(c, a.dtype)
     a = _pad_tokens(a, 32)
     # VNNI operand: packed[k][p][o][q] = w[k](contracted 2p+q, output o)
     packed = weights.unflatten(1, (TILE // 2, 2)).transpose(2, 3).contiguous()
@@ -226,7 +254,9 @@ def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.zeros(meta.ntiles, TILE, TILE, dtype=torch.float32)
     dv = torch.empty(meta.ntiles, TILE, TILE, dtype=torch.float32)
-    if gy.dtype == torch.float32:
+    if gy.dtype == torch.float32 or converts(gy.dtype):
+        if gy.dtype != torch.float32:
+            gy, x = _convert(gy, torch.float32), _convert(x, torch.float32)
         lib.bsmm_f32_sddmm(gy.data_ptr(), gy.shape[1], x.data_ptr(), x.shape[1], x.shape[0], meta.rows.data_ptr(),
                            meta.cols.data_ptr(), meta.ntiles, dv.data_ptr(), threads)
         return dv
@@ -282,11 +312,13 @@ _workspace = _Workspace()
 
 
 def _pack(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
-    """``[T, F]`` as token panels ``[ceil(T/16), F, 16]`` (zero-padded); (panels, panel count)."""
+    """``[T, F]`` (fp32 or bf16) as fp32 token panels ``[ceil(T/16), F, 16]`` (zero-padded);
+    (panels, panel count)."""
     T, F = a.shape
     np_ = -(-T // PANEL)
     out = _workspace.get(role, np_ * F * PANEL)
-    library().bsmm_pack(a.data_ptr(), T, F, a.stride(0), out.data_ptr(), torch.get_num_threads())
+    library().bsmm_pack(a.data_ptr(), T, F, a.stride(0), a.dtype == torch.bfloat16, out.data_ptr(),
+                        torch.get_num_threads())
     return out, np_
 
 
@@ -296,13 +328,13 @@ def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torc
         return a.new_empty(0, nlines * b)
     lib, threads = library(), torch.get_num_threads()
     packed, np_ = _pack(a, "in")
-    weights = weights.contiguous()  # held: the kernel reads it
+    weights = weights.float().contiguous()  # held: the kernel reads it
     c = _workspace.get("out", np_ * nlines * b * PANEL)
     if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), blk.data_ptr(),
                             other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads):
         raise ValueError(f"cpu kernels: block size {b} is not supported")
-    y = torch.empty(T, nlines * b, dtype=torch.float32)
-    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, y.data_ptr(), threads)
+    y = torch.empty(T, nlines * b, dtype=a.dtype)
+    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, a.dtype == torch.bfloat16, y.data_ptr(), threads)
     return y
 
 

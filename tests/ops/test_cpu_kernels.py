@@ -22,14 +22,15 @@ def test_fp32_matches_reference(b, tokens):
     check_backend(cpu.linear, b, torch.float32, tokens, seed=b + tokens)
 
 
-@needs_amx
-@pytest.mark.parametrize("b", [16, 32, 64])
+@pytest.mark.parametrize("b", [1, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 def test_bf16_matches_reference(b, tokens):
+    # AMX tiles where the CPU has them (b >= 16); elsewhere the fp32 kernels on widened operands
+    assert cpu.covers("cpu", torch.bfloat16, b)
     check_backend(cpu.linear, b, torch.bfloat16, tokens, seed=b + tokens)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tokens(dtype):
     pattern = random_pattern(32, 48, 16, 0.5, torch.Generator().manual_seed(0))
     values = torch.randn(pattern.nnz, 16, 16).to(dtype).requires_grad_()
@@ -40,8 +41,8 @@ def test_no_tokens(dtype):
     assert torch.count_nonzero(values.grad) == 0 and x.grad.shape == (0, 48)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
-@pytest.mark.parametrize("b", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [4, 16, 32])
 def test_empty_block_rows_and_columns(dtype, b):
     check_backend(cpu.linear, b, dtype, 45, gaps=True, sparsity=0.9, seed=3)
 
@@ -84,8 +85,53 @@ def test_token_panels_pack_and_unpack_exactly():
     torch.testing.assert_close(view.permute(0, 2, 1).reshape(48, 24)[:37], x, rtol=0, atol=0)
     assert torch.count_nonzero(view.permute(0, 2, 1).reshape(48, 24)[37:]) == 0  # padded tokens are zero
     y = torch.empty(37, 24)
-    cpu.library().bsmm_unpack(packed.data_ptr(), 37, 24, y.data_ptr(), 2)
+    cpu.library().bsmm_unpack(packed.data_ptr(), 37, 24, False, y.data_ptr(), 2)
     torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_bf16_is_widened_exactly_and_rounded_to_nearest_even():
+    """bf16 operands of the fp32 kernels: packing widens them exactly, unpacking and bsmm_convert round
+    as PyTorch does (to nearest even; ties, infinities, NaN and subnormals included)."""
+    lib = cpu.library()
+    x = torch.randn(37, 24) * torch.logspace(-40, 38, 24)
+    x[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-45])
+    x[1, :4] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 1.0 + 2 ** -8 + 2 ** -20])  # ties
+    xb = x.bfloat16()
+    packed, panels = cpu._pack(xb, "test")
+    widened = packed.view(panels, 24, cpu.PANEL).permute(0, 2, 1).reshape(48, 24)[:37]
+    assert torch.equal(widened.view(torch.int32), xb.float().view(torch.int32))  # bit for bit
+    rounded = torch.empty(37, 24, dtype=torch.bfloat16)
+    cpu.library().bsmm_unpack(cpu._pack(x, "test")[0].data_ptr(), 37, 24, True, rounded.data_ptr(), 2)
+    nan = x.isnan()
+    for ours in (rounded, cpu._convert(x, torch.bfloat16)):
+        assert torch.equal(ours.isnan(), nan)  # a NaN stays a NaN (its payload bits may differ)
+        assert torch.equal(ours.view(torch.int16)[~nan], xb.view(torch.int16)[~nan])
+    assert torch.equal(cpu._convert(xb, torch.float32).view(torch.int32), xb.float().view(torch.int32))
+    assert lib.bsmm_native_bf16() in (0, 1)
+
+
+def test_bf16_without_amx_races_dense_bf16(monkeypatch):
+    """``auto``'s limit for bf16 on the fp32 kernels: fp32's where bf16 is emulated, half of it with
+    AVX-512 BF16 (dense bf16 twice as fast), and none below b = 16 on AMX (its dense GEMMs are faster)."""
+    x = torch.randn(2, 64).bfloat16()
+    for amx, native in ((False, False), (False, True), (True, True)):
+        monkeypatch.setattr(cpu, "_amx", amx)
+        monkeypatch.setattr(cpu, "_native_bf16", native)
+        for b in (1, 4, 16):
+            fp32 = ops.auto_max_density("cpu", torch.float32, b)
+            limit = ops.auto_max_density("cpu", torch.bfloat16, b)
+            widened = "bf16 widened to fp32" in ops.describe("cpu", torch.device("cpu"), torch.bfloat16, b, 0.9)
+            if amx and b == 16:
+                assert limit == ops.AUTO_MAX_DENSITY[("cpu", torch.bfloat16)] and not widened
+                continue
+            assert widened and limit == (0.0 if amx else fp32 / 2 if native else fp32)
+            s = 0.95 if b == 1 else 0.9
+            expect = "cpu" if 1 - s <= limit else "reference"
+            assert ops.choose(x, random_pattern(64, 64, b, s)) == expect, (amx, native, b)
+    monkeypatch.setattr(cpu, "_amx", False)
+    monkeypatch.setattr(cpu, "_native_bf16", False)
+    line = ops.describe("auto", torch.device("cpu"), torch.bfloat16, 1, 0.9)
+    assert "CPU kernels, fp32 token panels (bf16 widened to fp32)" in line, line
 
 
 def test_token_panels_refuse_an_unknown_block_size():
@@ -103,7 +149,6 @@ def test_frozen_inactive_values_use_the_reference_op():
                                reference.linear(x, values, pattern, frozen=frozen), rtol=0, atol=0)
 
 
-@needs_amx
 def test_autocast_bf16_gives_fp32_value_gradients():
     pattern = random_pattern(64, 96, 16, 0.75, torch.Generator().manual_seed(0))
     values = torch.randn(pattern.nnz, 16, 16, requires_grad=True)
@@ -197,13 +242,11 @@ def test_auto_choice():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert ops.choose(x32, random_pattern(64, 64, 16, 0.5)) == "cpu"  # bf16 breaks even lower
             assert ops.choose(x32, random_pattern(64, 64, 16, 0.25)) == "reference"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ops.choose(x32, random_pattern(64, 64, 4, 0.9)) == "reference"  # no bf16 panel kernels
     assert ops.choose(x32, pattern16, frozen=torch.zeros(64, 64)) == "reference"
     assert ops.choose(x32.half(), pattern16) == "reference"
     assert "CPU kernels" in ops.describe("auto", torch.device("cpu"), torch.float32, 16, 0.9)
     assert "CPU kernels, fp32 token panels" in ops.describe("cpu", torch.device("cpu"), torch.float32, 4, 0.9)
-    line = ops.describe("cpu", torch.device("cpu"), torch.bfloat16, 4, 0.9)
+    line = ops.describe("cpu", torch.device("cpu"), torch.float16, 4, 0.9)
     assert "reference op" in line and "cpu does not cover this" in line
     limit = ops.auto_max_density("cpu", torch.float32, 16)
     assert f"density 0.80 > {limit:g}, where dense is faster" in ops.describe("auto", torch.device("cpu"),
@@ -292,10 +335,17 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "_amx", False)
     monkeypatch.setattr(cpu, "_avx512", False)
     assert cpu.kernel_name(torch.float32) == "fp32 token panels"  # no AVX-512 tiles: panels for every b
-    assert not cpu.covers("cpu", torch.bfloat16, 16)  # bf16 without AMX: the reference op
+    assert cpu.path("cpu", torch.bfloat16, 16) == "panels"  # bf16 without AMX: widened to fp32
     for b, tokens in ((1, 300), (4, 37), (16, 37), (32, 9)):
         assert cpu.path("cpu", torch.float32, b) == "panels"
         check_backend(cpu.linear, b, torch.float32, tokens, gaps=b == 16, seed=b)
+    check_backend(cpu.linear, 4, torch.bfloat16, 37, seed=1)
+    # the 16x16 tiles' C loops, fp32 and bf16 widened (what an AVX-512 CPU without AMX runs for bf16)
+    monkeypatch.setattr(cpu, "_avx512", True)
+    assert cpu.path("cpu", torch.bfloat16, 16) == "tiles" and cpu.converts(torch.bfloat16, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_backend(cpu.linear, 16, dtype, 37, gaps=True, seed=2)
+        check_backend(cpu.linear, 32, dtype, 300, seed=3)
 
 
 def test_patterns_made_in_inference_mode_work():
