@@ -322,19 +322,24 @@ def _pack(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
     return out, np_
 
 
-def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
-    T, K = a.shape
-    if T == 0:
+def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias, role: str = "in") -> torch.Tensor:
+    """``a [T, K]`` times each line's blocks (packs ``a`` into the ``role`` workspace)."""
+    if a.shape[0] == 0:
         return a.new_empty(0, nlines * b)
-    lib, threads = library(), torch.get_num_threads()
-    packed, np_ = _pack(a, "in")
+    packed, np_ = _pack(a, role)
+    return _lines_on_panels(packed, np_, a.shape, a.dtype, weights, ptr, blk, other, nlines, b, bias)
+
+
+def _lines_on_panels(packed, np_: int, shape, dtype, weights, ptr, blk, other, nlines: int, b: int,
+                     bias) -> torch.Tensor:
+    (T, K), lib, threads = shape, library(), torch.get_num_threads()
     weights = weights.float().contiguous()  # held: the kernel reads it
     c = _workspace.get("out", np_ * nlines * b * PANEL)
     if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), blk.data_ptr(),
                             other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads):
         raise ValueError(f"cpu kernels: block size {b} is not supported")
-    y = torch.empty(T, nlines * b, dtype=a.dtype)
-    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, a.dtype == torch.bfloat16, y.data_ptr(), threads)
+    y = torch.empty(T, nlines * b, dtype=dtype)
+    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, dtype == torch.bfloat16, y.data_ptr(), threads)
     return y
 
 
@@ -348,12 +353,12 @@ def _p_input_grad(gy, values, meta: KernelMeta):
     return _panel_lines(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], meta.tile, None)
 
 
-def _p_sddmm(gy, x, meta: KernelMeta) -> torch.Tensor:
+def _p_sddmm(gy, x, meta: KernelMeta, packed_gy: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     b = meta.tile
     dv = torch.zeros(meta.ntiles, b, b, dtype=torch.float32)
     if x.shape[0] == 0 or meta.ntiles == 0:
         return dv
-    g, np_ = _pack(gy, "grad")
+    g, np_ = packed_gy or _pack(gy, "grad")
     xp, _ = _pack(x, "in")
     library().bsmm_panel_sddmm(g.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], np_, b, meta.rows.data_ptr(),
                                meta.cols.data_ptr(), meta.row_blk.data_ptr(), meta.row_ptr.data_ptr(), meta.grid[0],
@@ -361,7 +366,17 @@ def _p_sddmm(gy, x, meta: KernelMeta) -> torch.Tensor:
     return dv
 
 
-_op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own)
+def _p_grads(gy, x, values, meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gradients from one packing of dY."""
+    if gy.shape[0] == 0:
+        return _p_input_grad(gy, values, meta), _p_sddmm(gy, x, meta)
+    packed = _pack(gy, "grad")
+    gx = _lines_on_panels(*packed, gy.shape, gy.dtype, values, meta.col_ptr, meta.col_blk, meta.col_row,
+                          meta.grid[1], meta.tile, None)
+    return gx, _p_sddmm(gy, x, meta, packed)
+
+
+_op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own, _p_grads)
 
 _linear_tiles = make_linear(_op, lambda *a: path(*a) == "tiles", "CPU kernels (16x16 tiles)",
                             lambda v: tile_values(v, TILE))

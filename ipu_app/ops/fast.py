@@ -11,7 +11,9 @@ from ..sparse.pattern import BlockPattern
 from . import reference
 from .meta import KernelMeta, MetaCache
 
-# (x2d, values, meta, bias) -> y ; (gy, values, meta) -> dx ; (gy, x2d, meta) -> dvalues (fp32)
+# (x2d, values, meta, bias) -> y ; (gy, values, meta) -> dx ; (gy, x2d, meta) -> dvalues (fp32);
+# optionally both gradients at once, (gy, x2d, values, meta) -> (dx, dvalues), for a backend that shares
+# work between them (the token panels pack dY once)
 Product = Callable[..., torch.Tensor]
 
 
@@ -21,10 +23,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_grad: Product, cache: MetaCache):
+def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_grad: Product, cache: MetaCache,
+                     both_grads: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
     """A backend's three products as ``torch.library`` custom ops with autograd:
     ``ipu_app::{name}_linear(x2d, values, rows, cols, bias, out_features, in_features, block_size)``
-    (and its ``_input_grad`` / ``_values_grad``). The pattern enters as its coordinate tensors and
+    (and its ``_input_grad`` / ``_values_grad``, and ``_grads`` for both where ``both_grads`` is given). The pattern enters as its coordinate tensors and
     the kernel metadata is looked up inside the op, so ``torch.compile`` sees one opaque op per layer
     whose shapes do not depend on the pattern: a pattern update changes no shape and no guard, and
     causes no recompilation. Returns the forward op."""
@@ -64,6 +67,20 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
     def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
         return torch.empty_like(values)
 
+    grads_op = None
+    if both_grads is not None:
+        @torch.library.custom_op(f"{lib}::{name}_grads", mutates_args=(),
+                                 schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) "
+                                        "-> (Tensor, Tensor)")
+        def grads_op(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+            meta = meta_of(rows, cols, out_features, in_features, block_size)
+            gx, gv = both_grads(gy.contiguous(), x2d.contiguous(), values.contiguous(), meta)
+            return gx, gv.to(values.dtype)
+
+        @grads_op.register_fake
+        def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+            return gy.new_empty(gy.shape[0], in_features), torch.empty_like(values)
+
     def setup_context(ctx, inputs, output):
         x2d, values, rows, cols, bias, out_features, in_features, block_size = inputs
         ctx.save_for_backward(x2d, values, rows, cols)
@@ -72,8 +89,11 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
 
     def backward(ctx, gy):
         x2d, values, rows, cols = ctx.saved_tensors
-        gx = input_grad_op(gy, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[0] else None
-        gv = values_grad_op(gy, x2d, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[1] else None
+        if grads_op is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            gx, gv = grads_op(gy, x2d, values, rows, cols, *ctx.dims)
+        else:
+            gx = input_grad_op(gy, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[0] else None
+            gv = values_grad_op(gy, x2d, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[1] else None
         gb = gy.sum(0, dtype=torch.float32).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return gx, gv, None, None, gb, None, None, None
 
