@@ -121,9 +121,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_f32_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
     lib.bsmm_pack.argtypes = [p, i64, i64, i64, i32, p, i32]
     lib.bsmm_unpack.argtypes = [p, i64, i64, i32, p, i32]
-    lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, i32]
+    lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, i64, p, p, i32]
     lib.bsmm_panel_lines.restype = i32
-    lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, i64, i64, p, i32]
+    lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
         lib.bsmm_amx_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
         lib.bsmm_amx_sddmm.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64, p, p, i32]
@@ -333,10 +333,10 @@ def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias, role: s
 def _lines_on_panels(packed, np_: int, shape, dtype, weights, ptr, blk, other, nlines: int, b: int,
                      bias) -> torch.Tensor:
     (T, K), lib, threads = shape, library(), torch.get_num_threads()
-    weights = weights.float().contiguous()  # held: the kernel reads it
+    weights = weights.float().index_select(0, blk)  # in walk order: the kernel streams them; held
     c = _workspace.get("out", np_ * nlines * b * PANEL)
-    if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), blk.data_ptr(),
-                            other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads):
+    if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), other.data_ptr(),
+                            nlines, _ptr(bias), c.data_ptr(), threads):
         raise ValueError(f"cpu kernels: block size {b} is not supported")
     y = torch.empty(T, nlines * b, dtype=dtype)
     lib.bsmm_unpack(c.data_ptr(), T, nlines * b, dtype == torch.bfloat16, y.data_ptr(), threads)
@@ -360,9 +360,12 @@ def _p_sddmm(gy, x, meta: KernelMeta, packed_gy: tuple[torch.Tensor, int] | None
         return dv
     g, np_ = packed_gy or _pack(gy, "grad")
     xp, _ = _pack(x, "in")
+    # b = 1 walks the wider operand's lines (the kernel decides the same way)
+    walk = (meta.row_ptr, meta.row_col, meta.row_blk) if gy.shape[1] >= x.shape[1] else (
+        meta.col_ptr, meta.col_row, meta.col_blk)
     library().bsmm_panel_sddmm(g.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], np_, b, meta.rows.data_ptr(),
-                               meta.cols.data_ptr(), meta.row_blk.data_ptr(), meta.row_ptr.data_ptr(), meta.grid[0],
-                               meta.ntiles, dv.data_ptr(), torch.get_num_threads())
+                               meta.cols.data_ptr(), meta.ntiles, *(t.data_ptr() for t in walk), dv.data_ptr(),
+                               torch.get_num_threads())
     return dv
 
 

@@ -139,7 +139,7 @@ def test_token_panels_refuse_an_unknown_block_size():
     a, w, out = torch.zeros(16 * 12), torch.zeros(9), torch.zeros(16 * 12)
     idx = torch.zeros(5, dtype=torch.int32)
     assert cpu.library().bsmm_panel_lines(a.data_ptr(), 1, 12, w.data_ptr(), 3, idx.data_ptr(), idx.data_ptr(),
-                                          idx.data_ptr(), 4, None, out.data_ptr(), 1) == -1
+                                          4, None, out.data_ptr(), 1) == -1
 
 
 def test_frozen_inactive_values_use_the_reference_op():

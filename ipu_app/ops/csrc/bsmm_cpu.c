@@ -267,66 +267,73 @@ void bsmm_unpack(const float *src, int64_t T, int64_t F, int bf16, void *dst, in
         }
 }
 
-/* One panel's output rows of block line ``line``: C[row][16] = sum over the line's blocks. ``a`` is
- * the panel of A [K][16], w[k] is block k laid out [contracted][out]. Four rows at a time when
- * B % 4 == 0 (8 accumulators: 4 rows x 2 vectors); else one row with its blocks taken four at a
- * time (B = 1, 2), again on 8 independent accumulators. B is a constant in each instance. */
+/* The output rows of block line ``line`` on one or two panels: C[row][16] = sum over the line's
+ * blocks. ``a`` is a panel of A [K][16] and a + pa the next one (pa = 0: one panel; c + pc is then
+ * not written), w + p*B*B the line walk's p-th block laid out [contracted][out] (gathered in walk
+ * order by the caller, so weights stream). Four rows at a time when B % 4 == 0 (8 accumulators:
+ * 4 rows x 2 vectors), panel after panel; else (B = 1, 2) one row on both panels at once, its blocks
+ * two at a time (8 accumulators: 2 blocks x 2 panels x 2 vectors): each weight and index loaded
+ * feeds 4 FMAs instead of 2. B is a constant in each instance. */
 #define PANEL_LINE(B)                                                                                     \
-static void panel_line_##B(const float *a, const float *w, const int32_t *ptr, const int32_t *blk,        \
-                           const int32_t *other, int64_t line, const float *bias, float *c) {             \
+static void panel_line_##B(const float *a, int64_t pa, const float *w, const int32_t *ptr,                 \
+                           const int32_t *other, int64_t line, const float *bias, float *c, int64_t pc) {  \
     const int32_t p0 = ptr[line], p1 = ptr[line + 1];                                                      \
     if (B % 4 == 0) {                                                                                     \
-        for (int g = 0; g < B; g += 4) {                                                                  \
-            v8 acc[4][2];                                                                                 \
-            for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = v8_splat(bias ? bias[line * B + g + r] : 0.0f); \
-            for (int32_t p = p0; p < p1; ++p) {                                                           \
-                const float *wk = w + (int64_t)blk[p] * B * B + g;                                        \
-                const float *ak = a + (int64_t)other[p] * B * PANEL;                                      \
-                for (int kk = 0; kk < B; ++kk) {                                                          \
-                    const v8 x0 = v8_load(ak + kk * PANEL), x1 = v8_load(ak + kk * PANEL + 8);            \
-                    for (int r = 0; r < 4; ++r) {                                                         \
-                        const v8 s = v8_splat(wk[kk * B + r]);                                            \
-                        acc[r][0] += s * x0;                                                              \
-                        acc[r][1] += s * x1;                                                              \
+        for (int q = 0; q < (pc ? 2 : 1); ++q) {                                                          \
+            const float *aq = a + q * pa;                                                                 \
+            float *cq = c + q * pc;                                                                       \
+            for (int g = 0; g < B; g += 4) {                                                              \
+                v8 acc[4][2];                                                                             \
+                for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = v8_splat(bias ? bias[line * B + g + r] : 0.0f); \
+                for (int32_t p = p0; p < p1; ++p) {                                                       \
+                    const float *wk = w + (int64_t)p * B * B + g;                                         \
+                    const float *ak = aq + (int64_t)other[p] * B * PANEL;                                 \
+                    for (int kk = 0; kk < B; ++kk) {                                                      \
+                        const v8 x0 = v8_load(ak + kk * PANEL), x1 = v8_load(ak + kk * PANEL + 8);        \
+                        for (int r = 0; r < 4; ++r) {                                                     \
+                            const v8 s = v8_splat(wk[kk * B + r]);                                        \
+                            acc[r][0] += s * x0;                                                          \
+                            acc[r][1] += s * x1;                                                          \
+                        }                                                                                 \
                     }                                                                                     \
                 }                                                                                         \
-            }                                                                                             \
-            for (int r = 0; r < 4; ++r) {                                                                 \
-                v8_store(c + (line * B + g + r) * PANEL, acc[r][0]);                                      \
-                v8_store(c + (line * B + g + r) * PANEL + 8, acc[r][1]);                                  \
+                for (int r = 0; r < 4; ++r) {                                                             \
+                    v8_store(cq + (line * B + g + r) * PANEL, acc[r][0]);                                 \
+                    v8_store(cq + (line * B + g + r) * PANEL + 8, acc[r][1]);                             \
+                }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
         return;                                                                                           \
     }                                                                                                     \
     for (int r = 0; r < B; ++r) {                                                                         \
-        v8 acc[4][2];                                                                                     \
-        for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = v8_splat(0.0f);                               \
+        v8 acc[2][2][2];  /* [block u][panel q][half] */                                                  \
+        for (int u = 0; u < 2; ++u)                                                                       \
+            for (int q = 0; q < 2; ++q) acc[u][q][0] = acc[u][q][1] = v8_splat(0.0f);                     \
         int32_t p = p0;                                                                                   \
-        for (; p + 4 <= p1; p += 4) {                                                                     \
-            if (p + 12 <= p1)  /* the panel lines two steps ahead: random L2 reads otherwise stall */     \
-                for (int u = 8; u < 12; ++u) __builtin_prefetch(a + (int64_t)other[p + u] * B * PANEL);   \
-            for (int u = 0; u < 4; ++u) {                                                                 \
-                const float *wk = w + (int64_t)blk[p + u] * B * B + r;                                    \
+        for (; p < p1; p += 2) {                                                                          \
+            const int nu = p + 1 < p1 ? 2 : 1;                                                            \
+            if (p + 8 <= p1)  /* the panel lines three steps ahead: random L2 reads otherwise stall */    \
+                for (int u = 6; u < 8; ++u) {                                                             \
+                    __builtin_prefetch(a + (int64_t)other[p + u] * B * PANEL);                            \
+                    __builtin_prefetch(a + pa + (int64_t)other[p + u] * B * PANEL);                       \
+                }                                                                                         \
+            for (int u = 0; u < nu; ++u) {                                                                \
+                const float *wk = w + (int64_t)(p + u) * B * B + r;                                       \
                 const float *ak = a + (int64_t)other[p + u] * B * PANEL;                                  \
                 for (int kk = 0; kk < B; ++kk) {                                                          \
                     const v8 s = v8_splat(wk[kk * B]);                                                    \
-                    acc[u][0] += s * v8_load(ak + kk * PANEL);                                            \
-                    acc[u][1] += s * v8_load(ak + kk * PANEL + 8);                                        \
+                    acc[u][0][0] += s * v8_load(ak + kk * PANEL);                                         \
+                    acc[u][0][1] += s * v8_load(ak + kk * PANEL + 8);                                     \
+                    acc[u][1][0] += s * v8_load(ak + pa + kk * PANEL);                                    \
+                    acc[u][1][1] += s * v8_load(ak + pa + kk * PANEL + 8);                                \
                 }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
-        for (; p < p1; ++p) {                                                                             \
-            const float *wk = w + (int64_t)blk[p] * B * B + r;                                            \
-            const float *ak = a + (int64_t)other[p] * B * PANEL;                                          \
-            for (int kk = 0; kk < B; ++kk) {                                                              \
-                const v8 s = v8_splat(wk[kk * B]);                                                        \
-                acc[0][0] += s * v8_load(ak + kk * PANEL);                                                \
-                acc[0][1] += s * v8_load(ak + kk * PANEL + 8);                                            \
-            }                                                                                             \
-        }                                                                                                 \
         const v8 init = v8_splat(bias ? bias[line * B + r] : 0.0f);                                       \
-        v8_store(c + (line * B + r) * PANEL, init + ((acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0])));  \
-        v8_store(c + (line * B + r) * PANEL + 8, init + ((acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]))); \
+        for (int q = 0; q < (pc ? 2 : 1); ++q) {                                                          \
+            v8_store(c + q * pc + (line * B + r) * PANEL, init + (acc[0][q][0] + acc[1][q][0]));           \
+            v8_store(c + q * pc + (line * B + r) * PANEL + 8, init + (acc[0][q][1] + acc[1][q][1]));       \
+        }                                                                                                 \
     }                                                                                                     \
 }
 PANEL_LINE(1)
@@ -337,8 +344,8 @@ PANEL_LINE(16)
 PANEL_LINE(32)
 PANEL_LINE(64)
 
-typedef void (*panel_line_fn)(const float *, const float *, const int32_t *, const int32_t *, const int32_t *,
-                              int64_t, const float *, float *);
+typedef void (*panel_line_fn)(const float *, int64_t, const float *, const int32_t *, const int32_t *, int64_t,
+                              const float *, float *, int64_t);
 
 static panel_line_fn panel_line_for(int64_t b) {
     switch (b) {
@@ -354,18 +361,22 @@ static panel_line_fn panel_line_for(int64_t b) {
 }
 
 /* C panels [np][nlines*b][16] = A panels [np][K][16] times the blocks of each line: forward (block
- * rows, w = V^T per block) or input gradient (block columns, w = V per block). Returns 0, or -1
- * for an unsupported block size. */
+ * rows, w = V^T per block) or input gradient (block columns, w = V per block); ``w`` holds the
+ * blocks in walk order (p = ptr[line] .. ptr[line+1]), ``other`` their other coordinate. Panels go
+ * in pairs for b = 1, 2. Returns 0, or -1 for an unsupported block size. */
 int bsmm_panel_lines(const float *A, int64_t np, int64_t K, const float *w, int64_t b, const int32_t *ptr,
-                     const int32_t *blk, const int32_t *other, int64_t nlines, const float *bias, float *C,
-                     int nthreads) {
+                     const int32_t *other, int64_t nlines, const float *bias, float *C, int nthreads) {
     const panel_line_fn fn = panel_line_for(b);
     if (!fn) return -1;
-    const int64_t N = nlines * b;
+    const int64_t N = nlines * b, step = b % 4 ? 2 : 1, tasks = (np + step - 1) / step;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-    for (int64_t tt = 0; tt < np; ++tt)
-        for (int64_t line = 0; line < nlines; ++line)
-            fn(A + tt * K * PANEL, w, ptr, blk, other, line, bias, C + tt * N * PANEL);
+    for (int64_t task = 0; task < tasks; ++task)
+        for (int64_t line = 0; line < nlines; ++line) {
+            const int64_t tt = task * step;
+            const int two = step == 2 && tt + 1 < np;
+            fn(A + tt * K * PANEL, two ? K * PANEL : 0, w, ptr, other, line, bias, C + tt * N * PANEL,
+               two ? N * PANEL : 0);
+        }
     return 0;
 }
 
@@ -404,53 +415,57 @@ static void panel_sddmm_block(const float *G, int64_t out, const float *X, int64
         }
 }
 
-/* The values gradient from token panels, for b = 1: the blocks of one row (consecutive in
- * ``order``) four at a time, sharing the row's dY panel. */
-static void panel_sddmm_row1(const float *G, int64_t out, const float *X, int64_t in, int64_t t0, int64_t t1,
-                             const int32_t *rows, const int32_t *cols, const int32_t *order, int64_t k0, int64_t n,
-                             float *dv, int first) {
+/* The values gradient from token panels, for b = 1: blocks p0 .. p0+n-1 (n <= 4) of one line ``line``
+ * of the walked operand L (a row of dY, or a column of X), each against its own line others[p] of the
+ * other operand O, sharing L's loaded vectors; dv[order[p]] gets the sums. */
+static void panel_sddmm_line1(const float *L, int64_t lw, const float *O, int64_t ow, int64_t t0, int64_t t1,
+                              int64_t line, const int32_t *others, const int32_t *order, int64_t p0, int64_t n,
+                              float *dv, int first) {
     v8 acc[4][2];
     for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = v8_splat(0.0f);
-    const int64_t row = rows[order[k0]];
+    int64_t off[4];
+    for (int u = 0; u < 4; ++u) off[u] = (int64_t)others[p0 + (u < n ? u : 0)] * PANEL;
     for (int64_t tt = t0; tt < t1; ++tt) {
-        const float *g = G + (tt * out + row) * PANEL;
+        const float *g = L + (tt * lw + line) * PANEL, *x = O + tt * ow * PANEL;
         const v8 y0 = v8_load(g), y1 = v8_load(g + 8);
         for (int u = 0; u < 4; ++u) {
             if (u >= n) break;
-            const float *x = X + (tt * in + cols[order[k0 + u]]) * PANEL;
-            __builtin_prefetch(x + 4 * in * PANEL);  /* four panels ahead: a stride of in x 64 bytes */
-            acc[u][0] += y0 * v8_load(x);
-            acc[u][1] += y1 * v8_load(x + 8);
+            __builtin_prefetch(x + off[u] + 4 * ow * PANEL);  /* four panels ahead: a stride of ow x 64 bytes */
+            acc[u][0] += y0 * v8_load(x + off[u]);
+            acc[u][1] += y1 * v8_load(x + off[u] + 8);
         }
     }
     for (int u = 0; u < n; ++u) {
-        float *o = dv + order[k0 + u];
+        float *o = dv + order[p0 + u];
         *o = (first ? 0.0f : *o) + v8_sum(acc[u][0] + acc[u][1]);
     }
 }
 
-/* dV[k][i][j] = sum_t dY[t][rows[k]*b+i] X[t][cols[k]*b+j] from token panels of dY (G) and X.
- * ``order`` lists the blocks by block row; ``row_ptr`` delimits each row's run in it. Panels go in
- * chunks of 32 (512 tokens), whose strips stay in the last-level cache. */
+/* dV[k][i][j] = sum_t dY[t][rows[k]*b+i] X[t][cols[k]*b+j] from token panels of dY (G) and X. Panels
+ * go in chunks of 32 (512 tokens), whose strips stay in the last-level cache. b = 1 walks the lines
+ * of the wider operand (block rows when out >= in, else block columns: ``ptr`` delimits each line's
+ * run in the walk, ``others`` is each walked block's other coordinate and ``order`` its index k), so
+ * that the random reads fall in the narrower one. */
 void bsmm_panel_sddmm(const float *G, int64_t out, const float *X, int64_t in, int64_t np, int64_t b,
-                      const int32_t *rows, const int32_t *cols, const int32_t *order, const int32_t *row_ptr,
-                      int64_t nrows, int64_t nblk, float *dV, int nthreads) {
+                      const int32_t *rows, const int32_t *cols, int64_t nblk, const int32_t *ptr,
+                      const int32_t *others, const int32_t *order, float *dV, int nthreads) {
     const int64_t chunk = 32;
+    const int by_row = out >= in;
+    const float *L = by_row ? G : X, *O = by_row ? X : G;
+    const int64_t lw = by_row ? out : in, ow = by_row ? in : out;
 #pragma omp parallel num_threads(nthreads)
     for (int64_t c0 = 0; c0 < np; c0 += chunk) {
         const int64_t c1 = min64(np, c0 + chunk);
         if (b == 1) {
 #pragma omp for schedule(dynamic, 8)
-            for (int64_t row = 0; row < nrows; ++row)
-                for (int64_t k0 = row_ptr[row]; k0 < row_ptr[row + 1]; k0 += 4)
-                    panel_sddmm_row1(G, out, X, in, c0, c1, rows, cols, order, k0,
-                                     min64(4, row_ptr[row + 1] - k0), dV, c0 == 0);
+            for (int64_t line = 0; line < lw; ++line)
+                for (int64_t p0 = ptr[line]; p0 < ptr[line + 1]; p0 += 4)
+                    panel_sddmm_line1(L, lw, O, ow, c0, c1, line, others, order, p0, min64(4, ptr[line + 1] - p0),
+                                      dV, c0 == 0);
         } else {
 #pragma omp for schedule(static)
-            for (int64_t kk = 0; kk < nblk; ++kk) {
-                const int64_t k = order[kk];
+            for (int64_t k = 0; k < nblk; ++k)
                 panel_sddmm_block(G, out, X, in, c0, c1, b, rows[k], cols[k], dV + k * b * b, c0 == 0);
-            }
         }
     }
 }
