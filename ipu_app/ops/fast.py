@@ -69,13 +69,14 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
 
     grads_op = None
     if both_grads is not None:
-        @torch.library.custom_op(f"{lib}::{name}_grads", mutates_args=(),
-                                 schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) "
-                                        "-> (Tensor, Tensor)")
-        def grads_op(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+        def grads(gy, x2d, values, rows, cols, out_features, in_features, block_size):
             meta = meta_of(rows, cols, out_features, in_features, block_size)
             gx, gv = both_grads(gy.contiguous(), x2d.contiguous(), values.contiguous(), meta)
             return gx, gv.to(values.dtype)
+
+        grads_op = torch.library.custom_op(
+            f"{lib}::{name}_grads", grads, mutates_args=(),
+            schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) -> (Tensor, Tensor)")
 
         @grads_op.register_fake
         def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
