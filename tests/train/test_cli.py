@@ -81,6 +81,12 @@ def test_describe_names_the_kernels(capsys):
     assert expected in info["sparse_kernels"] and "block size 1" in info["sparse_kernels"]
     info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json",
                               "--set", "training.precision=bf16")[1])
+    if cpu.available() and not cpu.amx_available():  # bf16 on the fp32 kernels (on AMX: dense bf16 GEMMs)
+        assert "CPU kernels, fp32 token panels (bf16 widened to fp32)" in info["sparse_kernels"], info
+    elif cpu.available():
+        assert "reference op" in info["sparse_kernels"] and "where dense is faster" in info["sparse_kernels"]
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json",
+                              "--set", "sparsity.inactive=frozen")[1])
     assert "reference op" in info["sparse_kernels"] and "no fast kernel covers this" in info["sparse_kernels"]
     info = json.loads(run_cli(capsys, "--config", "bert_tiny_dense", "--describe", "--json")[1])
     assert info["sparse_kernels"] is None
