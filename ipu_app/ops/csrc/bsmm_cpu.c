@@ -267,6 +267,19 @@ void bsmm_unpack(const float *src, int64_t T, int64_t F, int bf16, void *dst, in
         }
 }
 
+/* One block of a row on two panels (a and a + pa): acc[panel][half] += w(kk) * A(kk) over the block's
+ * B contracted features; B is a constant where it is inlined. */
+static inline __attribute__((always_inline)) void panel_rows_block(const float *wk, const float *ak, int64_t pa,
+                                                                   int B, v8 acc[2][2]) {
+    for (int kk = 0; kk < B; ++kk) {
+        const v8 s = v8_splat(wk[kk * B]);
+        acc[0][0] += s * v8_load(ak + kk * PANEL);
+        acc[0][1] += s * v8_load(ak + kk * PANEL + 8);
+        acc[1][0] += s * v8_load(ak + pa + kk * PANEL);
+        acc[1][1] += s * v8_load(ak + pa + kk * PANEL + 8);
+    }
+}
+
 /* The output rows of block line ``line`` on one or two panels: C[row][16] = sum over the line's
  * blocks. ``a`` is a panel of A [K][16] and a + pa the next one (pa = 0: one panel; c + pc is then
  * not written), w + p*B*B the line walk's p-th block laid out [contracted][out] (gathered in walk
@@ -310,25 +323,16 @@ static void panel_line_##B(const float *a, int64_t pa, const float *w, const int
         for (int u = 0; u < 2; ++u)                                                                       \
             for (int q = 0; q < 2; ++q) acc[u][q][0] = acc[u][q][1] = v8_splat(0.0f);                     \
         int32_t p = p0;                                                                                   \
-        for (; p < p1; p += 2) {                                                                          \
-            const int nu = p + 1 < p1 ? 2 : 1;                                                            \
+        for (; p + 2 <= p1; p += 2) {                                                                     \
             if (p + 8 <= p1)  /* the panel lines three steps ahead: random L2 reads otherwise stall */    \
                 for (int u = 6; u < 8; ++u) {                                                             \
                     __builtin_prefetch(a + (int64_t)other[p + u] * B * PANEL);                            \
                     __builtin_prefetch(a + pa + (int64_t)other[p + u] * B * PANEL);                       \
                 }                                                                                         \
-            for (int u = 0; u < nu; ++u) {                                                                \
-                const float *wk = w + (int64_t)(p + u) * B * B + r;                                       \
-                const float *ak = a + (int64_t)other[p + u] * B * PANEL;                                  \
-                for (int kk = 0; kk < B; ++kk) {                                                          \
-                    const v8 s = v8_splat(wk[kk * B]);                                                    \
-                    acc[u][0][0] += s * v8_load(ak + kk * PANEL);                                         \
-                    acc[u][0][1] += s * v8_load(ak + kk * PANEL + 8);                                     \
-                    acc[u][1][0] += s * v8_load(ak + pa + kk * PANEL);                                    \
-                    acc[u][1][1] += s * v8_load(ak + pa + kk * PANEL + 8);                                \
-                }                                                                                         \
-            }                                                                                             \
+            panel_rows_block(w + (int64_t)p * B * B + r, a + (int64_t)other[p] * B * PANEL, pa, B, acc[0]);      \
+            panel_rows_block(w + (int64_t)(p + 1) * B * B + r, a + (int64_t)other[p + 1] * B * PANEL, pa, B, acc[1]); \
         }                                                                                                 \
+        if (p < p1) panel_rows_block(w + (int64_t)p * B * B + r, a + (int64_t)other[p] * B * PANEL, pa, B, acc[0]); \
         const v8 init = v8_splat(bias ? bias[line * B + r] : 0.0f);                                       \
         for (int q = 0; q < (pc ? 2 : 1); ++q) {                                                          \
             v8_store(c + q * pc + (line * B + r) * PANEL, init + (acc[0][q][0] + acc[1][q][0]));           \
