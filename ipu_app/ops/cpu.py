@@ -322,16 +322,17 @@ def _pack(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
     return out, np_
 
 
-def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias, role: str = "in") -> torch.Tensor:
-    """``a [T, K]`` times each line's blocks (packs ``a`` into the ``role`` workspace)."""
+def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
+    """``a [T, K]`` times each line's blocks."""
     if a.shape[0] == 0:
         return a.new_empty(0, nlines * b)
-    packed, np_ = _pack(a, role)
+    packed, np_ = _pack(a, "in")
     return _lines_on_panels(packed, np_, a.shape, a.dtype, weights, ptr, blk, other, nlines, b, bias)
 
 
 def _lines_on_panels(packed, np_: int, shape, dtype, weights, ptr, blk, other, nlines: int, b: int,
                      bias) -> torch.Tensor:
+    """:func:`_panel_lines` on ``a`` already packed (``shape`` and ``dtype`` are ``a``'s)."""
     (T, K), lib, threads = shape, library(), torch.get_num_threads()
     weights = weights.float().index_select(0, blk)  # in walk order: the kernel streams them; held
     c = _workspace.get("out", np_ * nlines * b * PANEL)
