@@ -123,7 +123,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_unpack.argtypes = [p, i64, i64, i32, p, i32]
     lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, i64, p, p, i32]
     lib.bsmm_panel_lines.restype = i32
-    lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, i32]
+    lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, i32, p, p, p, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
         lib.bsmm_amx_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
         lib.bsmm_amx_sddmm.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64, p, p, i32]
@@ -322,25 +322,21 @@ def _pack(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
     return out, np_
 
 
-def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
-    """``a [T, K]`` times each line's blocks."""
-    if a.shape[0] == 0:
+def _panel_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias,
+                 packed: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """``a [T, K]`` times each line's blocks; ``packed``: ``a`` already packed (:func:`_pack`)."""
+    T, K = a.shape
+    if T == 0:
         return a.new_empty(0, nlines * b)
-    packed, np_ = _pack(a, "in")
-    return _lines_on_panels(packed, np_, a.shape, a.dtype, weights, ptr, blk, other, nlines, b, bias)
-
-
-def _lines_on_panels(packed, np_: int, shape, dtype, weights, ptr, blk, other, nlines: int, b: int,
-                     bias) -> torch.Tensor:
-    """:func:`_panel_lines` on ``a`` already packed (``shape`` and ``dtype`` are ``a``'s)."""
-    (T, K), lib, threads = shape, library(), torch.get_num_threads()
+    lib, threads = library(), torch.get_num_threads()
+    panels, np_ = packed or _pack(a, "in")
     weights = weights.float().index_select(0, blk)  # in walk order: the kernel streams them; held
     c = _workspace.get("out", np_ * nlines * b * PANEL)
-    if lib.bsmm_panel_lines(packed.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), other.data_ptr(),
+    if lib.bsmm_panel_lines(panels.data_ptr(), np_, K, weights.data_ptr(), b, ptr.data_ptr(), other.data_ptr(),
                             nlines, _ptr(bias), c.data_ptr(), threads):
         raise ValueError(f"cpu kernels: block size {b} is not supported")
-    y = torch.empty(T, nlines * b, dtype=dtype)
-    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, dtype == torch.bfloat16, y.data_ptr(), threads)
+    y = torch.empty(T, nlines * b, dtype=a.dtype)
+    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, a.dtype == torch.bfloat16, y.data_ptr(), threads)
     return y
 
 
@@ -350,8 +346,9 @@ def _p_forward(x2d, values, meta: KernelMeta, bias):
                         meta.tile, None if bias is None else bias.float().contiguous())
 
 
-def _p_input_grad(gy, values, meta: KernelMeta):
-    return _panel_lines(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], meta.tile, None)
+def _p_input_grad(gy, values, meta: KernelMeta, packed_gy: tuple[torch.Tensor, int] | None = None):
+    return _panel_lines(gy, values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], meta.tile, None,
+                        packed_gy)
 
 
 def _p_sddmm(gy, x, meta: KernelMeta, packed_gy: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -361,23 +358,19 @@ def _p_sddmm(gy, x, meta: KernelMeta, packed_gy: tuple[torch.Tensor, int] | None
         return dv
     g, np_ = packed_gy or _pack(gy, "grad")
     xp, _ = _pack(x, "in")
-    # b = 1 walks the wider operand's lines (the kernel decides the same way)
-    walk = (meta.row_ptr, meta.row_col, meta.row_blk) if gy.shape[1] >= x.shape[1] else (
-        meta.col_ptr, meta.col_row, meta.col_blk)
+    # b = 1 walks the lines of the wider operand, so that its random reads fall in the narrower one
+    by_row = gy.shape[1] >= x.shape[1]
+    walk = (meta.row_ptr, meta.row_col, meta.row_blk) if by_row else (meta.col_ptr, meta.col_row, meta.col_blk)
     library().bsmm_panel_sddmm(g.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], np_, b, meta.rows.data_ptr(),
-                               meta.cols.data_ptr(), meta.ntiles, *(t.data_ptr() for t in walk), dv.data_ptr(),
-                               torch.get_num_threads())
+                               meta.cols.data_ptr(), meta.ntiles, by_row, *(t.data_ptr() for t in walk),
+                               dv.data_ptr(), torch.get_num_threads())
     return dv
 
 
 def _p_grads(gy, x, values, meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """Both gradients from one packing of dY."""
-    if gy.shape[0] == 0:
-        return _p_input_grad(gy, values, meta), _p_sddmm(gy, x, meta)
     packed = _pack(gy, "grad")
-    gx = _lines_on_panels(*packed, gy.shape, gy.dtype, values, meta.col_ptr, meta.col_blk, meta.col_row,
-                          meta.grid[1], meta.tile, None)
-    return gx, _p_sddmm(gy, x, meta, packed)
+    return _p_input_grad(gy, values, meta, packed), _p_sddmm(gy, x, meta, packed)
 
 
 _op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own, _p_grads)

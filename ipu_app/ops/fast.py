@@ -27,10 +27,10 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
                      both_grads: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
     """A backend's three products as ``torch.library`` custom ops with autograd:
     ``ipu_app::{name}_linear(x2d, values, rows, cols, bias, out_features, in_features, block_size)``
-    (and its ``_input_grad`` / ``_values_grad``, and ``_grads`` for both where ``both_grads`` is given). The pattern enters as its coordinate tensors and
-    the kernel metadata is looked up inside the op, so ``torch.compile`` sees one opaque op per layer
-    whose shapes do not depend on the pattern: a pattern update changes no shape and no guard, and
-    causes no recompilation. Returns the forward op."""
+    (and its ``_input_grad`` / ``_values_grad``, and ``_grads`` for both where ``both_grads`` is given).
+    The pattern enters as its coordinate tensors and the kernel metadata is looked up inside the op,
+    so ``torch.compile`` sees one opaque op per layer whose shapes do not depend on the pattern: a
+    pattern update changes no shape and no guard, and causes no recompilation. Returns the forward op."""
     lib = "ipu_app"
     dims = "int out_features, int in_features, int block_size"
 

@@ -446,15 +446,13 @@ static void panel_sddmm_line1(const float *L, int64_t lw, const float *O, int64_
 }
 
 /* dV[k][i][j] = sum_t dY[t][rows[k]*b+i] X[t][cols[k]*b+j] from token panels of dY (G) and X. Panels
- * go in chunks of 32 (512 tokens), whose strips stay in the last-level cache. b = 1 walks the lines
- * of the wider operand (block rows when out >= in, else block columns: ``ptr`` delimits each line's
- * run in the walk, ``others`` is each walked block's other coordinate and ``order`` its index k), so
- * that the random reads fall in the narrower one. */
+ * go in chunks of 32 (512 tokens), whose strips stay in the last-level cache. b = 1 walks block rows
+ * (``by_row``) or block columns: ``ptr`` delimits each line's run in the walk, ``others`` is each
+ * walked block's other coordinate and ``order`` its index k. */
 void bsmm_panel_sddmm(const float *G, int64_t out, const float *X, int64_t in, int64_t np, int64_t b,
-                      const int32_t *rows, const int32_t *cols, int64_t nblk, const int32_t *ptr,
+                      const int32_t *rows, const int32_t *cols, int64_t nblk, int by_row, const int32_t *ptr,
                       const int32_t *others, const int32_t *order, float *dV, int nthreads) {
     const int64_t chunk = 32;
-    const int by_row = out >= in;
     const float *L = by_row ? G : X, *O = by_row ? X : G;
     const int64_t lw = by_row ? out : in, ow = by_row ? in : out;
 #pragma omp parallel num_threads(nthreads)
