@@ -40,3 +40,13 @@ def data_dir(tmp_path_factory, small_documents, tokenizer_dir):
     out = tmp_path_factory.mktemp("data")
     prepare_data(small_documents, tokenizer_dir, out, documents_per_shard=40, progress=False)
     return out
+
+
+@pytest.fixture(params=["sapphire_rapids", "zen4", "zen3", "icelake", "host"])
+def cpu_kind(request, monkeypatch):
+    """Each CPU kind simulated (see tests/cpu_kinds.py), and the host as it is."""
+    from tests.cpu_kinds import KINDS, host_kind, simulate
+
+    if request.param == "host":
+        return host_kind()
+    return simulate(monkeypatch, KINDS[request.param])
