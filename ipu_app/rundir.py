@@ -12,6 +12,7 @@ revalidation all find its parts through :class:`RunDir`::
       tokenizer/             the data's tokenizer (written at the end)
       explored.safetensors   DynSparse: the ever-active block maps (written at the end)
       summary.json           the final numbers; its presence means "finished"
+      kernels.json           backend auto on a CPU: the kernels measured fastest per layer kind (a resume uses them)
       .lock                  held (flock) while a process trains the run
 
 Importing this module imports neither torch nor the CLI, so sweeps and reports stay light.
@@ -37,6 +38,7 @@ class RunDir:
 
     CONFIG = "config.yaml"
     SUMMARY = "summary.json"
+    KERNELS = "kernels.json"
     METRICS = "metrics.jsonl"
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
@@ -97,6 +99,10 @@ class RunDir:
     @property
     def explored_path(self) -> Path:
         return self.path / self.EXPLORED
+
+    @property
+    def kernels_path(self) -> Path:
+        return self.path / self.KERNELS
 
     @property
     def lock_path(self) -> Path:

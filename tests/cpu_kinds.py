@@ -15,6 +15,12 @@ class CpuKind:
     amx: bool          # AMX-BF16 tiles
     avx512: bool       # AVX-512F
     native_bf16: bool  # AVX-512 BF16 dot products
+    pairs: bool | None = None  # the AVX-512 BF16 tiles run (None: wherever native_bf16 without AMX)
+
+    @property
+    def bf16_tiles(self) -> bool:
+        """bf16 at b = 16 runs the AVX-512 BF16 tiles (pair dot products)."""
+        return self.native_bf16 and not self.amx if self.pairs is None else self.pairs
 
     @property
     def bf16(self) -> bool:
@@ -35,13 +41,14 @@ def host_kind() -> CpuKind:
     from ipu_app.ops import cpu
 
     cpu.available()
-    return CpuKind("host", amx=cpu._amx, avx512=cpu._avx512, native_bf16=cpu._native_bf16)
+    return CpuKind("host", amx=cpu._amx, avx512=cpu._avx512, native_bf16=cpu._native_bf16, pairs=cpu._bf16_pairs)
 
 
 def simulate(monkeypatch: pytest.MonkeyPatch, kind: CpuKind) -> CpuKind:
     """Make the kernels' choices and ``precision: auto`` see ``kind``'s flags (the kernels loaded first,
-    since loading reads the host's). Calls still run on the host's instructions: the C kernels pick their
-    own code by the host's CPUID, so a simulated kind changes choices, never results."""
+    since loading reads the host's). A simulated kind changes choices, not the host's instructions: a
+    test that also calls kernels a kind has and the host may lack loads the portable build (as
+    test_portable_c_loops_match_reference does)."""
     from ipu_app.ops import cpu
     from ipu_app.train import precision
 
@@ -50,5 +57,6 @@ def simulate(monkeypatch: pytest.MonkeyPatch, kind: CpuKind) -> CpuKind:
     monkeypatch.setattr(cpu, "_amx", kind.amx)
     monkeypatch.setattr(cpu, "_avx512", kind.avx512)
     monkeypatch.setattr(cpu, "_native_bf16", kind.native_bf16)
+    monkeypatch.setattr(cpu, "_bf16_pairs", kind.bf16_tiles)
     monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: kind.bf16)
     return kind

@@ -16,7 +16,7 @@ ALLOWED = {
     **{leaf: () for leaf in LEAVES},
     "rundir": ("config", "io"),
     "sparse": ("choices", "seeding", "io", "sparse"),
-    "ops": ("choices", "sparse", "ops"),
+    "ops": ("choices", "io", "machine", "sparse", "ops"),
     "data": ("choices", "seeding", "io", "data"),
     "model": ("choices", "seeding", "io", "rundir", "sparse", "ops", "model"),
     "config": ("choices", "model.sizes", "model.bert", "sparse.flops", "sparse.schedule"),
@@ -123,7 +123,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
 
 @pytest.mark.parametrize("module, target, message", [
     ("sparse.updater", "model.bert", "allowed: choices"),
-    ("ops.cpu", "config", "allowed: choices, sparse, ops"),
+    ("ops.cpu", "config", "allowed: choices, io, machine, sparse, ops"),
     ("data.loader", "sparse.pattern", "allowed"),
     ("experiments.report", "train.cli", "imports the command line"),
     ("train.trainer", "ipu.trainer", "train/ may not import ipu"),

@@ -70,6 +70,9 @@ class SparseLinear(nn.Module):
         # An accelerator's own op for this layer, ``fn(layer, x) -> y`` (the IPU popsparse op); it
         # falls back to the backend op itself where it cannot run (e.g. on the host).
         self.op_override = None
+        # backend auto: what measuring chose for this layer's kind (ops.tune_layers: "reference" or
+        # "cpu/<path>"); None: chosen per call (ops.choose)
+        self.kernels: str | None = None
 
     # --------------------------------------------------------------- pattern
     @property
@@ -105,7 +108,7 @@ class SparseLinear(nn.Module):
         return self.backend_forward(x)
 
     def backend_forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = ops.get_backend(self.backend)
+        op = ops.linear_for(self.kernels) if self.kernels and self.backend == "auto" else ops.get_backend(self.backend)
         if self.frozen is not None:
             y = op(x, self.values, self.pattern, self.bias, frozen=self.frozen)
         else:

@@ -2,11 +2,12 @@
 ``linear(x, values, pattern, bias=None, frozen=None) -> y``.
 
 * ``reference``: scatter into a dense weight + ``F.linear``; the spec the others are tested against.
-* ``cpu``: C kernels for CPUs: 16x16 tiles (AMX bf16, AVX-512 fp32) for block sizes that are multiples
-  of 16, token panels (fp32, any block size, any CPU with a C compiler) for the rest; bf16 without
-  AMX runs them in fp32 on widened operands.
+* ``cpu``: C kernels for CPUs: 16x16 tiles (AMX bf16, AVX-512 BF16 pair dot products, AVX-512 fp32)
+  for block sizes that are multiples of 16, token panels (fp32, any block size, any CPU with a C
+  compiler) for the rest; other bf16 runs them in fp32 on widened operands.
 * ``triton``: Triton GPU kernels, block sizes 16, 32 and 64.
-* ``auto``: per call, the fastest of these that covers the call (see :func:`choose`).
+* ``auto``: on a CPU, what measuring found fastest for each layer kind (dense or one kernel path;
+  :mod:`ops.autotune`); elsewhere, or with measuring off, by constant density limits (:func:`choose`).
 
 A fast backend hands every call it does not cover (a frozen inactive subset, an unsupported dtype or
 device, block sizes below 16 on a GPU) to ``reference``, so any backend trains any model.
@@ -14,6 +15,7 @@ device, block sizes below 16 on a GPU) to ``reference``, so any backend trains a
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -26,8 +28,8 @@ from .fast import compute_dtype
 
 SparseLinearOp = Callable[..., torch.Tensor]
 
-__all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dtype", "describe", "get_backend",
-           "preload", "reference", "resolve_backend"]
+__all__ = ["BACKEND_NAMES", "BackendError", "auto_linear", "choose", "compute_dtype", "decisions_line", "describe",
+           "get_backend", "known_decisions", "linear_for", "preload", "reference", "resolve_backend", "tune_layers"]
 
 _MODULES = {name: name for name in SPARSE_BACKENDS}
 
@@ -47,6 +49,9 @@ PANEL_MAX_DENSITY_DEFAULT = 0.35
 # ms fp32 for BERT-Medium's FFN products at 4,096 tokens), which halves the density at which the
 # fp32 kernels still win; with AMX, dense bf16 is faster still and ``auto`` keeps the dense GEMMs.
 NATIVE_BF16_DENSE_SPEEDUP = 2.0
+# bf16 on the AVX-512 BF16 tiles (pair dot products) against dense bf16, one training step of a layer
+# at 4,096 tokens, Zen 4: b = 16 breaks even near s = 0.5 (1.03x), gains 1.3x at 0.7, 2.4-3.3x at 0.9
+BF16_PAIRS_MAX_DENSITY = 0.3
 
 
 def auto_max_density(backend: str, dtype: torch.dtype, block_size: int = 16) -> float:
@@ -54,6 +59,8 @@ def auto_max_density(backend: str, dtype: torch.dtype, block_size: int = 16) -> 
     if backend == "cpu":
         cpu = _module("cpu")
         kernel_dtype = torch.float32 if cpu.converts(dtype, block_size) else dtype
+        if cpu.path("cpu", dtype, block_size) == "tiles_bf16":
+            return BF16_PAIRS_MAX_DENSITY
         if cpu.path("cpu", dtype, block_size) == "panels":
             limit = PANEL_MAX_DENSITY.get(block_size, PANEL_MAX_DENSITY_DEFAULT)
         else:
@@ -117,6 +124,7 @@ def get_backend(name: str) -> SparseLinearOp:
 
 
 _FAST = {"cuda": "triton", "cpu": "cpu"}  # device type -> its fast backend
+DENSE_LABEL = "reference"  # autotune's label of the dense GEMMs
 
 
 def _auto_choice(device_type: str, dtype: torch.dtype, block_size: int, density: float, frozen: bool) -> str:
@@ -128,23 +136,121 @@ def _auto_choice(device_type: str, dtype: torch.dtype, block_size: int, density:
     return name
 
 
+def _measures(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool) -> bool:
+    """Whether ``auto`` decides such a call by measuring (:mod:`ops.autotune`): on a CPU whose kernels
+    cover it, with measuring on."""
+    from . import autotune
+
+    return (device_type == "cpu" and not frozen and autotune.enabled()
+            and _module("cpu").covers(device_type, dtype, block_size))
+
+
 def choose(x: torch.Tensor, pattern: BlockPattern, frozen: torch.Tensor | None = None) -> str:
-    """The backend ``auto`` runs this call on: Triton on a GPU, the C kernels on a CPU, each where it
-    covers the call and the pattern is sparse enough to gain; the reference op otherwise."""
-    return _auto_choice(x.device.type, compute_dtype(x), pattern.block_size, pattern.density, frozen is not None)
+    """What ``auto`` runs this call on: on a CPU, what measuring found fastest for the call's kind
+    (``"reference"`` or ``"cpu/<path>"``, measured on first meeting it; :mod:`ops.autotune`); where
+    measuring is off or cannot run (inside ``torch.compile``), Triton on a GPU and the C kernels on a
+    CPU where they cover the call and the pattern is sparse enough to gain, the reference op otherwise."""
+    dtype = compute_dtype(x)
+    if not torch.compiler.is_compiling() and _measures(x.device.type, dtype, pattern.block_size, frozen is not None):
+        from . import autotune
+
+        kind = autotune.LayerKind.of(pattern, dtype, x.numel() // max(1, pattern.in_features))
+        return autotune.TUNER.decide(kind).choice
+    return _auto_choice(x.device.type, dtype, pattern.block_size, pattern.density, frozen is not None)
+
+
+def linear_for(choice: str) -> SparseLinearOp:
+    """The op of a choice: a backend name, or ``"cpu/<path>"`` (one path of the CPU kernels)."""
+    backend, _, kernels = choice.partition("/")
+    if kernels:
+        return functools.partial(_module(backend).linear, kernels=kernels)
+    return _module(backend).linear
 
 
 def auto_linear(x, values, pattern, bias=None, frozen=None):
-    """``linear`` on the backend :func:`choose` picks."""
-    return _module(choose(x, pattern, frozen)).linear(x, values, pattern, bias, frozen)
+    """``linear`` on what :func:`choose` picks."""
+    return linear_for(choose(x, pattern, frozen))(x, values, pattern, bias, frozen)
 
 
-def kernel_line(config, device: torch.device, dtype: torch.dtype) -> str | None:
+def tune_layers(layers, device: torch.device, dtype: torch.dtype, tokens: int, threads: int | None = None,
+                progress: bool = False) -> list:
+    """Decide, by measuring, what runs each ``auto`` layer of ``layers`` (modules with ``backend``,
+    ``pattern`` and ``frozen``) for calls of ``tokens`` tokens in ``dtype``, and pin it on the layer
+    (``layer.kernels``, which its forward then uses, compiled or not). Returns the decisions, one per
+    layer kind, in the order the layers come; [] where measuring does not apply."""
+    from . import autotune
+
+    decisions: dict[str, object] = {}
+    for layer in layers:
+        pattern = layer.pattern
+        if getattr(layer, "backend", None) != "auto" or not _measures(device.type, dtype, pattern.block_size,
+                                                                      layer.frozen is not None):
+            continue
+        kind = autotune.LayerKind.of(pattern, dtype, tokens, threads)
+        decision = decisions.get(kind.key) or autotune.TUNER.decide(kind, progress)
+        decisions[kind.key] = decision
+        layer.kernels = decision.choice
+    return list(decisions.values())
+
+
+def known_decisions(layers, device: torch.device, dtype: torch.dtype, tokens: int,
+                    threads: int | None = None) -> list[tuple[object, object]]:
+    """``(kind, decision or None)`` per ``auto`` layer kind, measuring nothing (for ``--describe``)."""
+    from . import autotune
+
+    found: dict[str, tuple] = {}
+    for layer in layers:
+        pattern = layer.pattern
+        if getattr(layer, "backend", None) != "auto" or not _measures(device.type, dtype, pattern.block_size,
+                                                                      layer.frozen is not None):
+            continue
+        kind = autotune.LayerKind.of(pattern, dtype, tokens, threads)
+        if kind.key not in found:
+            found[kind.key] = (kind, autotune.TUNER.get(kind))
+    return list(found.values())
+
+
+def _choice_name(choice: str, dtype: torch.dtype, block_size: int) -> str:
+    if choice.startswith("cpu/"):
+        return "CPU kernels, " + _module("cpu").kernel_name(dtype, block_size, choice[4:])
+    return "dense GEMMs (reference op)"
+
+
+def decisions_line(kinds: list, dtype: torch.dtype) -> str:
+    """The start-up line for measured ``auto`` layers: per kind, what runs it and its measured speed
+    against dense. ``kinds``: decisions, or ``(kind, decision or None)`` pairs (``--describe``)."""
+    parts, sources = [], set()
+    for item in kinds:
+        kind, d = (item, item) if not isinstance(item, tuple) else item
+        kind = getattr(kind, "kind", kind)
+        shape = f"{kind.out_features}x{kind.in_features}"
+        if d is None:
+            parts.append(f"{shape}: to be measured")
+            sources.add("to be measured when a run starts")
+            continue
+        sources.add({"measured": "measured now", "cached": "measured before (cache)",
+                     "run": "as the run recorded"}[d.source])
+        if d.choice == "reference":
+            best = d.best_kernel
+            tail = f" (the best kernels: {d.ms[DENSE_LABEL] / d.ms[best]:.2f}x dense)" if best else ""
+            parts.append(f"{shape}: {_choice_name(d.choice, dtype, kind.block_size)}{tail}")
+        else:
+            parts.append(f"{shape}: {_choice_name(d.choice, dtype, kind.block_size)}, {d.speedup:.2f}x dense")
+    first = getattr(kinds[0], "kind", None) or kinds[0][0]
+    return (f"sparse layers (backend auto, block size {first.block_size}, {first.dtype}, {first.tokens} tokens, "
+            f"{first.threads} threads; {', '.join(sorted(sources))}): " + "; ".join(parts))
+
+
+def kernel_line(config, device: torch.device, dtype: torch.dtype, decisions: list | None = None) -> str | None:
     """``describe`` for a run config's sparse layers on ``device`` in ``dtype`` (None: dense, or the IPU,
-    whose layers run in its graph). ``config`` is a ``RunConfig`` (read, not imported: ops sits below it)."""
+    whose layers run in its graph); ``decisions``: what ``auto`` measured per layer kind
+    (:func:`tune_layers`, or :func:`known_decisions`' pairs). ``config`` is a ``RunConfig`` (read, not
+    imported: ops sits below it)."""
     s = config.sparsity
     if config.backend == "ipu" or s.mode == "dense":
         return None
+    if decisions:
+        return decisions_line(decisions, dtype)
     return describe(config.backend, device, dtype, s.block_size, s.ratio, frozen=s.inactive == "frozen")
 
 

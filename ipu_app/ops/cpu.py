@@ -109,6 +109,7 @@ _lib_error: KernelBuildError | None = None
 _amx: bool = False
 _avx512: bool = False  # read once at load: torch.compile traces ``path`` but not a ctypes call
 _native_bf16: bool = False
+_bf16_pairs: bool = False  # the bf16 pair kernels run natively here and passed their self-check
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -124,6 +125,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, i64, p, p, i32]
     lib.bsmm_panel_lines.restype = i32
     lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, i32, p, p, p, p, i32]
+    lib.bsmm_bf16_pairs_native.restype = i32
+    lib.bsmm_colsum.argtypes = [p, i64, i64, i32, p, i32]
+    lib.bsmm_bf16_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
+    lib.bsmm_pair_rows.argtypes = [p, i64, i64, p, i32]
+    lib.bsmm_bf16_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
         lib.bsmm_amx_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
         lib.bsmm_amx_sddmm.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64, p, p, i32]
@@ -140,7 +146,7 @@ def load(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL:
     """The loaded kernels (built on first use); :class:`KernelBuildError` when impossible."""
-    global _lib, _lib_error, _amx, _avx512, _native_bf16
+    global _lib, _lib_error, _amx, _avx512, _native_bf16, _bf16_pairs
     if _lib is not None:  # loaded: no lock (also what lets torch.compile trace ``covers``)
         return _lib
     with _lock:
@@ -151,12 +157,48 @@ def library() -> ctypes.CDLL:
                 _avx512 = bool(lib.bsmm_f32_avx512())
                 _native_bf16 = bool(lib.bsmm_native_bf16())
                 _lib = lib
+                _bf16_pairs = bool(lib.bsmm_bf16_pairs_native()) and _pairs_self_check(lib)
             except (KernelBuildError, OSError) as exc:
                 _lib_error = exc if isinstance(exc, KernelBuildError) else KernelBuildError(
                     f"cpu backend: loading the kernels failed: {exc}")
         if _lib_error is not None:
             raise _lib_error
         return _lib
+
+
+def _pairs_self_check(lib: ctypes.CDLL) -> bool:
+    """The native bf16 pair kernels against fp32 sums on a small random problem, once per process
+    (a compiler or CPU that gets them wrong costs a warning and the widened kernels, not wrong losses)."""
+    gen = torch.Generator().manual_seed(1234)
+    T, K, N = 35, 48, 32
+    a = torch.randn(T, K, generator=gen).bfloat16()
+    tiles = torch.randn(6, TILE, TILE, generator=gen).bfloat16()  # blocks [contracted][out]
+    rows, cols = torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.int32), torch.tensor([0, 2, 0, 1, 2, 1], dtype=torch.int32)
+    weight = torch.zeros(N, K)
+    for k in range(6):
+        weight[rows[k] * TILE:(rows[k] + 1) * TILE, cols[k] * TILE:(cols[k] + 1) * TILE] = tiles[k].float().t()
+    order = torch.argsort(rows * 8 + cols).to(torch.int32)
+    ptr = torch.tensor([0, 3, 6], dtype=torch.int32)
+    c = torch.empty(T, N, dtype=torch.bfloat16)
+    packed, other = _vnni(tiles), cols[order.long()].contiguous()  # held: the kernel reads them
+    lib.bsmm_bf16_lines(a.data_ptr(), T, K, packed.data_ptr(), ptr.data_ptr(), order.data_ptr(), other.data_ptr(),
+                        2, None, c.data_ptr(), 1)
+    expect = a.float() @ weight.t()
+    ok = torch.allclose(c.float(), expect, rtol=2e-2, atol=2e-2 * float(expect.abs().max()))
+    gy = torch.randn(T, N, generator=gen).bfloat16()
+    dv = torch.empty(6, TILE, TILE)
+    yp, xp = _pair_rows(gy, "check_y", lib), _pair_rows(a, "check_x", lib)
+    lib.bsmm_bf16_sddmm(yp.data_ptr(), N, xp.data_ptr(), K, (T + 1) // 2, rows.data_ptr(), cols.data_ptr(), 6,
+                        dv.data_ptr(), 1)
+    dense = gy.float().t() @ a.float()
+    expect = torch.stack([dense[r * TILE:(r + 1) * TILE, q * TILE:(q + 1) * TILE] for r, q in zip(rows, cols)])
+    ok = ok and torch.allclose(dv, expect, rtol=1e-3, atol=1e-3 * float(expect.abs().max()))
+    if not ok:
+        import warnings
+
+        warnings.warn("cpu backend: the native bf16 (AVX-512 BF16) kernels failed their self-check on this CPU; "
+                      "bf16 runs the fp32 kernels on widened operands instead", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def available() -> bool:
@@ -173,6 +215,11 @@ def amx_available() -> bool:
     return available() and _amx
 
 
+def bf16_pairs() -> bool:
+    """True when bf16 calls can run the native bf16 pair kernels here (AVX-512 BF16, self-checked)."""
+    return available() and _bf16_pairs
+
+
 def native_bf16() -> bool:
     """True when this CPU has bf16 dot products (AVX-512 BF16): dense bf16 GEMMs are then about twice
     as fast as fp32 ones; without them PyTorch emulates bf16 and is far slower than in fp32."""
@@ -181,15 +228,20 @@ def native_bf16() -> bool:
 
 def converts(dtype: torch.dtype, block_size: int = TILE) -> bool:
     """True when calls in ``dtype`` run the fp32 kernels on widened operands: bf16 other than on AMX
-    tiles (a CPU without AMX, or a block size the tiles do not take)."""
-    return dtype == torch.bfloat16 and not (_amx and block_size % TILE == 0)
+    or AVX-512 BF16 tiles (a CPU with neither, or a block size the tiles do not take)."""
+    return dtype == torch.bfloat16 and not ((_amx or _bf16_pairs) and block_size % TILE == 0)
 
 
-def kernel_name(dtype: torch.dtype, block_size: int = TILE) -> str:
-    """What runs a call in ``dtype`` here, for the log."""
-    name = "fp32 token panels" if path("cpu", dtype, block_size) == "panels" else (
-        "AMX" if dtype == torch.bfloat16 and _amx else "AVX-512")
-    return name + (" (bf16 widened to fp32)" if converts(dtype, block_size) else "")
+def kernel_name(dtype: torch.dtype, block_size: int = TILE, chosen: str | None = None) -> str:
+    """What runs a call in ``dtype`` here (on ``chosen``, one of :func:`paths`, or the default path), for the log."""
+    chosen = chosen or path("cpu", dtype, block_size)
+    if chosen == "tiles_bf16":
+        return "AVX-512 BF16 tiles"
+    if chosen == "panels":
+        return "fp32 token panels" + (" (bf16 widened to fp32)" if dtype == torch.bfloat16 else "")
+    if dtype == torch.bfloat16:
+        return "AMX" if _amx else "AVX-512 (bf16 widened to fp32)"
+    return "AVX-512"
 
 
 def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> str | None:
@@ -198,9 +250,23 @@ def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = F
     reference op)."""
     if frozen or device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not available():
         return None
+    if block_size % TILE == 0 and dtype == torch.bfloat16 and _bf16_pairs and not _amx:
+        return "tiles_bf16"
     if block_size % TILE == 0 and (_avx512 or (dtype == torch.bfloat16 and _amx)):
         return "tiles"
     return "panels"
+
+
+def paths(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> list[str]:
+    """Every kernel path that runs such a call well here (what ``auto`` measures against dense), the
+    default :func:`path` first: the tiles where the CPU has them, and the token panels always."""
+    first = path(device_type, dtype, block_size, frozen)
+    if first is None:
+        return []
+    found = [first]
+    if first == "tiles_bf16" and _avx512:
+        found.append("tiles")  # bf16 widened to fp32 on the AVX-512 tiles
+    return found + ([] if first == "panels" else ["panels"])
 
 
 def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
@@ -214,6 +280,15 @@ _meta_own = MetaCache(None)  # the token-panel kernels walk each pattern at its 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _bias_grad(gy: torch.Tensor) -> torch.Tensor:
+    """``gy.sum(0)`` in fp32, in ``gy``'s dtype (PyTorch's fp32 sum of bf16 is several times slower)."""
+    gy = gy.contiguous()
+    out = torch.empty(gy.shape[1], dtype=torch.float32)
+    library().bsmm_colsum(gy.data_ptr(), gy.shape[0], gy.shape[1], gy.dtype == torch.bfloat16, out.data_ptr(),
+                          torch.get_num_threads())
+    return out.to(gy.dtype)
 
 
 def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -233,7 +308,7 @@ def _convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int, bias) -> torch.Tensor:
     """``C = A`` times each line's tiles: forward (block rows) or input gradient (block columns)."""
     lib, T, threads = library(), a.shape[0], torch.get_num_threads()
-    if a.dtype == torch.float32 or converts(a.dtype):
+    if a.dtype == torch.float32 or not _amx:  # bf16 on these tiles without AMX: widened
         a32 = a if a.dtype == torch.float32 else _convert(a, torch.float32)
         weights = weights.float().contiguous()
         c = torch.empty(T, nlines * TILE, dtype=torch.float32)
@@ -254,7 +329,7 @@ def _sddmm(gy: torch.Tensor, x: torch.Tensor, meta: KernelMeta) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.zeros(meta.ntiles, TILE, TILE, dtype=torch.float32)
     dv = torch.empty(meta.ntiles, TILE, TILE, dtype=torch.float32)
-    if gy.dtype == torch.float32 or converts(gy.dtype):
+    if gy.dtype == torch.float32 or not _amx:
         if gy.dtype != torch.float32:
             gy, x = _convert(gy, torch.float32), _convert(x, torch.float32)
         lib.bsmm_f32_sddmm(gy.data_ptr(), gy.shape[1], x.data_ptr(), x.shape[1], x.shape[0], meta.rows.data_ptr(),
@@ -285,7 +360,53 @@ def _input_grad(gy, tiles, meta: KernelMeta):
     return _lines(gy, tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None)
 
 
-_op = block_sparse_ops("cpu_bsmm", _forward, _input_grad, _sddmm, _meta)
+_op = block_sparse_ops("cpu_bsmm", _forward, _input_grad, _sddmm, _meta, bias_grad=_bias_grad)
+
+
+# ------------------------------------------------------------ 16x16 tiles, bf16 pair dot products
+def _vnni(weights: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[k, contracted 16, out 16]`` in pairs of contracted entries: ``[k][8][16 out][2]``."""
+    return weights.unflatten(1, (TILE // 2, 2)).transpose(2, 3).contiguous()
+
+
+def _pair_rows(a: torch.Tensor, role: str, lib=None) -> torch.Tensor:
+    """``a [T, F]`` (bf16) in token pairs ``[ceil(T/2), F, 2]`` (a zero row after an odd T)."""
+    T, F = a.shape
+    out = _workspace.get(role, (T + 1) // 2 * F * 2, torch.bfloat16)
+    (lib or library()).bsmm_pair_rows(a.data_ptr(), T, F, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _b_lines(a, weights, ptr, blk, other, nlines: int, bias) -> torch.Tensor:
+    c = torch.empty(a.shape[0], nlines * TILE, dtype=torch.bfloat16)
+    packed = _vnni(weights.bfloat16())  # held until the kernel returns
+    library().bsmm_bf16_lines(a.data_ptr(), a.shape[0], a.shape[1], packed.data_ptr(), ptr.data_ptr(),
+                              blk.data_ptr(), other.data_ptr(), nlines, _ptr(bias), c.data_ptr(),
+                              torch.get_num_threads())
+    return c
+
+
+def _b_forward(x2d, tiles, meta: KernelMeta, bias):
+    return _b_lines(x2d.bfloat16(), tiles.transpose(1, 2), meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
+                    None if bias is None else bias.float().contiguous()).to(x2d.dtype)
+
+
+def _b_input_grad(gy, tiles, meta: KernelMeta):
+    return _b_lines(gy.bfloat16(), tiles, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], None).to(gy.dtype)
+
+
+def _b_sddmm(gy, x, meta: KernelMeta) -> torch.Tensor:
+    dv = torch.zeros(meta.ntiles, TILE, TILE, dtype=torch.float32)
+    if x.shape[0] == 0 or meta.ntiles == 0:
+        return dv
+    yp, xp = _pair_rows(gy.bfloat16(), "pairs_y"), _pair_rows(x.bfloat16(), "pairs_x")
+    library().bsmm_bf16_sddmm(yp.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], (x.shape[0] + 1) // 2,
+                              meta.rows.data_ptr(), meta.cols.data_ptr(), meta.ntiles, dv.data_ptr(),
+                              torch.get_num_threads())
+    return dv
+
+
+_op_pairs = block_sparse_ops("cpu_bf16_pairs", _b_forward, _b_input_grad, _b_sddmm, _meta, bias_grad=_bias_grad)
 
 
 # ---------------------------------------------------------------------- token panels (fp32, any b)
@@ -300,11 +421,11 @@ class _Workspace:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def get(self, role: str, numel: int) -> torch.Tensor:
+    def get(self, role: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buffers = self._local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(role)
+        buf = buffers.get((role, dtype))
         if buf is None or buf.numel() < numel:
-            buf = buffers[role] = torch.empty(numel, dtype=torch.float32)
+            buf = buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
 
 
@@ -373,20 +494,27 @@ def _p_grads(gy, x, values, meta: KernelMeta) -> tuple[torch.Tensor, torch.Tenso
     return _p_input_grad(gy, values, meta, packed), _p_sddmm(gy, x, meta, packed)
 
 
-_op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own, _p_grads)
+_op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own, _p_grads,
+                              bias_grad=_bias_grad)
 
-_linear_tiles = make_linear(_op, lambda *a: path(*a) == "tiles", "CPU kernels (16x16 tiles)",
+_linear_tiles = make_linear(_op, lambda *a: "tiles" in paths(*a), "CPU kernels (16x16 tiles)",
                             lambda v: tile_values(v, TILE))
-_linear_panels = make_linear(_op_panels, lambda *a: path(*a) == "panels", "CPU kernels (token panels)")
+_linear_panels = make_linear(_op_panels, lambda *a: "panels" in paths(*a), "CPU kernels (token panels)")
+
+
+_linear_pairs = make_linear(_op_pairs, lambda *a: "tiles_bf16" in paths(*a), "CPU kernels (bf16 16x16 tiles)",
+                            lambda v: tile_values(v, TILE))
+_LINEARS = {"tiles": _linear_tiles, "panels": _linear_panels, "tiles_bf16": _linear_pairs}
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, pattern, bias: torch.Tensor | None = None,
-           frozen: torch.Tensor | None = None) -> torch.Tensor:
+           frozen: torch.Tensor | None = None, *, kernels: str | None = None) -> torch.Tensor:
     """``y = x @ W^T + bias`` like :func:`ops.reference.linear`, on the CPU kernels where they apply
-    (:func:`path`), else on the reference op."""
-    if path(x.device.type, compute_dtype(x), pattern.block_size, frozen is not None) == "tiles":
-        return _linear_tiles(x, values, pattern, bias, frozen)
-    return _linear_panels(x, values, pattern, bias, frozen)
+    (:func:`path`, or ``kernels``, one of :func:`paths`, as ``auto`` measured), else on the reference op."""
+    chosen = path(x.device.type, compute_dtype(x), pattern.block_size, frozen is not None)
+    if kernels is not None and chosen is not None:
+        chosen = kernels
+    return _LINEARS.get(chosen, _linear_panels)(x, values, pattern, bias, frozen)
 
 
-__all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "KernelBuildError"]
+__all__ = ["linear", "build", "available", "amx_available", "covers", "kernel_name", "path", "paths", "KernelBuildError"]

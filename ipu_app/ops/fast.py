@@ -24,13 +24,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_grad: Product, cache: MetaCache,
-                     both_grads: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
+                     both_grads: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     bias_grad: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """A backend's three products as ``torch.library`` custom ops with autograd:
     ``ipu_app::{name}_linear(x2d, values, rows, cols, bias, out_features, in_features, block_size)``
     (and its ``_input_grad`` / ``_values_grad``, and ``_grads`` for both where ``both_grads`` is given).
     The pattern enters as its coordinate tensors and the kernel metadata is looked up inside the op,
     so ``torch.compile`` sees one opaque op per layer whose shapes do not depend on the pattern: a
-    pattern update changes no shape and no guard, and causes no recompilation. Returns the forward op."""
+    pattern update changes no shape and no guard, and causes no recompilation. ``bias_grad(gy)``: the
+    bias gradient (``gy`` summed over tokens in fp32, in ``gy``'s dtype) where the backend has a faster
+    one than PyTorch's. Returns the forward op."""
     lib = "ipu_app"
     dims = "int out_features, int in_features, int block_size"
 
@@ -95,7 +98,9 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
         else:
             gx = input_grad_op(gy, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[0] else None
             gv = values_grad_op(gy, x2d, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[1] else None
-        gb = gy.sum(0, dtype=torch.float32).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        gb = None
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = bias_grad(gy) if bias_grad is not None else gy.sum(0, dtype=torch.float32).to(gy.dtype)
         return gx, gv, None, None, gb, None, None, None
 
     linear_op.register_autograd(backward, setup_context=setup_context)

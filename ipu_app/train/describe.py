@@ -79,7 +79,7 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         # training.init_from: the weights the run starts from (loaded when it starts, not here)
         "init_from": ({"path": t.init_from, "pattern": config.sparsity.init_pattern} if t.init_from else None),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
-        "sparse_kernels": _local_kernel_line(config),
+        "sparse_kernels": _local_kernel_line(config, model),
         "threads": _threads(config),
     }
 
@@ -113,17 +113,22 @@ def _threads(config: RunConfig) -> dict:
     return {"threads": threads, "from": source}
 
 
-def _local_kernel_line(config: RunConfig) -> str | None:
-    """``kernel_line`` for the device and precision a run started here would get."""
+def _local_kernel_line(config: RunConfig, model) -> str | None:
+    """``kernel_line`` for the device and precision a run started here would get: with backend auto on
+    a CPU, per layer kind what measuring chose before (the cache) or "to be measured"."""
     from ..config import ConfigError
-    from .precision import resolve_precision
+    from ..sparse.layer import sparse_weights
+    from .precision import resolve_precision, resolve_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dtype = resolve_precision(config.training.precision, device).dtype
     except ConfigError as exc:
         return f"(not on this machine: {exc})"
-    return ops.kernel_line(config, device, dtype)
+    known = ops.known_decisions([layer for _, layer in sparse_weights(model)], device, dtype,
+                                config.micro_batch_size * config.data.seq_len,
+                                resolve_threads(config.training.threads)[0])
+    return ops.kernel_line(config, device, dtype, known)
 
 
 def _ipu_plan(config: RunConfig) -> dict:

@@ -158,7 +158,9 @@ class Trainer:
         self.updater = build_pattern_updater(config, self.model, self.optimizer, self.schedule, dist)
         self.sparse_layers = sparse_weights(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
-        self.kernel_line = ops.kernel_line(config, self.device, self.precision.dtype) if self.sparse_layers else None
+        self.kernel_decisions = self._tune_kernels(resume)
+        self.kernel_line = (ops.kernel_line(config, self.device, self.precision.dtype, self.kernel_decisions)
+                            if self.sparse_layers else None)
         self.freezer = build_freezer(config, self.model)
         self.step = 0
         self.window = _Window()
@@ -183,6 +185,28 @@ class Trainer:
         if self.machine not in self.counters.machines:
             self.counters.machines.append(self.machine)
         self.backend.attach(self)
+
+    def _tune_kernels(self, resume: bool) -> list:
+        """backend auto on a CPU: what runs each sparse layer kind, measured (ops.autotune) or, on a
+        resume on the same CPU, as the run recorded in kernels.json (the same kernels compute the same
+        numbers); the decisions are recorded there for the next resume."""
+        from ..ops import autotune
+
+        if not self.sparse_layers or self.config.backend != "auto" or not autotune.enabled():
+            return []
+        recorded = autotune.read_record(self.run.kernels_path) if resume else None
+        if recorded is not None:
+            if recorded["identity"]["cpu"] == autotune.identity()["cpu"]:
+                autotune.TUNER.adopt(recorded["decisions"])
+            elif self.dist.is_main:
+                print(f"note: this run's sparse kernels were chosen on {recorded['identity']['cpu']}; "
+                      "measuring again on this CPU", file=sys.stderr)
+        tokens = self.config.micro_batch_size * self.config.data.seq_len
+        decisions = ops.tune_layers([layer for _, layer in self.sparse_layers], self.device, self.precision.dtype,
+                                    tokens, self.threads, progress=self.progress)
+        if decisions and self.dist.is_main:
+            autotune.write_record(self.run.kernels_path, decisions)
+        return decisions
 
     def stateful(self) -> dict:
         """Every part whose ``state_dict`` a checkpoint holds, by its key in the checkpoint (None: the
@@ -537,6 +561,7 @@ class Trainer:
             "cpu": cpu_identity()["model"],
             "cpu_isa": cpu_identity()["isa"],
             "sparse_kernels": self.kernel_line,
+            "kernel_choices": [d.to_dict() for d in self.kernel_decisions],  # backend auto: measured per kind
             "threads": self.threads,
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,

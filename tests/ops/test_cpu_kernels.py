@@ -112,17 +112,25 @@ def test_bf16_is_widened_exactly_and_rounded_to_nearest_even():
 
 def test_bf16_without_amx_races_dense_bf16(monkeypatch):
     """``auto``'s limit for bf16 on the fp32 kernels: fp32's where bf16 is emulated, half of it with
-    AVX-512 BF16 (dense bf16 twice as fast), and none below b = 16 on AMX (its dense GEMMs are faster)."""
+    AVX-512 BF16 (dense bf16 twice as fast), and none below b = 16 on AMX (its dense GEMMs are faster);
+    b = 16 runs bf16 natively on AMX and on the AVX-512 BF16 tiles, each with its own limit."""
     x = torch.randn(2, 64).bfloat16()
     for amx, native in ((False, False), (False, True), (True, True)):
         monkeypatch.setattr(cpu, "_amx", amx)
         monkeypatch.setattr(cpu, "_native_bf16", native)
+        monkeypatch.setattr(cpu, "_bf16_pairs", native and not amx)
         for b in (1, 4, 16):
             fp32 = ops.auto_max_density("cpu", torch.float32, b)
             limit = ops.auto_max_density("cpu", torch.bfloat16, b)
-            widened = "bf16 widened to fp32" in ops.describe("cpu", torch.device("cpu"), torch.bfloat16, b, 0.9)
+            line = ops.describe("cpu", torch.device("cpu"), torch.bfloat16, b, 0.9)
+            widened = "bf16 widened to fp32" in line
             if amx and b == 16:
                 assert limit == ops.AUTO_MAX_DENSITY[("cpu", torch.bfloat16)] and not widened
+                continue
+            if native and b == 16:
+                assert limit == ops.BF16_PAIRS_MAX_DENSITY and "AVX-512 BF16 tiles" in line and not widened
+                assert ops.choose(x, random_pattern(64, 64, b, 0.9)) == "cpu"
+                assert ops.choose(x, random_pattern(64, 64, b, 0.5)) == "reference"
                 continue
             assert widened and limit == (0.0 if amx else fp32 / 2 if native else fp32)
             s = 0.95 if b == 1 else 0.9
@@ -130,6 +138,7 @@ def test_bf16_without_amx_races_dense_bf16(monkeypatch):
             assert ops.choose(x, random_pattern(64, 64, b, s)) == expect, (amx, native, b)
     monkeypatch.setattr(cpu, "_amx", False)
     monkeypatch.setattr(cpu, "_native_bf16", False)
+    monkeypatch.setattr(cpu, "_bf16_pairs", False)
     line = ops.describe("auto", torch.device("cpu"), torch.bfloat16, 1, 0.9)
     assert "CPU kernels, fp32 token panels (bf16 widened to fp32)" in line, line
 
@@ -334,6 +343,7 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "_lib", lib)
     monkeypatch.setattr(cpu, "_amx", False)
     monkeypatch.setattr(cpu, "_avx512", False)
+    monkeypatch.setattr(cpu, "_bf16_pairs", False)
     assert cpu.kernel_name(torch.float32) == "fp32 token panels"  # no AVX-512 tiles: panels for every b
     assert cpu.path("cpu", torch.bfloat16, 16) == "panels"  # bf16 without AMX: widened to fp32
     for b, tokens in ((1, 300), (4, 37), (16, 37), (32, 9)):
@@ -346,6 +356,12 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         check_backend(cpu.linear, 16, dtype, 37, gaps=True, seed=2)
         check_backend(cpu.linear, 32, dtype, 300, seed=3)
+    # the bf16 pair kernels' every line, with PAIR_DOT as fp32 multiply-adds on widened values
+    monkeypatch.setattr(cpu, "_bf16_pairs", True)
+    assert cpu.path("cpu", torch.bfloat16, 16) == "tiles_bf16" and not cpu.converts(torch.bfloat16, 16)
+    assert cpu._pairs_self_check(lib)
+    for b, tokens in ((16, 37), (32, 300), (64, 1)):
+        check_backend(cpu.linear, b, torch.bfloat16, tokens, gaps=b == 16, seed=b)
 
 
 def test_patterns_made_in_inference_mode_work():

@@ -79,6 +79,10 @@ def test_describe_names_the_kernels(capsys, cpu_kind):
     assert f"CPU kernels, {tiles} (backend auto" in line, line
     line = kernels("bert_tiny_sparse", "training.precision=fp32")
     assert "CPU kernels, fp32 token panels (backend auto" in line and "block size 1" in line, line
+    line = kernels("bert_tiny_sparse_b16", "training.precision=bf16")
+    tiles = ("AMX" if cpu_kind.amx else "AVX-512 BF16 tiles" if cpu_kind.bf16_tiles
+             else "AVX-512 (bf16 widened to fp32)" if cpu_kind.avx512 else "fp32 token panels (bf16 widened to fp32)")
+    assert f"CPU kernels, {tiles} (backend auto" in line, line
     # bf16 at b = 1 runs the fp32 panels on widened operands where they beat dense bf16: everywhere bf16
     # is emulated; with AVX-512 BF16 (dense twice as fast) or AMX, s = 0.9 is not sparse enough
     line = kernels("bert_tiny_sparse", "training.precision=bf16")

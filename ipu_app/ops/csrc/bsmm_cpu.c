@@ -46,6 +46,27 @@ void bsmm_convert(const void *src, int64_t n, int to_bf16, void *dst, int nthrea
     }
 }
 
+/* out[f] = sum over t < T of src[t][f] in fp32 (src [T, F] contiguous, fp32 or bf16 when ``bf16``): the
+ * bias gradient. Threads take strips of 64 features and sum them down the tokens. */
+void bsmm_colsum(const void *src, int64_t T, int64_t F, int bf16, float *out, int nthreads) {
+    const int64_t strips = (F + 63) / 64;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t s = 0; s < strips; ++s) {
+        const int64_t f0 = s * 64, nf = min64(64, F - f0);
+        float acc[64] = {0};
+        for (int64_t t = 0; t < T; ++t) {
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)src + t * F + f0;
+                for (int64_t f = 0; f < nf; ++f) acc[f] += bf16_to_f32(row[f]);
+            } else {
+                const float *row = (const float *)src + t * F + f0;
+                for (int64_t f = 0; f < nf; ++f) acc[f] += row[f];
+            }
+        }
+        memcpy(out + f0, acc, nf * sizeof(float));
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ fp32 */
 
 /* acc[t][i] (t < NT) += sum over the blocks of one block row/column. ``a`` rows are tokens with
@@ -137,6 +158,143 @@ AVX512_TARGET static void f32_sddmm_avx512(const float *y, int64_t ldy, const fl
 static int has_avx512f(void) { return 0; }
 static int has_avx512_bf16(void) { return 0; }
 #endif
+
+/* ------------------------------------------------------------------ bf16 pair dot products */
+/* bf16 on CPUs with AVX-512 BF16 (vdpbf16ps): acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] in fp32, on
+ * 16 lanes, i.e. two contracted entries at a time, from operands that stay bf16. The kernels below
+ * are written once against PAIR_* operations: the native build maps them to the instruction, the
+ * portable build (no x86, or -DBSMM_PORTABLE) to fp32 multiply-adds on widened values, so that every
+ * line of these kernels runs in the tests on any CPU. A vacc holds 16 fp32 sums, a vpair 16 bf16
+ * pairs (32 bf16, 64 bytes). */
+#if HAVE_X86
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+typedef __m512 vacc;
+typedef __m512i vpair;
+#define PAIR_ZERO() _mm512_setzero_ps()
+#define PAIR_LOAD_ACC(p) _mm512_loadu_ps(p)
+#define PAIR_STORE_ACC(p, v) _mm512_storeu_ps((p), (v))
+#define PAIR_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define PAIR_SPLAT(p) _mm512_set1_epi32((int)load_u32(p))  /* one pair, on every lane */
+#define PAIR_DOT(acc, a, b) _mm512_dpbf16_ps((acc), (__m512bh)(a), (__m512bh)(b))
+#define PAIR_STORE_BF16(dst, v) _mm256_storeu_si256((__m256i *)(dst), (__m256i)_mm512_cvtneps_pbh(v))
+#else
+#define BF16_TARGET
+typedef struct { float f[16]; } vacc;
+typedef struct { uint16_t h[32]; } vpair;
+static inline vacc pair_zero(void) { vacc v; memset(&v, 0, sizeof(v)); return v; }
+static inline vacc pair_load_acc(const float *p) { vacc v; memcpy(v.f, p, sizeof(v.f)); return v; }
+static inline void pair_store_acc(float *p, vacc v) { memcpy(p, v.f, sizeof(v.f)); }
+static inline vpair pair_load(const uint16_t *p) { vpair v; memcpy(v.h, p, sizeof(v.h)); return v; }
+static inline vpair pair_splat(const uint16_t *p) {
+    vpair v;
+    for (int i = 0; i < 16; ++i) { v.h[2 * i] = p[0]; v.h[2 * i + 1] = p[1]; }
+    return v;
+}
+static inline vacc pair_dot(vacc acc, vpair a, vpair b) {
+    for (int i = 0; i < 16; ++i)
+        acc.f[i] += bf16_to_f32(a.h[2 * i]) * bf16_to_f32(b.h[2 * i]) + bf16_to_f32(a.h[2 * i + 1]) * bf16_to_f32(b.h[2 * i + 1]);
+    return acc;
+}
+static inline void pair_store_bf16(uint16_t *dst, vacc v) { for (int i = 0; i < 16; ++i) dst[i] = f32_to_bf16(v.f[i]); }
+#define PAIR_ZERO() pair_zero()
+#define PAIR_LOAD_ACC(p) pair_load_acc(p)
+#define PAIR_STORE_ACC(p, v) pair_store_acc((p), (v))
+#define PAIR_LOAD(p) pair_load(p)
+#define PAIR_SPLAT(p) pair_splat(p)
+#define PAIR_DOT(acc, a, b) pair_dot((acc), (a), (b))
+#define PAIR_STORE_BF16(dst, v) pair_store_bf16((dst), (v))
+#endif
+
+static inline uint32_t load_u32(const uint16_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
+
+/* 1 when the bf16 pair kernels run on the instruction here (else on their portable loops). */
+int bsmm_bf16_pairs_native(void) { return has_avx512_bf16(); }
+
+/* One output tile of bf16 tokens: C[t0 + t][line*16 + o] (t < nt) = bias + sum over the line's blocks
+ * of A[t][other*16 + kk] w(kk, o), two kk at a time. ``packed[k]`` is block k in pairs of contracted
+ * entries, [8][16 outputs][2] (the layout AMX takes). */
+BF16_TARGET static void bf16_tile(int nt, const uint16_t *A, int64_t lda, const uint16_t *packed,
+                                  const int32_t *ptr, const int32_t *blk, const int32_t *other, int64_t line,
+                                  const float *bias, uint16_t *C, int64_t ldc) {
+    vacc acc[BS];
+    for (int t = 0; t < BS; ++t) acc[t] = bias ? PAIR_LOAD_ACC(bias + line * BS) : PAIR_ZERO();
+    for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
+        const uint16_t *a = A + (int64_t)other[p] * BS;
+        const uint16_t *wk = packed + (int64_t)blk[p] * BS * BS;
+        for (int q = 0; q < BS / 2; ++q) {
+            const vpair w = PAIR_LOAD(wk + q * 2 * BS);
+            if (nt == BS) {
+#pragma GCC unroll 16
+                for (int t = 0; t < BS; ++t) acc[t] = PAIR_DOT(acc[t], PAIR_SPLAT(a + t * lda + 2 * q), w);
+            } else {
+                for (int t = 0; t < nt; ++t) acc[t] = PAIR_DOT(acc[t], PAIR_SPLAT(a + t * lda + 2 * q), w);
+            }
+        }
+    }
+    for (int t = 0; t < nt; ++t) PAIR_STORE_BF16(C + t * ldc + line * BS, acc[t]);
+}
+
+/* C [T, nlines*16] (bf16) = A [T, lda] (bf16) times the blocks of each line (fp32 sums, one rounding
+ * at the end): bsmm_amx_lines's contract on bf16 pair dot products, any T. */
+void bsmm_bf16_lines(const uint16_t *A, int64_t T, int64_t lda, const uint16_t *packed, const int32_t *ptr,
+                     const int32_t *blk, const int32_t *other, int64_t nlines, const float *bias, uint16_t *C,
+                     int nthreads) {
+    const int64_t ntiles = (T + BS - 1) / BS, ldc = nlines * BS;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < ntiles; ++tt)
+        for (int64_t line = 0; line < nlines; ++line) {
+            const int64_t t0 = tt * BS;
+            bf16_tile((int)min64(BS, T - t0), A + t0 * lda, lda, packed, ptr, blk, other, line, bias,
+                      C + t0 * ldc, ldc);
+        }
+}
+
+/* dst[t/2][f][t%2] = src[t][f] (src [T, F] bf16, contiguous): rows in token pairs, a zero row after
+ * an odd T. dst holds ceil(T/2) * F pairs. */
+void bsmm_pair_rows(const uint16_t *src, int64_t T, int64_t F, uint16_t *dst, int nthreads) {
+    const int64_t np = (T + 1) / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t tp = 0; tp < np; ++tp) {
+        const uint16_t *r0 = src + 2 * tp * F;
+        uint16_t *d = dst + tp * F * 2;
+        if (2 * tp + 1 < T) {
+            const uint16_t *r1 = r0 + F;
+            for (int64_t f = 0; f < F; ++f) { d[2 * f] = r0[f]; d[2 * f + 1] = r1[f]; }
+        } else {
+            for (int64_t f = 0; f < F; ++f) { d[2 * f] = r0[f]; d[2 * f + 1] = 0; }
+        }
+    }
+}
+
+/* dV[k][i][j] = sum_t dY[t][rows[k]*16+i] X[t][cols[k]*16+j] (fp32) from both operands in token pairs
+ * (bsmm_pair_rows: Yp [np][out][2], Xp [np][in][2]), two tokens per pair dot product. Token pairs go
+ * in chunks of about 1 MiB of both, which stay in cache while the thread's blocks read them. */
+BF16_TARGET void bsmm_bf16_sddmm(const uint16_t *Yp, int64_t out, const uint16_t *Xp, int64_t in, int64_t np,
+                                 const int32_t *rows, const int32_t *cols, int64_t nblk, float *dV, int nthreads) {
+    int64_t chunk = ((int64_t)1 << 20) / ((out + in) * 4);
+    if (chunk < 8) chunk = 8;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t c0 = 0; c0 < np; c0 += chunk) {
+        const int64_t n = min64(chunk, np - c0);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < nblk; ++k) {
+            const uint16_t *y = Yp + (c0 * out + (int64_t)rows[k] * BS) * 2;
+            const uint16_t *x = Xp + (c0 * in + (int64_t)cols[k] * BS) * 2;
+            float *o = dV + k * BS * BS;
+            vacc acc[BS];
+#pragma GCC unroll 16
+            for (int i = 0; i < BS; ++i) acc[i] = c0 == 0 ? PAIR_ZERO() : PAIR_LOAD_ACC(o + i * BS);
+            for (int64_t tp = 0; tp < n; ++tp) {
+                const vpair xv = PAIR_LOAD(x + tp * in * 2);
+                const uint16_t *yt = y + tp * out * 2;
+#pragma GCC unroll 16
+                for (int i = 0; i < BS; ++i) acc[i] = PAIR_DOT(acc[i], PAIR_SPLAT(yt + 2 * i), xv);
+            }
+#pragma GCC unroll 16
+            for (int i = 0; i < BS; ++i) PAIR_STORE_ACC(o + i * BS, acc[i]);
+        }
+    }
+}
 
 /* 1 when the fp32 kernels run on AVX-512 here (else on portable C loops). */
 int bsmm_f32_avx512(void) { return has_avx512f(); }
