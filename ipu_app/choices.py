@@ -8,6 +8,7 @@ SPARSITY_MODES = ("dense", "static", "dynamic")  # sparsity.mode (model/bert.py,
 PATTERN_MODES = SPARSITY_MODES[1:]  # the modes with a block pattern: what PatternUpdater runs
 INACTIVE_MODES = ("zero", "frozen")  # what the inactive weights hold (model/sparse_linear.py)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training.precision (train/precision.py)
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")  # model.attention (model/attention.py)
 BIAS_CORRECTIONS = ("global", "per_slot")  # Adam's bias correction of regrown weights (train/optim.py)
 SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)  # sparse block edge (sparse/pattern.py)
 FREEZE_MODES = ("none", "early", "late")  # half-run untrained subset (sparse/freeze.py)

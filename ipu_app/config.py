@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .choices import (BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FINETUNE_PATTERNS, FREEZE_MODES, INACTIVE_MODES,
+from .choices import (ATTENTION_IMPLEMENTATIONS, BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FINETUNE_PATTERNS, FREEZE_MODES, INACTIVE_MODES,
                       INIT_PATTERNS, PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES,
                       SUPPORTED_BLOCK_SIZES, VALUE_INITS)
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES
@@ -43,6 +43,10 @@ class ModelSection:
     dropout: float | None = None  # null: 0.1 above BERT-Small, 0 otherwise (the paper)
     nsp: bool = True
     max_position_embeddings: int = 512
+    # the encoder's attention: sdpa (PyTorch's fused kernel) | eager (two matrix products and a softmax) |
+    # auto (on a CPU the faster of the two, measured at the run's shape as the sparse kernels are; sdpa
+    # elsewhere and with IPU_APP_AUTOTUNE=0)
+    attention: str = "auto"
 
 
 @dataclass
@@ -320,6 +324,7 @@ class RunConfig:
         _choice("sparsity.init", s.init, VALUE_INITS)
         _choice("sparsity.inactive", s.inactive, INACTIVE_MODES)
         _choice("training.precision", t.precision, PRECISIONS)
+        _choice("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
         for module in s.modules:
             _choice("sparsity.modules entry", module, SPARSE_MODULES)
         _choice("backend", self.backend, (*BACKEND_NAMES, "ipu"))

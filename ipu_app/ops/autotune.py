@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -88,26 +88,34 @@ class LayerKind:
     def density(self) -> float:
         return self.nnz * self.block_size ** 2 / (self.out_features * self.in_features)
 
+    baseline = DENSE  # what a speed-up is counted against
+
+    def measure(self) -> "Decision":
+        return measure(self)
+
 
 @dataclass
 class Decision:
-    """The measured choice for a kind: ``choice`` is ``"reference"`` (dense) or ``"cpu/<path>"``;
-    ``ms`` the median step time of every candidate; ``source`` says where it came from."""
-    kind: LayerKind
+    """The measured choice for a kind: for a sparse layer, ``"reference"`` (dense) or ``"cpu/<path>"``;
+    ``ms`` the median step time of every candidate; ``source`` says where it came from. A kind is any
+    frozen object with ``key``, ``baseline`` (the candidate speed-ups are counted against) and
+    ``measure() -> Decision``."""
+    kind: Any
     choice: str
     ms: dict[str, float] = field(default_factory=dict)
     source: str = "measured"  # measured | cached | run
 
     @property
     def speedup(self) -> float:
-        """Dense time over the chosen path's (1.0 where dense was chosen)."""
-        return self.ms[DENSE] / self.ms[self.choice] if self.ms.get(self.choice) else 1.0
+        """The baseline's time over the chosen candidate's (1.0 where the baseline was chosen)."""
+        base = self.ms.get(self.kind.baseline)
+        return base / self.ms[self.choice] if base and self.ms.get(self.choice) else 1.0
 
     @property
     def best_kernel(self) -> str | None:
-        """The fastest kernel path (dense left out), or None where none covers the kind."""
-        kernels = {k: v for k, v in self.ms.items() if k != DENSE}
-        return min(kernels, key=kernels.get) if kernels else None
+        """The fastest candidate other than the baseline, or None where there is none."""
+        others = {k: v for k, v in self.ms.items() if k != self.kind.baseline}
+        return min(others, key=others.get) if others else None
 
     def to_dict(self) -> dict:
         return {"kind": asdict(self.kind), "key": self.kind.key, "choice": self.choice,
@@ -115,8 +123,9 @@ class Decision:
                 "source": self.source}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str) -> "Decision":
-        return cls(LayerKind(**d["kind"]), d["choice"], {k: float(v) for k, v in d["ms"].items()}, source)
+    def from_dict(cls, d: dict, kind, source: str) -> "Decision":
+        """An entry of the cache or of a run's record, for ``kind`` (whose key it holds)."""
+        return cls(kind, str(d["choice"]), {str(k): float(v) for k, v in d["ms"].items()}, source)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -234,22 +243,28 @@ class Tuner:
 
     def __init__(self) -> None:
         self._decisions: dict[str, Decision] = {}
+        self._adopted: dict[str, dict] = {}  # a resumed run's record, by key
         self._lock = threading.Lock()
         self.measured: list[Decision] = []  # what this process measured (for the log)
 
-    def get(self, kind: LayerKind) -> Decision | None:
-        """The decision already known for ``kind`` (this process's, the run's or the disk cache's)."""
+    def get(self, kind) -> Decision | None:
+        """The decision already known for ``kind``: this process's, the run's record or the disk cache's."""
         found = self._decisions.get(kind.key)
-        if found is None:
-            entry = _read(cache_path()).get("decisions", {}).get(kind.key)
-            if entry is not None:
-                try:
-                    found = self._decisions[kind.key] = Decision.from_dict(entry, "cached")
-                except (KeyError, TypeError, ValueError):
-                    found = None
-        return found
+        if found is not None:
+            return found
+        for entry, source in ((self._adopted.get(kind.key), "run"),
+                              (_read(cache_path()).get("decisions", {}).get(kind.key), "cached")):
+            if entry is None:
+                continue
+            try:
+                found = Decision.from_dict(entry, kind, source)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # a damaged entry: the next source, or measured anew
+            self._decisions[kind.key] = found
+            return found
+        return None
 
-    def decide(self, kind: LayerKind, progress: bool = False) -> Decision:
+    def decide(self, kind, progress: bool = False) -> Decision:
         """The decision for ``kind``, measured now where none is known."""
         found = self.get(kind)
         if found is not None:
@@ -258,19 +273,21 @@ class Tuner:
             if kind.key in self._decisions:
                 return self._decisions[kind.key]
             if progress:
-                print(f"auto: measuring the sparse kernels against dense for {kind.key} ...", file=sys.stderr)
-            decision = self._decisions[kind.key] = measure(kind)
+                print(f"auto: measuring {kind.key} ...", file=sys.stderr)
+            decision = self._decisions[kind.key] = kind.measure()
             self.measured.append(decision)
             self._store(decision)
             return decision
 
-    def adopt(self, decisions: list[Decision]) -> None:
-        """Use these decisions (a resumed run's record) over any other."""
-        for d in decisions:
-            self._decisions[d.kind.key] = d
+    def adopt(self, entries: list[dict]) -> None:
+        """Use these decisions (a resumed run's record, :func:`read_record`) over any other."""
+        for entry in entries:
+            self._adopted[entry["key"]] = entry
+            self._decisions.pop(entry["key"], None)
 
     def forget(self) -> None:
         self._decisions.clear()
+        self._adopted.clear()
         self.measured.clear()
 
     @staticmethod
@@ -307,10 +324,11 @@ def write_record(path: Path, decisions: list[Decision]) -> None:
 
 
 def read_record(path: Path) -> dict | None:
-    """``{"identity", "decisions": [Decision]}`` of a run's ``kernels.json``; None where it has none or
-    it does not read (then the kinds are measured again)."""
+    """``{"identity", "decisions": [entry]}`` of a run's ``kernels.json`` (for :meth:`Tuner.adopt`); None
+    where it has none or it does not read (then the kinds are measured again)."""
     try:
         data = json.loads(Path(path).read_text())
-        return {"identity": data["identity"], "decisions": [Decision.from_dict(d, "run") for d in data["decisions"]]}
-    except (OSError, ValueError, KeyError, TypeError):
+        decisions = [d for d in data["decisions"] if isinstance(d, dict) and isinstance(d.get("key"), str)]
+        return {"identity": dict(data["identity"]), "decisions": decisions}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

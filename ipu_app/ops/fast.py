@@ -85,6 +85,15 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
         def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
             return gy.new_empty(gy.shape[0], in_features), torch.empty_like(values)
 
+    bias_grad_op = None
+    if bias_grad is not None:
+        bias_grad_op = torch.library.custom_op(f"{lib}::{name}_bias_grad", lambda gy: bias_grad(gy.contiguous()),
+                                               mutates_args=(), schema="(Tensor gy) -> Tensor")
+
+        @bias_grad_op.register_fake
+        def _(gy):
+            return gy.new_empty(gy.shape[1])
+
     def setup_context(ctx, inputs, output):
         x2d, values, rows, cols, bias, out_features, in_features, block_size = inputs
         ctx.save_for_backward(x2d, values, rows, cols)
@@ -100,7 +109,7 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
             gv = values_grad_op(gy, x2d, values, rows, cols, *ctx.dims) if ctx.needs_input_grad[1] else None
         gb = None
         if ctx.has_bias and ctx.needs_input_grad[4]:
-            gb = bias_grad(gy) if bias_grad is not None else gy.sum(0, dtype=torch.float32).to(gy.dtype)
+            gb = bias_grad_op(gy) if bias_grad_op is not None else gy.sum(0, dtype=torch.float32).to(gy.dtype)
         return gx, gv, None, None, gb, None, None, None
 
     linear_op.register_autograd(backward, setup_context=setup_context)

@@ -30,6 +30,7 @@ from ..data.loader import Prefetcher, WorkerLoader
 from ..data.tokenizer import file_sha256
 from ..io import first_line
 from ..machine import cpu_identity, machine_key
+from ..model.attention import attention_line, choose_attention
 from ..rundir import RunDir
 from ..sparse.layer import sparse_weights
 from ..sparse.updater import PRG_WARN
@@ -158,9 +159,11 @@ class Trainer:
         self.updater = build_pattern_updater(config, self.model, self.optimizer, self.schedule, dist)
         self.sparse_layers = sparse_weights(self.model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
-        self.kernel_decisions = self._tune_kernels(resume)
-        self.kernel_line = (ops.kernel_line(config, self.device, self.precision.dtype, self.kernel_decisions)
+        self.kernel_decisions = self._tune_kernels(resume)  # and the attention's
+        layer_decisions = [d for d in self.kernel_decisions if d.kind.baseline == ops.DENSE_LABEL]
+        self.kernel_line = (ops.kernel_line(config, self.device, self.precision.dtype, layer_decisions)
                             if self.sparse_layers else None)
+        self.attention_line = attention_line(self.model, self.kernel_decisions)
         self.freezer = build_freezer(config, self.model)
         self.step = 0
         self.window = _Window()
@@ -192,7 +195,8 @@ class Trainer:
         numbers); the decisions are recorded there for the next resume."""
         from ..ops import autotune
 
-        if not self.sparse_layers or self.config.backend != "auto" or not autotune.enabled():
+        if not autotune.enabled() or self.device.type != "cpu":
+            choose_attention(self.model, self.config.model.attention, self.device, self.precision.dtype, 1, 1)
             return []
         recorded = autotune.read_record(self.run.kernels_path) if resume else None
         if recorded is not None:
@@ -201,9 +205,13 @@ class Trainer:
             elif self.dist.is_main:
                 print(f"note: this run's sparse kernels were chosen on {recorded['identity']['cpu']}; "
                       "measuring again on this CPU", file=sys.stderr)
-        tokens = self.config.micro_batch_size * self.config.data.seq_len
+        c = self.config
+        tokens = c.micro_batch_size * c.data.seq_len
         decisions = ops.tune_layers([layer for _, layer in self.sparse_layers], self.device, self.precision.dtype,
                                     tokens, self.threads, progress=self.progress)
+        attention = choose_attention(self.model, c.model.attention, self.device, self.precision.dtype,
+                                     c.micro_batch_size, c.data.seq_len, self.threads, self.progress)
+        decisions += [attention] if attention is not None else []
         if decisions and self.dist.is_main:
             autotune.write_record(self.run.kernels_path, decisions)
         return decisions
@@ -220,7 +228,7 @@ class Trainer:
         (writes a checkpoint and returns None)."""
         self._wall_start = time.perf_counter()
         if self.dist.is_main:
-            print("; ".join(filter(None, [self.kernel_line, self.threads_line])), file=sys.stderr)
+            print("; ".join(filter(None, [self.kernel_line, self.attention_line, self.threads_line])), file=sys.stderr)
         warning = self.config.schedule_warning()
         if warning and self.dist.is_main and self.step == 0:
             print(f"warning: {warning}", file=sys.stderr)
@@ -561,7 +569,8 @@ class Trainer:
             "cpu": cpu_identity()["model"],
             "cpu_isa": cpu_identity()["isa"],
             "sparse_kernels": self.kernel_line,
-            "kernel_choices": [d.to_dict() for d in self.kernel_decisions],  # backend auto: measured per kind
+            "kernel_choices": [d.to_dict() for d in self.kernel_decisions],  # auto: measured per kind
+            "attention": self.attention_line,
             "threads": self.threads,
             "world_size": self.dist.world_size,
             "global_batch_size": self.config.training.batch_size,

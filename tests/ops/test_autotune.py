@@ -52,7 +52,7 @@ def test_the_decision_is_what_auto_runs_and_it_computes_the_reference(tuner, mon
     values = torch.randn(pattern.nnz, 16, 16, requires_grad=True)
     kind = autotune.LayerKind.of(pattern, torch.float32, 64, torch.get_num_threads())
     for choice in ("reference", "cpu/tiles", "cpu/panels"):
-        tuner.adopt([autotune.Decision(kind, choice, {"reference": 1.0, choice: 0.5}, "run")])
+        tuner.adopt([autotune.Decision(kind, choice, {"reference": 1.0, choice: 0.5}, "run").to_dict()])
         assert ops.choose(x, pattern) == choice  # s = 0.9: the constant rule would say "cpu"
         called = []
         for name, op in (("reference", reference.linear), ("cpu", cpu.linear)):
@@ -160,18 +160,25 @@ def test_a_run_records_its_choices_and_a_resume_keeps_them(tuner, data_dir, tmp_
     assert "sparse layers (backend auto, block size 16, float32, 512 tokens" in err and "measured now" in err
     record = json.loads((run / "kernels.json").read_text())
     assert record["identity"]["cpu"] == autotune.identity()["cpu"]
-    keys = [d["key"] for d in record["decisions"]]
-    assert sorted(keys) == sorted(f"{o}x{i} b16 nnz{n} float32 T512 t{trainer.threads}"
-                                  for o, i, n in ((128, 128, 6), (512, 128, 26), (128, 512, 26)))
-    chosen = {layer.kernels for _, layer in trainer.sparse_layers}
-    assert chosen == {d["choice"] for d in record["decisions"]}
+    *layers, attention = record["decisions"]
+    assert sorted(d["key"] for d in layers) == sorted(f"{o}x{i} b16 nnz{n} float32 T512 t{trainer.threads}"
+                                                   for o, i, n in ((128, 128, 6), (512, 128, 26), (128, 512, 26)))
+    assert {layer.kernels for _, layer in trainer.sparse_layers} == {d["choice"] for d in layers}
+    # the attention: the faster of the two at the run's micro-batch (4 x 128 tokens, 2 heads of 64)
+    assert attention["key"] == f"attention B4 H2 S128 D64 float32 t{trainer.threads}"
+    assert set(attention["ms"]) == {"sdpa", "eager"} and attention["choice"] == min(attention["ms"], key=attention["ms"].get)
+    assert trainer.model.bert.config._attn_implementation == attention["choice"]
+    assert f"attention: {attention['choice']} (auto: " in err
     # a resume on this CPU runs what the run recorded, even where this process would choose otherwise
-    flipped = [{**d, "choice": "reference" if d["choice"] != "reference" else "cpu/panels"} for d in record["decisions"]]
+    flip = {"reference": "cpu/panels", "sdpa": "eager", "eager": "sdpa"}
+    flipped = [{**d, "choice": flip.get(d["choice"], "reference")} for d in record["decisions"]]
     (run / "kernels.json").write_text(json.dumps({**record, "decisions": flipped}))
     tuner.forget()
     monkeypatch.setattr(autotune, "measure", lambda kind: pytest.fail("a resume measured again"))
+    monkeypatch.setattr("ipu_app.model.attention.measure", lambda kind: pytest.fail("a resume measured again"))
     resumed = new_trainer(config, run, resume=True)
-    assert {layer.kernels for _, layer in resumed.sparse_layers} == {d["choice"] for d in flipped}
+    assert {layer.kernels for _, layer in resumed.sparse_layers} == {d["choice"] for d in flipped[:-1]}
+    assert resumed.model.bert.config._attn_implementation == flipped[-1]["choice"]
     summary = resumed.train()
     assert "as the run recorded" in capsys.readouterr().err
     assert sorted(c["choice"] for c in summary["kernel_choices"]) == sorted(d["choice"] for d in flipped)
