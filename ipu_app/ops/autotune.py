@@ -41,7 +41,8 @@ ENV = "IPU_APP_AUTOTUNE"
 CACHE_ENV = "IPU_APP_AUTOTUNE_CACHE"
 CACHE_VERSION = 1
 REPEATS = 3          # timed steps per candidate (after one warm-up step each)
-MAX_SECONDS = 2.0    # a kind stops timing once this much time went into it (slow CPUs, huge layers)
+MAX_SECONDS = 1.0    # a kind stops timing once this much time went into it (slow CPUs, huge layers)
+MEASURE_TOKENS = 2048  # a kind of more tokens per call is timed at this many (the ratios hold; half the time)
 MIN_TOKENS = 16
 DENSE = "reference"  # the label of the dense GEMMs (the reference op)
 
@@ -184,11 +185,11 @@ def measure(kind: LayerKind) -> Decision:
         return Decision(kind, DENSE, {}, "measured")
     gen = torch.Generator().manual_seed(0)  # never the global RNG: measuring must not change a run
     pattern = _pattern(kind, gen)
-    b = kind.block_size
-    x = torch.randn(kind.tokens, kind.in_features, generator=gen).requires_grad_()
+    b, tokens = kind.block_size, min(kind.tokens, MEASURE_TOKENS)
+    x = torch.randn(tokens, kind.in_features, generator=gen).requires_grad_()
     values = (torch.randn(kind.nnz, b, b, generator=gen) * 0.02).requires_grad_()
     bias = torch.zeros(kind.out_features, requires_grad=True)
-    gy = torch.randn(kind.tokens, kind.out_features, generator=gen).to(kind.torch_dtype)
+    gy = torch.randn(tokens, kind.out_features, generator=gen).to(kind.torch_dtype)
     autocast = kind.torch_dtype != torch.float32
 
     def step(op):

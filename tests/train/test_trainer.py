@@ -299,9 +299,10 @@ def test_cpu_kernels_train_like_the_reference_op(data_dir, tmp_path, regrowth):
     else:
         # The kernels sum in another order than the reference op (token panels on a CPU without
         # AVX-512 most of all): at a near-tie of two block norms the pruning may keep the other
-        # block, and random regrowth then draws from another free set. Up to the first update
-        # (step 3) the runs agree to rounding, and a flip stays the exception.
-        assert regrowth == "random" and sum(same) >= 0.75 * len(same), same
+        # block, random regrowth then draws from another free set, and RigL's scores (dense gradients
+        # of weights that differ by rounding) may rank a near-tie the other way. Up to the first
+        # update (step 3) the runs agree to rounding, and a flip stays the exception.
+        assert sum(same) >= 0.75 * len(same), same
         for (step, *a), (_, *b) in zip(losses_ref, losses_fast):
             if step <= 3:
                 assert a == pytest.approx(b, rel=1e-4), step
