@@ -15,11 +15,11 @@ class CpuKind:
     amx: bool          # AMX-BF16 tiles
     avx512: bool       # AVX-512F
     native_bf16: bool  # AVX-512 BF16 dot products
-    pairs: bool | None = None  # the AVX-512 BF16 tiles run (None: wherever native_bf16 without AMX)
+    pairs: bool | None = None  # the AVX-512 BF16 kernels run (None: wherever native_bf16 without AMX)
 
     @property
     def bf16_tiles(self) -> bool:
-        """bf16 at b = 16 runs the AVX-512 BF16 tiles (pair dot products)."""
+        """bf16 at b = 16 runs the AVX-512 BF16 tiles (pair dot products), at b = 4 and 8 the token panels."""
         return self.native_bf16 and not self.amx if self.pairs is None else self.pairs
 
     @property

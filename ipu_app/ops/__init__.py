@@ -59,7 +59,7 @@ def auto_max_density(backend: str, dtype: torch.dtype, block_size: int = 16) -> 
     if backend == "cpu":
         cpu = _module("cpu")
         kernel_dtype = torch.float32 if cpu.converts(dtype, block_size) else dtype
-        if cpu.path("cpu", dtype, block_size) == "tiles_bf16":
+        if cpu.path("cpu", dtype, block_size) in ("tiles_bf16", "panels_bf16"):
             return BF16_PAIRS_MAX_DENSITY
         if cpu.path("cpu", dtype, block_size) == "panels":
             limit = PANEL_MAX_DENSITY.get(block_size, PANEL_MAX_DENSITY_DEFAULT)

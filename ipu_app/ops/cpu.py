@@ -127,6 +127,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, i32, p, p, p, p, i32]
     lib.bsmm_bf16_pairs_native.restype = i32
     lib.bsmm_colsum.argtypes = [p, i64, i64, i32, p, i32]
+    lib.bsmm_pack_feature_pairs.argtypes = [p, i64, i64, i64, p, i32]
+    lib.bsmm_pack_token_pairs.argtypes = [p, i64, i64, i64, p, i32]
+    lib.bsmm_pair_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, i64, p, p, i32]
+    lib.bsmm_pair_panel_lines.restype = i32
+    lib.bsmm_pair_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, i32]
     lib.bsmm_bf16_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
     lib.bsmm_pair_rows.argtypes = [p, i64, i64, p, i32]
     lib.bsmm_bf16_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
@@ -227,9 +232,10 @@ def native_bf16() -> bool:
 
 
 def converts(dtype: torch.dtype, block_size: int = TILE) -> bool:
-    """True when calls in ``dtype`` run the fp32 kernels on widened operands: bf16 other than on AMX
-    or AVX-512 BF16 tiles (a CPU with neither, or a block size the tiles do not take)."""
-    return dtype == torch.bfloat16 and not ((_amx or _bf16_pairs) and block_size % TILE == 0)
+    """True when calls in ``dtype`` run the fp32 kernels on widened operands by default: bf16 other than
+    on AMX tiles or the AVX-512 BF16 tiles and panels (a CPU with neither, or a block size they do not take)."""
+    native = (_amx or _bf16_pairs) and block_size % TILE == 0 or _bf16_pairs and block_size in PAIR_PANEL_SIZES
+    return dtype == torch.bfloat16 and not native
 
 
 def kernel_name(dtype: torch.dtype, block_size: int = TILE, chosen: str | None = None) -> str:
@@ -237,6 +243,8 @@ def kernel_name(dtype: torch.dtype, block_size: int = TILE, chosen: str | None =
     chosen = chosen or path("cpu", dtype, block_size)
     if chosen == "tiles_bf16":
         return "AVX-512 BF16 tiles"
+    if chosen == "panels_bf16":
+        return "AVX-512 BF16 token panels"
     if chosen == "panels":
         return "fp32 token panels" + (" (bf16 widened to fp32)" if dtype == torch.bfloat16 else "")
     if dtype == torch.bfloat16:
@@ -250,8 +258,11 @@ def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = F
     reference op)."""
     if frozen or device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not available():
         return None
-    if block_size % TILE == 0 and dtype == torch.bfloat16 and _bf16_pairs and not _amx:
-        return "tiles_bf16"
+    if dtype == torch.bfloat16 and _bf16_pairs and not _amx:
+        if block_size % TILE == 0:
+            return "tiles_bf16"
+        if block_size in PAIR_PANEL_SIZES:
+            return "panels_bf16"
     if block_size % TILE == 0 and (_avx512 or (dtype == torch.bfloat16 and _amx)):
         return "tiles"
     return "panels"
@@ -266,7 +277,7 @@ def paths(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = 
     found = [first]
     if first == "tiles_bf16" and _avx512:
         found.append("tiles")  # bf16 widened to fp32 on the AVX-512 tiles
-    return found + ([] if first == "panels" else ["panels"])
+    return found + ([] if first == "panels" else ["panels"])  # the panels (widened) cover every call
 
 
 def covers(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> bool:
@@ -411,6 +422,7 @@ _op_pairs = block_sparse_ops("cpu_bf16_pairs", _b_forward, _b_input_grad, _b_sdd
 
 # ---------------------------------------------------------------------- token panels (fp32, any b)
 PANEL = 16  # tokens per panel (csrc: PANEL)
+PAIR_PANEL_SIZES = (4, 8)  # block sizes of the bf16 pair token panels
 
 
 class _Workspace:
@@ -494,6 +506,65 @@ def _p_grads(gy, x, values, meta: KernelMeta) -> tuple[torch.Tensor, torch.Tenso
     return _p_input_grad(gy, values, meta, packed), _p_sddmm(gy, x, meta, packed)
 
 
+# ------------------------------------------------- token panels, bf16 pair dot products (b = 4, 8)
+def _pairs_of(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[k, contracted b, out b]`` in pairs of contracted entries ``[k][b/2][b][2]`` (bf16)."""
+    b = blocks.shape[1]
+    return blocks.bfloat16().unflatten(1, (b // 2, 2)).transpose(2, 3).contiguous()
+
+
+def _q_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
+    """``a [T, K]`` (bf16) times each line's blocks on feature-pair panels; ``[T, nlines*b]`` bf16."""
+    T, K = a.shape
+    if T == 0:
+        return a.new_empty(0, nlines * b)
+    lib, threads = library(), torch.get_num_threads()
+    np_ = -(-T // PANEL)
+    panels = _workspace.get("pairs_in", np_ * K * PANEL, torch.bfloat16)
+    lib.bsmm_pack_feature_pairs(a.data_ptr(), T, K, a.stride(0), panels.data_ptr(), threads)
+    w = _pairs_of(weights.index_select(0, blk))  # in walk order, held until the kernel returns
+    c = _workspace.get("out", np_ * nlines * b * PANEL)
+    if lib.bsmm_pair_panel_lines(panels.data_ptr(), np_, K, w.data_ptr(), b, ptr.data_ptr(), other.data_ptr(),
+                                 nlines, _ptr(bias), c.data_ptr(), threads):
+        raise ValueError(f"cpu kernels: block size {b} has no bf16 pair panels")
+    y = torch.empty(T, nlines * b, dtype=torch.bfloat16)
+    lib.bsmm_unpack(c.data_ptr(), T, nlines * b, True, y.data_ptr(), threads)
+    return y
+
+
+def _q_forward(x2d, values, meta: KernelMeta, bias):
+    return _q_lines(x2d.bfloat16(), values.transpose(1, 2), meta.row_ptr, meta.row_blk, meta.row_col, meta.grid[0],
+                    meta.tile, None if bias is None else bias.float().contiguous()).to(x2d.dtype)
+
+
+def _q_input_grad(gy, values, meta: KernelMeta):
+    return _q_lines(gy.bfloat16(), values, meta.col_ptr, meta.col_blk, meta.col_row, meta.grid[1], meta.tile,
+                    None).to(gy.dtype)
+
+
+def _token_pairs(a: torch.Tensor, role: str) -> tuple[torch.Tensor, int]:
+    T, F = a.shape
+    np_ = -(-T // 32)
+    out = _workspace.get(role, np_ * F * 32, torch.bfloat16)
+    library().bsmm_pack_token_pairs(a.data_ptr(), T, F, a.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out, np_
+
+
+def _q_sddmm(gy, x, meta: KernelMeta) -> torch.Tensor:
+    b = meta.tile
+    dv = torch.zeros(meta.ntiles, b, b, dtype=torch.float32)
+    if x.shape[0] == 0 or meta.ntiles == 0:
+        return dv
+    (g, np_), (xp, _) = _token_pairs(gy.bfloat16(), "pairs_g"), _token_pairs(x.bfloat16(), "pairs_x")
+    library().bsmm_pair_panel_sddmm(g.data_ptr(), gy.shape[1], xp.data_ptr(), x.shape[1], np_, b,
+                                    meta.rows.data_ptr(), meta.cols.data_ptr(), meta.ntiles, dv.data_ptr(),
+                                    torch.get_num_threads())
+    return dv
+
+
+_op_pair_panels = block_sparse_ops("cpu_pair_panels", _q_forward, _q_input_grad, _q_sddmm, _meta_own,
+                                   bias_grad=_bias_grad)
+
 _op_panels = block_sparse_ops("cpu_panels", _p_forward, _p_input_grad, _p_sddmm, _meta_own, _p_grads,
                               bias_grad=_bias_grad)
 
@@ -504,7 +575,10 @@ _linear_panels = make_linear(_op_panels, lambda *a: "panels" in paths(*a), "CPU 
 
 _linear_pairs = make_linear(_op_pairs, lambda *a: "tiles_bf16" in paths(*a), "CPU kernels (bf16 16x16 tiles)",
                             lambda v: tile_values(v, TILE))
-_LINEARS = {"tiles": _linear_tiles, "panels": _linear_panels, "tiles_bf16": _linear_pairs}
+_linear_pair_panels = make_linear(_op_pair_panels, lambda *a: "panels_bf16" in paths(*a),
+                                  "CPU kernels (bf16 token panels)")
+_LINEARS = {"tiles": _linear_tiles, "panels": _linear_panels, "tiles_bf16": _linear_pairs,
+            "panels_bf16": _linear_pair_panels}
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, pattern, bias: torch.Tensor | None = None,

@@ -22,12 +22,14 @@ def test_fp32_matches_reference(b, tokens):
     check_backend(cpu.linear, b, torch.float32, tokens, seed=b + tokens)
 
 
-@pytest.mark.parametrize("b", [1, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("b", [1, 2, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 def test_bf16_matches_reference(b, tokens):
-    # AMX tiles where the CPU has them (b >= 16); elsewhere the fp32 kernels on widened operands
+    # every kernel path that covers bf16 here: AMX or AVX-512 BF16 tiles (b >= 16) and token panels
+    # (b = 4, 8) where the CPU has them, the fp32 kernels on widened operands always
     assert cpu.covers("cpu", torch.bfloat16, b)
-    check_backend(cpu.linear, b, torch.bfloat16, tokens, seed=b + tokens)
+    for path in cpu.paths("cpu", torch.bfloat16, b):
+        check_backend(lambda *a, **k: cpu.linear(*a, **k, kernels=path), b, torch.bfloat16, tokens, seed=b + tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,8 +129,9 @@ def test_bf16_without_amx_races_dense_bf16(monkeypatch):
             if amx and b == 16:
                 assert limit == ops.AUTO_MAX_DENSITY[("cpu", torch.bfloat16)] and not widened
                 continue
-            if native and b == 16:
-                assert limit == ops.BF16_PAIRS_MAX_DENSITY and "AVX-512 BF16 tiles" in line and not widened
+            if native and not amx and b in (4, 16):  # the AVX-512 BF16 tiles and token panels
+                name = "AVX-512 BF16 tiles" if b == 16 else "AVX-512 BF16 token panels"
+                assert limit == ops.BF16_PAIRS_MAX_DENSITY and name in line and not widened, line
                 assert ops.choose(x, random_pattern(64, 64, b, 0.9)) == "cpu"
                 assert ops.choose(x, random_pattern(64, 64, b, 0.5)) == "reference"
                 continue
@@ -359,9 +362,11 @@ def test_portable_c_loops_match_reference(tmp_path, monkeypatch):
     # the bf16 pair kernels' every line, with PAIR_DOT as fp32 multiply-adds on widened values
     monkeypatch.setattr(cpu, "_bf16_pairs", True)
     assert cpu.path("cpu", torch.bfloat16, 16) == "tiles_bf16" and not cpu.converts(torch.bfloat16, 16)
+    assert cpu.path("cpu", torch.bfloat16, 4) == "panels_bf16" and not cpu.converts(torch.bfloat16, 4)
+    assert cpu.path("cpu", torch.bfloat16, 2) == "panels" and cpu.converts(torch.bfloat16, 2)
     assert cpu._pairs_self_check(lib)
-    for b, tokens in ((16, 37), (32, 300), (64, 1)):
-        check_backend(cpu.linear, b, torch.bfloat16, tokens, gaps=b == 16, seed=b)
+    for b, tokens in ((16, 37), (32, 300), (64, 1), (4, 37), (8, 300), (4, 1)):
+        check_backend(cpu.linear, b, torch.bfloat16, tokens, gaps=b in (4, 16), seed=b)
 
 
 def test_patterns_made_in_inference_mode_work():

@@ -177,6 +177,8 @@ typedef __m512i vpair;
 #define PAIR_SPLAT(p) _mm512_set1_epi32((int)load_u32(p))  /* one pair, on every lane */
 #define PAIR_DOT(acc, a, b) _mm512_dpbf16_ps((acc), (__m512bh)(a), (__m512bh)(b))
 #define PAIR_STORE_BF16(dst, v) _mm256_storeu_si256((__m256i *)(dst), (__m256i)_mm512_cvtneps_pbh(v))
+#define PAIR_SET1(s) _mm512_set1_ps(s)
+#define PAIR_HSUM(v) _mm512_reduce_add_ps(v)
 #else
 #define BF16_TARGET
 typedef struct { float f[16]; } vacc;
@@ -196,6 +198,8 @@ static inline vacc pair_dot(vacc acc, vpair a, vpair b) {
     return acc;
 }
 static inline void pair_store_bf16(uint16_t *dst, vacc v) { for (int i = 0; i < 16; ++i) dst[i] = f32_to_bf16(v.f[i]); }
+static inline vacc pair_set1(float s) { vacc v; for (int i = 0; i < 16; ++i) v.f[i] = s; return v; }
+static inline float pair_hsum(vacc v) { float s = 0.0f; for (int i = 0; i < 16; ++i) s += v.f[i]; return s; }
 #define PAIR_ZERO() pair_zero()
 #define PAIR_LOAD_ACC(p) pair_load_acc(p)
 #define PAIR_STORE_ACC(p, v) pair_store_acc((p), (v))
@@ -203,9 +207,12 @@ static inline void pair_store_bf16(uint16_t *dst, vacc v) { for (int i = 0; i < 
 #define PAIR_SPLAT(p) pair_splat(p)
 #define PAIR_DOT(acc, a, b) pair_dot((acc), (a), (b))
 #define PAIR_STORE_BF16(dst, v) pair_store_bf16((dst), (v))
+#define PAIR_SET1(s) pair_set1(s)
+#define PAIR_HSUM(v) pair_hsum(v)
 #endif
 
 static inline uint32_t load_u32(const uint16_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
+#define PANEL_PAIRS_T 16  /* tokens per feature-pair panel */
 
 /* 1 when the bf16 pair kernels run on the instruction here (else on their portable loops). */
 int bsmm_bf16_pairs_native(void) { return has_avx512_bf16(); }
@@ -292,6 +299,132 @@ BF16_TARGET void bsmm_bf16_sddmm(const uint16_t *Yp, int64_t out, const uint16_t
             }
 #pragma GCC unroll 16
             for (int i = 0; i < BS; ++i) PAIR_STORE_ACC(o + i * BS, acc[i]);
+        }
+    }
+}
+
+/* ------------------------------------------------- bf16 pair dot products on token panels (b = 4, 8) */
+/* The token-panel layout with bf16 pairs. Forward and input gradient contract over features: the
+ * dense operand is packed as panels of 16 tokens of feature pairs, P[tt][f/2][16][2], so that one
+ * vpair holds 16 tokens of two consecutive features, and each output row accumulates 16 tokens with
+ * one pair dot product per two contracted features (weights in pairs too: w[p][j][r][2] =
+ * (w(2j, r), w(2j+1, r)) of the walk's p-th block). The values gradient contracts over tokens: both
+ * operands are packed as panels of 32 tokens per feature, Q[tt][f][32], whose consecutive tokens are
+ * the pairs. */
+
+/* dst[tt][j][t][q] = src[16tt + t][2j + q] (bf16 [T, F], F even, leading dimension lds), zero for
+ * tokens >= T. */
+void bsmm_pack_feature_pairs(const uint16_t *src, int64_t T, int64_t F, int64_t lds, uint16_t *dst, int nthreads) {
+    const int64_t np = (T + PANEL_PAIRS_T - 1) / PANEL_PAIRS_T, pairs = F / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t tt = 0; tt < np; ++tt) {
+        uint32_t *d = (uint32_t *)dst + tt * pairs * PANEL_PAIRS_T;
+        const int64_t nt = min64(PANEL_PAIRS_T, T - tt * PANEL_PAIRS_T);
+        for (int64_t t = 0; t < PANEL_PAIRS_T; ++t) {
+            if (t < nt) {
+                const uint16_t *row = src + (tt * PANEL_PAIRS_T + t) * lds;
+                for (int64_t j = 0; j < pairs; ++j) d[j * PANEL_PAIRS_T + t] = load_u32(row + 2 * j);
+            } else {
+                for (int64_t j = 0; j < pairs; ++j) d[j * PANEL_PAIRS_T + t] = 0;
+            }
+        }
+    }
+}
+
+/* dst[tt][f][u] = src[32tt + u][f] (bf16 [T, F], leading dimension lds), zero for tokens >= T. */
+void bsmm_pack_token_pairs(const uint16_t *src, int64_t T, int64_t F, int64_t lds, uint16_t *dst, int nthreads) {
+    const int64_t np = (T + 31) / 32, fb = (F + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < np; ++tt)
+        for (int64_t b0 = 0; b0 < fb; ++b0) {
+            const int64_t f0 = b0 * 16, nf = min64(16, F - f0), nt = min64(32, T - tt * 32);
+            uint16_t tile[16][32];
+            memset(tile, 0, sizeof(tile));
+            for (int64_t u = 0; u < nt; ++u) {
+                const uint16_t *row = src + (tt * 32 + u) * lds + f0;
+                for (int64_t f = 0; f < nf; ++f) tile[f][u] = row[f];
+            }
+            memcpy(dst + (tt * F + f0) * 32, tile, nf * 32 * sizeof(uint16_t));
+        }
+}
+
+/* The output rows of block line ``line`` on one panel: c[row][16] (fp32 panel) = bias + sum over the
+ * line's blocks, four rows at a time; a: the panel's feature pairs [K/2][16][2]; w: the walk's blocks
+ * in pairs [p][B/2][B][2]. */
+#define PAIR_PANEL_LINE(B)                                                                                \
+BF16_TARGET static void pair_panel_line_##B(const uint16_t *a, const uint16_t *w, const int32_t *ptr,      \
+                                            const int32_t *other, int64_t line, const float *bias, float *c) { \
+    for (int g = 0; g < B; g += 4) {                                                                      \
+        vacc acc[4];                                                                                      \
+        for (int r = 0; r < 4; ++r) acc[r] = bias ? PAIR_SET1(bias[line * B + g + r]) : PAIR_ZERO();      \
+        for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {                                             \
+            const uint16_t *ak = a + (int64_t)other[p] * (B / 2) * 32;                                    \
+            const uint16_t *wk = w + (int64_t)p * B * B + g * 2;                                          \
+            for (int j = 0; j < B / 2; ++j) {                                                             \
+                const vpair x = PAIR_LOAD(ak + j * 32);                                                   \
+                for (int r = 0; r < 4; ++r) acc[r] = PAIR_DOT(acc[r], PAIR_SPLAT(wk + (j * B + r) * 2), x); \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int r = 0; r < 4; ++r) PAIR_STORE_ACC(c + (line * B + g + r) * PANEL_PAIRS_T, acc[r]);        \
+    }                                                                                                     \
+}
+PAIR_PANEL_LINE(4)
+PAIR_PANEL_LINE(8)
+
+typedef void (*pair_panel_line_fn)(const uint16_t *, const uint16_t *, const int32_t *, const int32_t *, int64_t,
+                                   const float *, float *);
+
+/* C fp32 panels [np][nlines*b][16] = A feature-pair panels [np][K/2][16][2] times the blocks of each
+ * line (forward: block rows, w = V^T per block; input gradient: block columns, w = V per block; in
+ * walk order, in pairs). Returns 0, or -1 for a block size without a kernel (b = 4, 8 have one). */
+int bsmm_pair_panel_lines(const uint16_t *A, int64_t np, int64_t K, const uint16_t *w, int64_t b, const int32_t *ptr,
+                          const int32_t *other, int64_t nlines, const float *bias, float *C, int nthreads) {
+    const pair_panel_line_fn fn = b == 4 ? pair_panel_line_4 : b == 8 ? pair_panel_line_8 : 0;
+    if (!fn) return -1;
+    const int64_t N = nlines * b;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < np; ++tt)
+        for (int64_t line = 0; line < nlines; ++line)
+            fn(A + tt * K * PANEL_PAIRS_T, w, ptr, other, line, bias, C + tt * N * PANEL_PAIRS_T);
+    return 0;
+}
+
+/* dV[k][i][j] = sum_t G[t][rows[k]*b+i] X[t][cols[k]*b+j] from token-pair panels (G [np][out][32], X
+ * [np][in][32]): 2 x 4 entries at a time, each on its own accumulator of 16 token pairs, summed across
+ * at the end. Panels go in chunks of 16 (512 tokens), whose strips stay in the last-level cache. */
+BF16_TARGET void bsmm_pair_panel_sddmm(const uint16_t *G, int64_t out, const uint16_t *X, int64_t in, int64_t np,
+                                       int64_t b, const int32_t *rows, const int32_t *cols, int64_t nblk, float *dV,
+                                       int nthreads) {
+    const int64_t chunk = 16;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t c0 = 0; c0 < np; c0 += chunk) {
+        const int64_t c1 = min64(np, c0 + chunk);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < nblk; ++k) {
+            float *dv = dV + k * b * b;
+            for (int64_t r = 0; r < b; r += 2)
+                for (int64_t c = 0; c < b; c += 4) {
+                    const int64_t nr = min64(2, b - r), nc = min64(4, b - c);
+                    vacc acc[2][4];
+                    for (int i = 0; i < 2; ++i)
+                        for (int j = 0; j < 4; ++j) acc[i][j] = PAIR_ZERO();
+                    for (int64_t tt = c0; tt < c1; ++tt) {
+                        const uint16_t *g = G + (tt * out + (int64_t)rows[k] * b + r) * 32;
+                        const uint16_t *x = X + (tt * in + (int64_t)cols[k] * b + c) * 32;
+                        const vpair y0 = PAIR_LOAD(g), y1 = PAIR_LOAD(nr == 2 ? g + 32 : g);
+                        for (int j = 0; j < 4; ++j) {
+                            if (j >= nc) break;
+                            const vpair xv = PAIR_LOAD(x + j * 32);
+                            acc[0][j] = PAIR_DOT(acc[0][j], y0, xv);
+                            acc[1][j] = PAIR_DOT(acc[1][j], y1, xv);
+                        }
+                    }
+                    for (int i = 0; i < nr; ++i)
+                        for (int j = 0; j < nc; ++j) {
+                            float *o = dv + (r + i) * b + c + j;
+                            *o = (c0 == 0 ? 0.0f : *o) + PAIR_HSUM(acc[i][j]);
+                        }
+                }
         }
     }
 }
