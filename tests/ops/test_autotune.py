@@ -194,3 +194,24 @@ def test_a_run_records_its_choices_and_a_resume_keeps_them(tuner, data_dir, tmp_
     tuner.forget()
     new_trainer(config, run, resume=True)
     assert "were chosen on another CPU; measuring again" in capsys.readouterr().err
+
+
+def test_describe_names_cached_choices_or_to_be_measured(tuner, monkeypatch):
+    from ipu_app.config import load_config
+    from ipu_app.model.bert import SparseBertForPreTraining
+    from ipu_app.sparse.layer import sparse_weights
+    from ipu_app.train.describe import _local_kernel_line
+
+    config = load_config("bert_tiny_sparse_b16", ["training.precision=fp32", "training.threads=1"])
+    model = SparseBertForPreTraining(config.model_config(1000), initialize=False)
+    line = _local_kernel_line(config, model)
+    assert line.count("to be measured") == 4 and "128x128: to be measured" in line  # 3 shapes + the source note
+    monkeypatch.setattr(autotune, "measure", lambda kind: autotune.Decision(kind, "cpu/panels",
+                                                                           {"reference": 3.0, "cpu/panels": 1.5}))
+    layers = [layer for _, layer in sparse_weights(model)]
+    tokens = config.micro_batch_size * config.data.seq_len
+    assert len(ops.tune_layers(layers, torch.device("cpu"), torch.float32, tokens, 1)) == 3
+    tuner.forget()
+    line = _local_kernel_line(config, model)
+    assert "measured before (cache)" in line and "to be measured" not in line
+    assert line.count("CPU kernels, fp32 token panels, 2.00x dense") == 3
