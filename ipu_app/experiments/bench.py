@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..choices import BENCH_DTYPES, BENCH_SHAPES, SUPPORTED_BLOCK_SIZES
 from ..io import atomic_write_bytes
+from ..ops import autotune
 from .plotting import save_png
 
 SHAPES = BENCH_SHAPES  # name: (in_features, out_features)
@@ -52,18 +53,7 @@ def _sync(device: torch.device) -> None:
 def median_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                  warmup: int = 2) -> dict[str, float]:
     """Median wall time of each function, timed round-robin so that machine noise hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return autotune.median_times(fns, repeats, warmup, sync=lambda: _sync(device))
 
 
 def epsilon(t_sparse: float, t_dense: float, density: float) -> float:
