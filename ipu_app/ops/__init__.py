@@ -172,6 +172,17 @@ def auto_linear(x, values, pattern, bias=None, frozen=None):
     return linear_for(choose(x, pattern, frozen))(x, values, pattern, bias, frozen)
 
 
+def _measured_layers(layers, device: torch.device, dtype: torch.dtype, tokens: int, threads: int | None):
+    """``(layer, kind)`` for each layer of ``layers`` that ``auto`` decides by measuring."""
+    from . import autotune
+
+    for layer in layers:
+        pattern = layer.pattern
+        if getattr(layer, "backend", None) == "auto" and _measures(device.type, dtype, pattern.block_size,
+                                                                   layer.frozen is not None):
+            yield layer, autotune.LayerKind.of(pattern, dtype, tokens, threads)
+
+
 def tune_layers(layers, device: torch.device, dtype: torch.dtype, tokens: int, threads: int | None = None,
                 progress: bool = False) -> list:
     """Decide, by measuring, what runs each ``auto`` layer of ``layers`` (modules with ``backend``,
@@ -181,12 +192,7 @@ def tune_layers(layers, device: torch.device, dtype: torch.dtype, tokens: int, t
     from . import autotune
 
     decisions: dict[str, object] = {}
-    for layer in layers:
-        pattern = layer.pattern
-        if getattr(layer, "backend", None) != "auto" or not _measures(device.type, dtype, pattern.block_size,
-                                                                      layer.frozen is not None):
-            continue
-        kind = autotune.LayerKind.of(pattern, dtype, tokens, threads)
+    for layer, kind in _measured_layers(layers, device, dtype, tokens, threads):
         decision = decisions.get(kind.key) or autotune.TUNER.decide(kind, progress)
         decisions[kind.key] = decision
         layer.kernels = decision.choice
@@ -199,12 +205,7 @@ def known_decisions(layers, device: torch.device, dtype: torch.dtype, tokens: in
     from . import autotune
 
     found: dict[str, tuple] = {}
-    for layer in layers:
-        pattern = layer.pattern
-        if getattr(layer, "backend", None) != "auto" or not _measures(device.type, dtype, pattern.block_size,
-                                                                      layer.frozen is not None):
-            continue
-        kind = autotune.LayerKind.of(pattern, dtype, tokens, threads)
+    for _, kind in _measured_layers(layers, device, dtype, tokens, threads):
         if kind.key not in found:
             found[kind.key] = (kind, autotune.TUNER.get(kind))
     return list(found.values())
