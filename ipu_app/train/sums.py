@@ -48,6 +48,10 @@ class Sums:
     def clone(self) -> "Sums":
         return Sums(self.fields, values=self.values.clone())
 
+    def to(self, device: torch.device | str) -> "Sums":
+        """These sums on ``device`` (a restored checkpoint's sums go to where the model runs)."""
+        return Sums(self.fields, values=self.values.to(device))
+
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, **host: float) -> dict[str, float]:
         """Every field as a float, with ``host`` values (counts kept on the host) appended, in one
         transfer; ``reduce`` (e.g. an all-reduce over ranks) applies to all of them together."""
