@@ -205,16 +205,24 @@ class Trainer:
             elif self.dist.is_main:
                 print(f"note: this run's sparse kernels were chosen on {recorded['identity']['cpu']}; "
                       "measuring again on this CPU", file=sys.stderr)
-        c = self.config
-        tokens = c.micro_batch_size * c.data.seq_len
-        decisions = ops.tune_layers([layer for _, layer in self.sparse_layers], self.device, self.precision.dtype,
-                                    tokens, self.threads, progress=self.progress)
-        attention = choose_attention(self.model, c.model.attention, self.device, self.precision.dtype,
-                                     c.micro_batch_size, c.data.seq_len, self.threads, self.progress)
-        decisions += [attention] if attention is not None else []
+        decisions = self._decide() if self.dist.is_main else []
+        if self.dist.enabled:  # rank 0 measures alone (ranks timing at once would time each other's load)
+            entries = self.dist.all_gather_object([d.to_dict() for d in decisions])[0]
+            if not self.dist.is_main:
+                autotune.TUNER.adopt(entries)
+                decisions = self._decide()
         if decisions and self.dist.is_main:
             autotune.write_record(self.run.kernels_path, decisions)
         return decisions
+
+    def _decide(self) -> list:
+        """Tune the sparse layers and the attention (pinning the choices on the model); the decisions."""
+        c = self.config
+        decisions = ops.tune_layers([layer for _, layer in self.sparse_layers], self.device, self.precision.dtype,
+                                    c.micro_batch_size * c.data.seq_len, self.threads, progress=self.progress)
+        attention = choose_attention(self.model, c.model.attention, self.device, self.precision.dtype,
+                                     c.micro_batch_size, c.data.seq_len, self.threads, self.progress)
+        return decisions + ([attention] if attention is not None else [])
 
     def stateful(self) -> dict:
         """Every part whose ``state_dict`` a checkpoint holds, by its key in the checkpoint (None: the

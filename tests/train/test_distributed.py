@@ -28,10 +28,10 @@ def common_args(data_dir, steps=12, extra=()):
     return args
 
 
-def torchrun(*args, timeout=240, **kwargs):
+def torchrun(*args, timeout=240, env=None, **kwargs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "run_pretraining.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kwargs)
 
 
@@ -60,6 +60,24 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
 
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8
+
+
+def test_rank_zero_measures_the_kernels_for_every_rank(data_dir, tmp_path):
+    """auto's measuring on a CPU under torchrun: rank 0 times the kinds alone and the other ranks run
+    its choices; the run records them once."""
+    import json
+
+    env = {"IPU_APP_AUTOTUNE": "1", "IPU_APP_AUTOTUNE_CACHE": str(tmp_path / "cache")}
+    proc = torchrun("--config", "bert_tiny_sparse_b16", *common_args(data_dir, steps=4),
+                    "--output-dir", str(tmp_path / "run"), env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "kernels.json").read_text())
+    assert len(record["decisions"]) == 4  # three layer kinds and the attention
+    cached = json.loads(next((tmp_path / "cache").glob("decisions_*.json")).read_text())["decisions"]
+    assert set(cached) == {d["key"] for d in record["decisions"]}
+    assert proc.stderr.count("sparse layers (backend auto") == 1 and "measured now" in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [c["choice"] for c in summary["kernel_choices"]] == [d["choice"] for d in record["decisions"]]
 
 
 def test_resume_with_another_world_size_is_refused(data_dir, tmp_path):
