@@ -57,14 +57,15 @@ def measure(kind: AttentionKind) -> autotune.Decision:
     """One forward and backward of each implementation at the kind's shape, with a padding mask."""
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, kind.dtype)
-    shape = (kind.batch, kind.heads, kind.seq_len, kind.head_dim)
+    batch = max(1, min(kind.batch, autotune.MEASURE_TOKENS // kind.seq_len))  # as many tokens as a layer kind
+    shape = (batch, kind.heads, kind.seq_len, kind.head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-    keep = torch.ones(kind.batch, kind.seq_len, dtype=torch.bool)
+    keep = torch.ones(batch, kind.seq_len, dtype=torch.bool)
     keep[:, kind.seq_len * 7 // 8:] = False  # some padding, as batches have
     # the additive mask as the model makes it: in the embeddings' dtype (fp32 under autocast)
-    mask = torch.zeros(kind.batch, 1, kind.seq_len, kind.seq_len).masked_fill(
+    mask = torch.zeros(batch, 1, kind.seq_len, kind.seq_len).masked_fill(
         ~keep[:, None, None, :], torch.finfo(torch.float32).min)
-    gy = torch.randn(kind.batch, kind.seq_len, kind.heads, kind.head_dim, generator=gen).to(dtype)
+    gy = torch.randn(batch, kind.seq_len, kind.heads, kind.head_dim, generator=gen).to(dtype)
     caller = _Caller().train()
 
     def step(fn):
