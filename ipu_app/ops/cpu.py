@@ -173,7 +173,13 @@ def library() -> ctypes.CDLL:
 
 def _pairs_self_check(lib: ctypes.CDLL) -> bool:
     """The native bf16 pair kernels against fp32 sums on a small random problem, once per process
-    (a compiler or CPU that gets them wrong costs a warning and the widened kernels, not wrong losses)."""
+    (a compiler or CPU that gets them wrong costs a warning and the widened kernels, not wrong losses).
+    The library may first load inside a training step: autocast and autograd stay out of the check."""
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _run_pairs_self_check(lib)
+
+
+def _run_pairs_self_check(lib: ctypes.CDLL) -> bool:
     gen = torch.Generator().manual_seed(1234)
     T, K, N = 35, 48, 32
     a = torch.randn(T, K, generator=gen).bfloat16()
