@@ -93,6 +93,34 @@ def load_run_model(run: RunDir, config: RunConfig, checkpoint: str | int | None 
     return model.eval(), f"checkpoint {path.name}", step
 
 
+def use_recorded_kernels(run: RunDir, model, dtype: torch.dtype) -> None:
+    """Run ``model`` on the sparse kernels and the attention the run recorded (``kernels.json``, when it
+    was measured on this CPU), so that an evaluation computes what the run's own validation did;
+    elsewhere ``auto`` decides anew."""
+    from ..model.attention import set_attention
+    from ..ops import autotune
+    from ..sparse.layer import sparse_weights
+
+    record = autotune.read_record(run.kernels_path)
+    if record is None or record["identity"].get("cpu") != autotune.identity()["cpu"]:
+        return
+    name = str(dtype).replace("torch.", "")
+    chosen = {}
+    for entry in record["decisions"]:
+        kind = entry.get("kind") or {}
+        if kind.get("dtype") != name:
+            continue
+        if "head_dim" in kind:
+            set_attention(model, entry["choice"])
+        elif {"out_features", "in_features", "block_size", "nnz"} <= set(kind):
+            chosen[(kind["out_features"], kind["in_features"], kind["block_size"], kind["nnz"])] = entry["choice"]
+    for _, layer in sparse_weights(model):
+        p = layer.pattern
+        choice = chosen.get((p.out_features, p.in_features, p.block_size, p.nnz))
+        if choice is not None and getattr(layer, "backend", None) == "auto":
+            layer.kernels = choice
+
+
 def evaluation_data(config: RunConfig, data: str | Path | None, progress: bool = False) -> tuple[Path, dict]:
     """``(the data to evaluate on, its manifest)``: the run's own, or another prepared corpus, which must
     have been tokenised with the run's tokenizer (checked by the tokenizer's hash)."""
@@ -132,6 +160,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | int | None = None, da
     batches = validation_batches(data_dir, config.micro_batch_size, masking(config), max_sequences=sequences)
     device = torch.device("cpu")
     precision = resolve_precision(config.training.precision, device)
+    use_recorded_kernels(run, model, precision.dtype)
     if progress:
         print(f"evaluating {run.path} ({source}, step {step}) on {data_dir}: "
               f"{sum(b['input_ids'].shape[0] for b in batches):,} sequences, {precision.name}", file=sys.stderr)

@@ -184,6 +184,14 @@ def test_a_run_records_its_choices_and_a_resume_keeps_them(tuner, data_dir, tmp_
     assert sorted(c["choice"] for c in summary["kernel_choices"]) == sorted(d["choice"] for d in flipped)
     assert json.loads((run / "summary.json").read_text())["kernel_choices"] == summary["kernel_choices"]
     assert len(train_losses(run)) == 8
+    # evaluate runs what the run recorded, so it gives the run's own final validation to the bit
+    from ipu_app.rundir import RunDir
+    from ipu_app.train.evaluate import evaluate_run
+
+    RunDir(run).write_config(config)  # what the command line writes before training
+    evaluated = evaluate_run(run)
+    assert evaluated["mlm_loss"] == summary["final_val_mlm_loss"]
+    assert evaluated["nsp_loss"] == summary["final_val_nsp_loss"]
     # recorded on another CPU: measured again here, with a note
     other = json.loads((run / "kernels.json").read_text())
     other["identity"]["cpu"] = "another CPU"
