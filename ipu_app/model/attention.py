@@ -98,14 +98,15 @@ def set_attention(model: nn.Module, implementation: str) -> None:
 
 
 def choose_attention(model: nn.Module, setting: str, device: torch.device, dtype: torch.dtype, batch: int,
-                     seq_len: int, threads: int | None = None, progress: bool = False) -> autotune.Decision | None:
+                     seq_len: int, threads: int | None = None, progress: bool = False,
+                     measure: bool = True) -> autotune.Decision | None:
     """Apply ``model.attention`` (``setting``): sdpa or eager as given; ``auto`` measured on a CPU (the
-    decision returned), else sdpa."""
+    decision returned), else (or without ``measure``) sdpa."""
     if setting != "auto":
         set_attention(model, setting)
         return None
     hf = model.bert.config
-    if device.type != "cpu" or not autotune.enabled():
+    if device.type != "cpu" or not autotune.enabled() or not measure:
         set_attention(model, BASELINE)
         return None
     kind = AttentionKind(batch, hf.num_attention_heads, seq_len, hf.hidden_size // hf.num_attention_heads,

@@ -195,8 +195,10 @@ class Trainer:
         numbers); the decisions are recorded there for the next resume."""
         from ..ops import autotune
 
-        if not autotune.enabled() or self.device.type != "cpu":
-            choose_attention(self.model, self.config.model.attention, self.device, self.precision.dtype, 1, 1)
+        if not autotune.enabled() or self.device.type != "cpu" or self.config.backend == "ipu":
+            # the IPU's graph is compiled from the host model: nothing there is timed on the host
+            choose_attention(self.model, self.config.model.attention, self.device, self.precision.dtype, 1, 1,
+                             measure=False)
             return []
         recorded = autotune.read_record(self.run.kernels_path) if resume else None
         if recorded is not None:
