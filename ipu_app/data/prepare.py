@@ -13,7 +13,8 @@ from typing import Sequence
 
 from .corpus import CorpusError, CorpusReader, duplicate_warnings, embedded_documents, embedded_files, expand_inputs
 from .shards import SHARD_BYTES, default_workers, prepare_data, source_hashes
-from .tokenizer import build_standard_tokenizer, tokenizer_hash, train_tokenizer, use_tokenizer_folder, vocab_tokens
+from .tokenizer import (build_standard_tokenizer, has_vocabulary, tokenizer_hash, train_tokenizer, use_tokenizer_folder,
+                        vocab_tokens)
 
 TOKENIZERS = ("bert-base-uncased", "train")  # or the path of a Hugging Face WordPiece tokenizer folder
 
@@ -126,7 +127,7 @@ def embedded_data_dir(tokenizer: str = "bert-base-uncased", vocab_size: int = 30
 
 def _embedded_dir(tokenizer: str, vocab_size: int, cache_dir: str | Path | None) -> tuple[Path, dict]:
     sources = source_hashes(embedded_files())
-    if tokenizer not in TOKENIZERS and (Path(tokenizer) / "vocab.txt").is_file():
+    if tokenizer not in TOKENIZERS and has_vocabulary(tokenizer):
         tokenizer = f"folder {tokenizer_hash(tokenizer)}"  # a folder is its vocabulary (and casing), not its path
     key = hashlib.sha256(repr((sorted(sources.values()), tokenizer, vocab_size)).encode()).hexdigest()[:16]
     return Path(cache_dir or cache_root()) / f"embedded-{key}", sources

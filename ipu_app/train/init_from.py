@@ -154,9 +154,13 @@ def _run_tokenizer(run: RunDir) -> str | None:
 
 
 def _vocab_sha256(directory: Path) -> str | None:
-    from ..data.tokenizer import tokenizer_hash
+    from ..data.corpus import CorpusError
+    from ..data.tokenizer import has_vocabulary, tokenizer_hash
 
-    return tokenizer_hash(directory) if (Path(directory) / "vocab.txt").is_file() else None
+    try:
+        return tokenizer_hash(directory) if has_vocabulary(directory) else None
+    except CorpusError:  # not a WordPiece vocabulary: the vocabulary size is still checked
+        return None
 
 
 # ----------------------------------------------------------------------------------- apply

@@ -63,12 +63,48 @@ def test_folders_that_are_not_bert_tokenizers_are_one_line_errors(tmp_path):
     no_mask = tmp_path / "no_mask"
     no_mask.mkdir()
     (no_mask / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n")
-    with pytest.raises(CorpusError, match=r"vocab.txt lacks BERT's special tokens \['\[MASK\]'\]"):
+    with pytest.raises(CorpusError, match=r"vocabulary lacks BERT's special tokens \['\[MASK\]'\]"):
         prepare_files([corpus], tmp_path / "a", tokenizer=str(no_mask), progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CorpusError, match="has no vocab.txt: only WordPiece"):
+    with pytest.raises(CorpusError, match="has no vocab.txt and no tokenizer.json: only WordPiece"):
         prepare_files([corpus], tmp_path / "b", tokenizer=str(empty), progress=False)
     with pytest.raises(CorpusError, match="or the path of a Hugging Face WordPiece tokenizer folder"):
         prepare_files([corpus], tmp_path / "c", tokenizer=str(tmp_path / "nowhere"), progress=False)
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_a_folder_with_only_tokenizer_json_is_read_and_a_bpe_one_refused(tmp_path):
+    """What today's transformers saves: tokenizer.json and no vocab.txt."""
+    from tokenizers import Tokenizer, models
+
+    from ipu_app.data.tokenizer import vocab_tokens, wordpiece_tokens
+
+    both = _folder(tmp_path / "both", lowercase=True)
+    only_json = tmp_path / "json"
+    only_json.mkdir()
+    for path in both.iterdir():
+        if path.name != "vocab.txt":
+            (only_json / path.name).write_bytes(path.read_bytes())
+    tokens = (both / "vocab.txt").read_text().splitlines()
+    assert wordpiece_tokens(only_json) == tokens and vocab_tokens(only_json) == len(tokens)
+    assert tokenizer_hash(only_json) == tokenizer_hash(both)  # one vocabulary, one identity
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = prepare_files([corpus], tmp_path / "data", tokenizer=str(only_json), progress=False, workers=1)
+    assert (out / "tokenizer" / "vocab.txt").read_text().splitlines() == tokens
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer_hash(both)
+    same = prepare_files([corpus], tmp_path / "data_b", tokenizer=str(both), progress=False, workers=1)
+    assert [np.load(p).tolist() for p in sorted(out.glob("*.tokens.npy"))] == \
+        [np.load(p).tolist() for p in sorted(same.glob("*.tokens.npy"))]
+    # another model in tokenizer.json: one line naming it
+    bpe = tmp_path / "bpe"
+    bpe.mkdir()
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).save(str(bpe / "tokenizer.json"))
+    with pytest.raises(CorpusError, match="is a BPE tokenizer .*only WordPiece"):
+        prepare_files([corpus], tmp_path / "c", tokenizer=str(bpe), progress=False)
+    (bpe / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CorpusError, match="does not read as a tokenizer"):
+        prepare_files([corpus], tmp_path / "d", tokenizer=str(bpe), progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
