@@ -12,7 +12,8 @@ Decisions are cached on disk per CPU identity (``machine.cpu_identity``), kernel
 version (``$IPU_APP_AUTOTUNE_CACHE`` or ``~/.cache/ipu_app/autotune``), so a second run on the same
 kind of machine measures nothing, and another CPU or a changed kernel measures anew. A run records its
 decisions (``kernels.json`` in the run directory) and a resume on the same CPU uses them, so that it
-computes what the first process did. ``IPU_APP_AUTOTUNE=0`` turns measuring off: ``auto`` then uses
+computes what the first process did. ``IPU_APP_AUTOTUNE=fresh`` measures anew past the cache.
+``IPU_APP_AUTOTUNE=0`` turns measuring off: ``auto`` then uses
 the constant density limits of ``ops.auto_max_density`` (the tests run so, to stay independent of the
 host's speed).
 """
@@ -50,6 +51,12 @@ DENSE = "reference"  # the label of the dense GEMMs (the reference op)
 def enabled() -> bool:
     """Whether ``auto`` measures (``IPU_APP_AUTOTUNE`` is not ``0``)."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fresh() -> bool:
+    """``IPU_APP_AUTOTUNE=fresh``: measure every kind anew, past the disk cache (which the new
+    measurements then replace), e.g. after the first ones were taken on a busy machine."""
+    return os.environ.get(ENV, "").strip().lower() == "fresh"
 
 
 def token_bucket(tokens: int) -> int:
@@ -253,8 +260,8 @@ class Tuner:
         found = self._decisions.get(kind.key)
         if found is not None:
             return found
-        for entry, source in ((self._adopted.get(kind.key), "run"),
-                              (_read(cache_path()).get("decisions", {}).get(kind.key), "cached")):
+        cached = None if fresh() else _read(cache_path()).get("decisions", {}).get(kind.key)
+        for entry, source in ((self._adopted.get(kind.key), "run"), (cached, "cached")):
             if entry is None:
                 continue
             try:

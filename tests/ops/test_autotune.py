@@ -84,6 +84,13 @@ def test_the_cache_remembers_per_cpu_and_kernel_source(tuner, monkeypatch):
     monkeypatch.setattr(autotune, "measure", lambda kind: pytest.fail("measured a cached kind"))
     again = tuner.decide(kind)
     assert again.source == "cached" and again.choice == first.choice and again.ms == pytest.approx(first.ms, rel=1e-3)
+    # IPU_APP_AUTOTUNE=fresh measures past the cache, and replaces its entry
+    tuner.forget()
+    monkeypatch.setenv(autotune.ENV, "fresh")
+    monkeypatch.setattr(autotune, "measure", lambda kind: autotune.Decision(kind, "reference", {"reference": 1.0}))
+    assert tuner.decide(kind).source == "measured" and autotune.enabled()
+    assert json.loads(autotune.cache_path().read_text())["decisions"][kind.key]["choice"] == "reference"
+    monkeypatch.setenv(autotune.ENV, "1")
     # another CPU (or changed kernels) is another cache: measured anew
     tuner.forget()
     monkeypatch.setattr(autotune, "identity", lambda: {"cpu": "another CPU", "kernels": "x", "torch": "y"})
