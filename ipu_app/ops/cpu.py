@@ -132,7 +132,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.bsmm_pair_panel_lines.argtypes = [p, i64, i64, p, i64, p, p, i64, p, p, i32]
     lib.bsmm_pair_panel_lines.restype = i32
     lib.bsmm_pair_panel_sddmm.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, i32]
-    lib.bsmm_bf16_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, i32]
+    lib.bsmm_bf16_lines.argtypes = [p, i64, i64, p, p, p, p, i64, p, p, p, i32]
     lib.bsmm_pair_rows.argtypes = [p, i64, i64, p, i32]
     lib.bsmm_bf16_sddmm.argtypes = [p, i64, p, i64, i64, p, p, i64, p, i32]
     if hasattr(lib, "bsmm_amx_lines"):
@@ -192,8 +192,9 @@ def _run_pairs_self_check(lib: ctypes.CDLL) -> bool:
     ptr = torch.tensor([0, 3, 6], dtype=torch.int32)
     c = torch.empty(T, N, dtype=torch.bfloat16)
     packed, other = _vnni(tiles), cols[order.long()].contiguous()  # held: the kernel reads them
+    work = torch.empty(-(-T // TILE) * K * TILE, dtype=torch.bfloat16)
     lib.bsmm_bf16_lines(a.data_ptr(), T, K, packed.data_ptr(), ptr.data_ptr(), order.data_ptr(), other.data_ptr(),
-                        2, None, c.data_ptr(), 1)
+                        2, None, c.data_ptr(), work.data_ptr(), 1)
     expect = a.float() @ weight.t()
     ok = torch.allclose(c.float(), expect, rtol=2e-2, atol=2e-2 * float(expect.abs().max()))
     gy = torch.randn(T, N, generator=gen).bfloat16()
@@ -395,11 +396,12 @@ def _pair_rows(a: torch.Tensor, role: str, lib=None) -> torch.Tensor:
 
 
 def _b_lines(a, weights, ptr, blk, other, nlines: int, bias) -> torch.Tensor:
-    c = torch.empty(a.shape[0], nlines * TILE, dtype=torch.bfloat16)
+    T, K = a.shape
+    c = torch.empty(T, nlines * TILE, dtype=torch.bfloat16)
     packed = _vnni(weights.bfloat16())  # held until the kernel returns
-    library().bsmm_bf16_lines(a.data_ptr(), a.shape[0], a.shape[1], packed.data_ptr(), ptr.data_ptr(),
-                              blk.data_ptr(), other.data_ptr(), nlines, _ptr(bias), c.data_ptr(),
-                              torch.get_num_threads())
+    work = _workspace.get("token_tiles", -(-T // TILE) * K * TILE, torch.bfloat16)
+    library().bsmm_bf16_lines(a.data_ptr(), T, K, packed.data_ptr(), ptr.data_ptr(), blk.data_ptr(), other.data_ptr(),
+                              nlines, _ptr(bias), c.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return c
 
 

@@ -217,41 +217,56 @@ static inline uint32_t load_u32(const uint16_t *p) { uint32_t u; memcpy(&u, p, 4
 /* 1 when the bf16 pair kernels run on the instruction here (else on their portable loops). */
 int bsmm_bf16_pairs_native(void) { return has_avx512_bf16(); }
 
-/* One output tile of bf16 tokens: C[t0 + t][line*16 + o] (t < nt) = bias + sum over the line's blocks
- * of A[t][other*16 + kk] w(kk, o), two kk at a time. ``packed[k]`` is block k in pairs of contracted
- * entries, [8][16 outputs][2] (the layout AMX takes). */
-BF16_TARGET static void bf16_tile(int nt, const uint16_t *A, int64_t lda, const uint16_t *packed,
-                                  const int32_t *ptr, const int32_t *blk, const int32_t *other, int64_t line,
-                                  const float *bias, uint16_t *C, int64_t ldc) {
+/* One output tile of bf16 tokens: C[t][line*16 + o] (t < nt) = bias + sum over the line's blocks of
+ * A(t, other*16 + kk) w(kk, o), two kk at a time. ``A`` is one row of 16x16 token tiles (16 tokens x
+ * K features as K/16 tiles of 256 contiguous values, zero past the last token), so a block's inputs are
+ * one contiguous 512-byte read (row-major rows 4 KiB apart, as at K = 2048, all fall in one L1 set).
+ * ``packed[k]`` is block k in pairs of contracted entries, [8][16 outputs][2] (the layout AMX takes). */
+BF16_TARGET static void bf16_tile(int nt, const uint16_t *A, const uint16_t *packed, const int32_t *ptr,
+                                  const int32_t *blk, const int32_t *other, int64_t line, const float *bias,
+                                  uint16_t *C, int64_t ldc) {
     vacc acc[BS];
     for (int t = 0; t < BS; ++t) acc[t] = bias ? PAIR_LOAD_ACC(bias + line * BS) : PAIR_ZERO();
     for (int32_t p = ptr[line]; p < ptr[line + 1]; ++p) {
-        const uint16_t *a = A + (int64_t)other[p] * BS;
+        const uint16_t *a = A + (int64_t)other[p] * BS * BS;
         const uint16_t *wk = packed + (int64_t)blk[p] * BS * BS;
         for (int q = 0; q < BS / 2; ++q) {
             const vpair w = PAIR_LOAD(wk + q * 2 * BS);
-            if (nt == BS) {
 #pragma GCC unroll 16
-                for (int t = 0; t < BS; ++t) acc[t] = PAIR_DOT(acc[t], PAIR_SPLAT(a + t * lda + 2 * q), w);
-            } else {
-                for (int t = 0; t < nt; ++t) acc[t] = PAIR_DOT(acc[t], PAIR_SPLAT(a + t * lda + 2 * q), w);
-            }
+            for (int t = 0; t < BS; ++t) acc[t] = PAIR_DOT(acc[t], PAIR_SPLAT(a + t * BS + 2 * q), w);
         }
     }
     for (int t = 0; t < nt; ++t) PAIR_STORE_BF16(C + t * ldc + line * BS, acc[t]);
 }
 
+/* dst[tt][kb][t][j] = src[16tt + t][16kb + j] (bf16 [T, K], K a multiple of 16, leading dimension lds):
+ * rows of 16x16 token tiles, zero for tokens >= T. */
+static void pack_token_tiles(const uint16_t *src, int64_t T, int64_t K, int64_t lds, uint16_t *dst, int nthreads) {
+    const int64_t ntiles = (T + BS - 1) / BS, kb = K / BS;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t tt = 0; tt < ntiles; ++tt)
+        for (int64_t b = 0; b < kb; ++b) {
+            uint16_t *d = dst + (tt * kb + b) * BS * BS;
+            for (int64_t t = 0; t < BS; ++t) {
+                if (tt * BS + t < T) memcpy(d + t * BS, src + (tt * BS + t) * lds + b * BS, BS * sizeof(uint16_t));
+                else memset(d + t * BS, 0, BS * sizeof(uint16_t));
+            }
+        }
+}
+
 /* C [T, nlines*16] (bf16) = A [T, lda] (bf16) times the blocks of each line (fp32 sums, one rounding
- * at the end): bsmm_amx_lines's contract on bf16 pair dot products, any T. */
+ * at the end): bsmm_amx_lines's contract on bf16 pair dot products, any T. ``work`` holds
+ * ceil(T/16) * lda * 16 bf16: A as token tiles. */
 void bsmm_bf16_lines(const uint16_t *A, int64_t T, int64_t lda, const uint16_t *packed, const int32_t *ptr,
                      const int32_t *blk, const int32_t *other, int64_t nlines, const float *bias, uint16_t *C,
-                     int nthreads) {
+                     uint16_t *work, int nthreads) {
     const int64_t ntiles = (T + BS - 1) / BS, ldc = nlines * BS;
+    pack_token_tiles(A, T, lda, lda, work, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
     for (int64_t tt = 0; tt < ntiles; ++tt)
         for (int64_t line = 0; line < nlines; ++line) {
             const int64_t t0 = tt * BS;
-            bf16_tile((int)min64(BS, T - t0), A + t0 * lda, lda, packed, ptr, blk, other, line, bias,
+            bf16_tile((int)min64(BS, T - t0), work + tt * lda * BS, packed, ptr, blk, other, line, bias,
                       C + t0 * ldc, ldc);
         }
 }
