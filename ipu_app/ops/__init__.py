@@ -49,8 +49,9 @@ PANEL_MAX_DENSITY_DEFAULT = 0.35
 # ms fp32 for BERT-Medium's FFN products at 4,096 tokens), which halves the density at which the
 # fp32 kernels still win; with AMX, dense bf16 is faster still and ``auto`` keeps the dense GEMMs.
 NATIVE_BF16_DENSE_SPEEDUP = 2.0
-# bf16 on the AVX-512 BF16 tiles (pair dot products) against dense bf16, one training step of a layer
-# at 4,096 tokens, Zen 4: b = 16 breaks even near s = 0.5 (1.03x), gains 1.3x at 0.7, 2.4-3.3x at 0.9
+# bf16 on the AVX-512 BF16 kernels (pair dot products) against dense bf16, one training step of a layer
+# at 4,096 tokens, Zen 4: the b = 16 tiles break even near s = 0.5 (1.03x), gain 1.3x at 0.7 and
+# 2.4-3.3x at 0.9; the b = 4/8 token panels gain 1.7-2.2x at 0.9
 BF16_PAIRS_MAX_DENSITY = 0.3
 
 
