@@ -157,7 +157,7 @@ def _main(args) -> int:
         from .describe import describe, format_description
 
         if ctx.is_main:
-            info = describe(config, world_size=ctx.world_size)
+            info = describe(config, world_size=ctx.world_size, threads=args.threads)
             print(json.dumps(info) if args.json else format_description(info))
         return 0
     if config.backend == "ipu":  # before any run directory exists: no SDK is one line, nothing written

@@ -32,8 +32,9 @@ def encoder_share(config: RunConfig, model: SparseBertForPreTraining, trained: i
             "encoder_weights": active, "flops_per_sequence": ledger.total}
 
 
-def describe(config: RunConfig, world_size: int = 1) -> dict:
-    """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU)."""
+def describe(config: RunConfig, world_size: int = 1, threads: int | None = None) -> dict:
+    """The resolved config plus parameter counts, per-layer sparsity and FLOPs (builds the model on CPU);
+    ``threads``: ``--threads`` (what a run started with it would use)."""
     if config.backend == "ipu":  # the batch is split over replicas, not processes
         world_size = config.ipu.replication_factor
     from ..data.prepare import data_vocabulary
@@ -79,8 +80,8 @@ def describe(config: RunConfig, world_size: int = 1) -> dict:
         # training.init_from: the weights the run starts from (loaded when it starts, not here)
         "init_from": ({"path": t.init_from, "pattern": config.sparsity.init_pattern} if t.init_from else None),
         "ipu": _ipu_plan(config) if config.backend == "ipu" else None,
-        "sparse_kernels": _local_kernel_line(config, model),
-        "threads": _threads(config),
+        "sparse_kernels": _local_kernel_line(config, model, threads),
+        "threads": _threads(config, threads),
     }
 
 
@@ -106,14 +107,14 @@ def validation_size(config: RunConfig) -> dict:
     return {"data_dir": str(path), "available": available, "used": used, "setting": "data.validation_sequences"}
 
 
-def _threads(config: RunConfig) -> dict:
+def _threads(config: RunConfig, run_time: int | None = None) -> dict:
     from .precision import resolve_threads
 
-    threads, source = resolve_threads(config.training.threads)
+    threads, source = resolve_threads(config.training.threads, run_time)
     return {"threads": threads, "from": source}
 
 
-def _local_kernel_line(config: RunConfig, model) -> str | None:
+def _local_kernel_line(config: RunConfig, model, threads: int | None = None) -> str | None:
     """``kernel_line`` for the device and precision a run started here would get: with backend auto on
     a CPU, per layer kind what measuring chose before (the cache) or "to be measured"."""
     from ..config import ConfigError
@@ -127,7 +128,7 @@ def _local_kernel_line(config: RunConfig, model) -> str | None:
         return f"(not on this machine: {exc})"
     known = ops.known_decisions([layer for _, layer in sparse_weights(model)], device, dtype,
                                 config.micro_batch_size * config.data.seq_len,
-                                resolve_threads(config.training.threads)[0])
+                                resolve_threads(config.training.threads, threads)[0])
     return ops.kernel_line(config, device, dtype, known)
 
 

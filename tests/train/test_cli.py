@@ -68,6 +68,15 @@ def test_describe_text(capsys):
     assert "kernels (here)" in out and "block size 16" in out
 
 
+def test_describe_counts_the_threads_a_run_would_use(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json", "--threads", "1")[1])
+    assert info["threads"] == {"threads": 1, "from": "--threads"}
+    info = json.loads(run_cli(capsys, "--config", "bert_tiny_sparse", "--describe", "--json",
+                              "--set", "training.threads=3")[1])
+    assert info["threads"] == {"threads": 3, "from": "training.threads"}
+
+
 def test_describe_names_the_kernels(capsys, cpu_kind):
     """What runs the sparse layers, as each CPU kind would run them (simulated; the host too)."""
     def kernels(config, *sets):
