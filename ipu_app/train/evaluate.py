@@ -133,9 +133,12 @@ def evaluation_data(config: RunConfig, data: str | Path | None, progress: bool =
     data = Path(data)
     manifest, own_manifest = load_manifest(data), load_manifest(own)
     if manifest.get("tokenizer_sha256") != own_manifest.get("tokenizer_sha256"):
-        raise ConfigError(
-            f"{data} was tokenised with another vocabulary ({manifest.get('vocab_size')} tokens) than the run's "
-            f"({own_manifest.get('vocab_size')} tokens); evaluate on data prepared with the run's tokenizer "
+        def identity(m: dict) -> str:
+            return f"sha256 {str(m.get('tokenizer_sha256'))[:12]}, {m.get('vocab_size')} tokens"
+
+        raise ConfigError(  # the hashes tell apart vocabularies of one size, or one vocabulary cased and not
+            f"{data} was tokenised with another tokenizer ({identity(manifest)}) than the run's "
+            f"({identity(own_manifest)}); evaluate on data prepared with the run's tokenizer "
             f"(the one in {own / 'tokenizer'})")
     return data, manifest
 

@@ -342,3 +342,16 @@ def test_evaluate_command_recomputes_the_final_validation_and_evaluates_checkpoi
     assert "has no checkpoint at step 5; it has" in capsys.readouterr().err
     assert app_main(["evaluate", "--run", str(tmp_path), "--no-progress"]) == 1
     assert "is not a run directory" in capsys.readouterr().err
+    # data of another tokenizer: the two identities named (sizes alone can be equal)
+    from ipu_app.data.prepare import prepare_files
+    from ipu_app.data.tokenizer import tokenizer_hash
+    from tests.data.test_tokenizer_folder import TEXT, _folder
+
+    cased = _folder(tmp_path / "cased_tok", lowercase=False)
+    (tmp_path / "other.txt").write_text(TEXT)
+    other = prepare_files([tmp_path / "other.txt"], tmp_path / "other", tokenizer=str(cased), progress=False,
+                          workers=1)
+    assert app_main(["evaluate", "--run", str(run["run_dir"]), "--data", str(other), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"was tokenised with another tokenizer (sha256 {tokenizer_hash(cased)[:12]}, " in err
+    assert "than the run's (sha256 " in err and len(err.strip().splitlines()) == 1
