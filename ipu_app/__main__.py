@@ -100,9 +100,21 @@ def _demo_task(args) -> int:
 
 
 def _export(args) -> int:
-    from .model.export import export_run
+    from .model.export import export_hf, export_run
 
-    print(export_run(args.run, args.output))
+    if args.checkpoint is None or args.checkpoint == "final":
+        print(export_run(args.run, args.output))
+        return 0
+    from .rundir import RunDir
+    from .train.evaluate import evaluation_data, load_run_model
+
+    run = RunDir(args.run)
+    config = run.load_config()
+    data_dir, manifest = evaluation_data(config, None)
+    model, source, step = load_run_model(run, config, args.checkpoint, vocab_size=manifest["vocab_size"])
+    tokenizer = run.tokenizer_dir if run.tokenizer_dir.is_dir() else data_dir / "tokenizer"  # unfinished: the data's
+    print(f"exporting {run.path} ({source}, step {step})", file=sys.stderr)
+    print(export_hf(model, args.output, tokenizer))
     return 0
 
 
@@ -342,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's model as a dense Hugging Face folder + sparsity sidecar")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--output", required=True, help="new, empty output directory")
+    p.add_argument("--checkpoint", metavar="final|latest|STEP",
+                   help="what to export: the final model (default), the latest checkpoint or the one at STEP "
+                        "(an unfinished run's too)")
     p.set_defaults(func=_export)
     return parser
 

@@ -342,6 +342,18 @@ def test_evaluate_command_recomputes_the_final_validation_and_evaluates_checkpoi
     assert "has no checkpoint at step 5; it has" in capsys.readouterr().err
     assert app_main(["evaluate", "--run", str(tmp_path), "--no-progress"]) == 1
     assert "is not a run directory" in capsys.readouterr().err
+    # export --checkpoint: the last checkpoint holds the final weights, so both exports are equal
+    from safetensors.torch import load_file
+
+    assert app_main(["export", "--run", str(run["run_dir"]), "--output", str(tmp_path / "final")]) == 0
+    assert app_main(["export", "--run", str(run["run_dir"]), "--output", str(tmp_path / "ckpt"),
+                     "--checkpoint", str(STEPS)]) == 0
+    assert f"(checkpoint step_{STEPS:08d}, step {STEPS})" in capsys.readouterr().err
+    final, ckpt = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("final", "ckpt"))
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+    assert (tmp_path / "ckpt" / "vocab.txt").is_file()
+    assert app_main(["export", "--run", str(run["run_dir"]), "--output", str(tmp_path / "x"), "--checkpoint", "5"]) == 1
+    assert "has no checkpoint at step 5" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # data of another tokenizer: the two identities named (sizes alone can be equal)
     from ipu_app.data.prepare import prepare_files
     from ipu_app.data.tokenizer import tokenizer_hash
