@@ -582,6 +582,21 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), *, steps: i
     return config.validate()
 
 
+# --steps N keeps at least this warmup where the recipe has one (a tenth of a shorter run, at least 2):
+# rounded to 0, a fresh Adam starts at the peak learning rate (a phase II of a few dozen steps
+# diverged so: MLM loss 7.89 -> 9.32 in two steps); at 1, lr_factor's first step is the peak as well.
+MIN_SHORT_RUN_WARMUP = 10
+
+
+def short_run_warmup(warmup: int, steps: int, new_steps: int) -> int:
+    """The warmup of a run rescaled from ``steps`` to ``new_steps``: its fraction of the run, but where
+    there is one, at least ``min(10, max(2, new_steps // 10))`` steps (and fewer than the run's)."""
+    scaled = int(round(warmup * new_steps / steps))
+    if warmup <= 0 or new_steps <= 2:
+        return min(scaled, max(0, new_steps - 1))
+    return min(max(scaled, min(MIN_SHORT_RUN_WARMUP, max(2, new_steps // 10))), new_steps - 1)
+
+
 # --steps N keeps at least this many of each per run (capped at the config's own interval).
 SHORT_RUN_EVENTS = {"log_every": 20, "validate_every": 4, "checkpoint_every": 4}
 
@@ -604,7 +619,7 @@ def _rescale_to_steps(raw: dict, steps: int, overridden: set[str]) -> dict[str, 
     old_steps = training.get("steps", TrainingSection.steps)
     old_warmup = training.get("warmup_steps", TrainingSection.warmup_steps)
     if isinstance(old_steps, int) and isinstance(old_warmup, int) and old_steps > 0:
-        change(training, "warmup_steps", int(round(old_warmup * steps / old_steps)), "training")
+        change(training, "warmup_steps", short_run_warmup(old_warmup, old_steps, steps), "training")
     for key, events in SHORT_RUN_EVENTS.items():
         every = training.get(key, getattr(TrainingSection, key))
         if isinstance(every, int) and every > steps // events:

@@ -127,6 +127,10 @@ def test_steps_shortcut_keeps_the_warmup_fraction():
     assert (c.training.steps, c.training.warmup_steps) == (7570, 100)
     c = load_config("bert_tiny_sparse", ["training.warmup_steps=5"], steps=7570)
     assert c.training.warmup_steps == 5
+    # a short run's warmup never rounds to 0 (a fresh Adam at the peak rate): a tenth of the run, 2 to 10
+    assert [load_config("bert_tiny_sparse", steps=n).training.warmup_steps
+            for n in (1, 2, 3, 4, 20, 60, 200, 757, 2000)] == [0, 0, 2, 2, 2, 6, 10, 10, 26]
+    assert load_config("bert_tiny_sparse", ["training.warmup_steps=0"], steps=20).training.warmup_steps == 0
 
 
 def test_steps_shortcut_caps_the_intervals_to_the_run_and_explicit_values_win():
