@@ -12,6 +12,8 @@ active positions. The optimizer, the learning-rate schedule and the step count s
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +116,8 @@ def _from_huggingface(path: Path) -> InitSource:
     if config.model_type != "bert":
         raise InitFromError(f"--init-from {path}: a {config.model_type!r} model; only BERT models can be used")
     try:
-        hf, info = BertForPreTraining.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+        with _quiet_transformers():  # its load report and progress bar: the start-up line says what was loaded
+            hf, info = BertForPreTraining.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InitFromError(f"--init-from {path}: the weights do not load ({str(exc).splitlines()[0]})") from None
     missing = set(info.get("missing_keys", ()))  # heads the folder lacks (e.g. a BertForMaskedLM has no NSP)
@@ -151,6 +154,22 @@ def _run_tokenizer(run: RunDir) -> str | None:
         return load_manifest(prepared_data_dir(run.load_config().data)).get("tokenizer_sha256")
     except Exception:  # noqa: BLE001 - the data may be gone; the vocabulary size is still checked
         return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at errors only and its progress bars off, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _vocab_sha256(directory: Path) -> str | None:

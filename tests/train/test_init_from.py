@@ -111,6 +111,19 @@ def _hf_folder(path, masked_lm=False):
     return model
 
 
+def test_a_hugging_face_folder_loads_without_transformers_report(tmp_path, capfd):
+    """transformers' load report and progress bar stay out of the log (the start-up line names the source)."""
+    from transformers.utils import logging as hf_logging
+
+    _hf_folder(tmp_path / "hf", masked_lm=True)  # no NSP head: the report would list it as missing
+    capfd.readouterr()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    source = load_source(tmp_path / "hf")
+    out, err = capfd.readouterr()
+    assert source.kind == "huggingface" and "LOAD REPORT" not in out + err and "Loading weights" not in out + err
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars)  # restored
+
+
 def test_a_dense_hugging_face_model_is_pruned_by_magnitude(data_dir, tmp_path):
     """A dense source has no pattern: auto takes each weight's largest-L1 blocks (here b = 4), with the
     source's values at them; ``random`` keeps the run's own random pattern with the source's values."""
