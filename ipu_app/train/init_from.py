@@ -13,7 +13,6 @@ active positions. The optimizer, the learning-rate schedule and the step count s
 from __future__ import annotations
 
 import contextlib
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
