@@ -21,10 +21,14 @@ def _prepare_data(args) -> int:
                              documents_per_shard=args.documents_per_shard, shard_bytes=int(args.shard_mb * 2**20))
     else:
         path = prepare_embedded(args.tokenizer, args.vocab_size, cache_dir=args.output)
-    from .data.prepare import prepared_counts
+    from .data.prepare import prepared_counts, validation_warning
     from .data.shards import load_manifest
 
-    print(f"prepared {path}: {prepared_counts(load_manifest(path))}", file=sys.stderr)
+    manifest = load_manifest(path)
+    print(f"prepared {path}: {prepared_counts(manifest)}", file=sys.stderr)
+    warning = validation_warning(manifest)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(path)
     return 0
 

@@ -96,6 +96,22 @@ def prepared_counts(manifest: dict) -> str:
             f"{shards} shard{'s' if shards != 1 else ''} ({per_split}); vocabulary {manifest.get('vocab_size'):,}")
 
 
+# Fewer validation documents than this make validation losses noisy: prepare-data says so.
+MIN_VALIDATION_DOCUMENTS = 20
+
+
+def validation_warning(manifest: dict) -> str | None:
+    """A warning when the validation split is small (documents go to it by hash, about 3 in 100), else None."""
+    held = manifest.get("splits", {}).get("validation", {})
+    documents = held.get("documents", 0)
+    if documents >= MIN_VALIDATION_DOCUMENTS:
+        return None
+    return (f"the validation split holds {documents} document{'s' if documents != 1 else ''} "
+            f"({held.get('tokens', 0):,} tokens): validation losses will be noisy and compare poorly between runs; "
+            f"give more documents (about 3 in 100 go to validation) or evaluate on other data "
+            f"(python -m ipu_app evaluate --data)")
+
+
 def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrite: bool) -> None:
     """Refuse to replace prepared data of other input unless asked."""
     manifest = output_dir / "manifest.json"

@@ -90,6 +90,12 @@ def test_prepare_data_cli(tmp_path, small_documents, capsys):
     manifest = load_manifest(out)
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == 30
     assert list(manifest["sources"]) == [str(tmp_path / "corpus.txt")]
+    held = manifest["splits"]["validation"]["documents"]
+    assert 0 < held < 20  # 30 documents: about 3 in 100 go to validation, and at least one
+    err = capsys.readouterr().err
+    assert f"warning: the validation split holds {held} document" in err and "noisy" in err
+    embedded = main(["prepare-data", "--output", str(tmp_path / "cache")])  # the embedded corpus: enough held out
+    assert embedded == 0 and "warning: the validation split" not in capsys.readouterr().err
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
     assert main(["prepare-data", "--input", str(tmp_path / "bad.txt"), "--output", str(tmp_path / "x")]) == 1
     assert "not valid UTF-8" in capsys.readouterr().err
