@@ -75,16 +75,7 @@ def measure(kind: AttentionKind) -> autotune.Decision:
             torch.autograd.grad(out, (q, k, v), gy.to(out.dtype))
         return run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(kind.threads)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            seconds = autotune.median_times({name: step(fn) for name, fn in _functions().items()},
-                                            autotune.REPEATS, max_seconds=autotune.MAX_SECONDS)
-    finally:
-        torch.set_num_threads(threads)
-    ms = {name: 1e3 * t for name, t in seconds.items()}
-    return autotune.Decision(kind, min(ms, key=ms.get), ms, "measured")
+    return autotune.fastest(kind, {name: step(fn) for name, fn in _functions().items()})
 
 
 def set_attention(model: nn.Module, implementation: str) -> None:
@@ -110,7 +101,7 @@ def choose_attention(model: nn.Module, setting: str, device: torch.device, dtype
         set_attention(model, BASELINE)
         return None
     kind = AttentionKind(batch, hf.num_attention_heads, seq_len, hf.hidden_size // hf.num_attention_heads,
-                         str(dtype).replace("torch.", ""), threads or torch.get_num_threads())
+                         autotune.dtype_name(dtype), threads or torch.get_num_threads())
     decision = autotune.TUNER.decide(kind, progress)
     set_attention(model, decision.choice)
     return decision
@@ -123,5 +114,6 @@ def attention_line(model: nn.Module, decisions: list) -> str:
     if measured is None:
         return f"attention: {implementation}"
     other = next((k for k in measured.ms if k != measured.choice), None)
-    ratio = measured.ms[other] / measured.ms[measured.choice] if other else 1.0
-    return f"attention: {implementation} (auto: {ratio:.2f}x {other})" if other else f"attention: {implementation}"
+    if other is None:
+        return f"attention: {implementation}"
+    return f"attention: {implementation} (auto: {measured.ms[other] / measured.ms[measured.choice]:.2f}x {other})"

@@ -80,7 +80,7 @@ class LayerKind:
     @classmethod
     def of(cls, pattern: BlockPattern, dtype: torch.dtype, tokens: int, threads: int | None = None) -> "LayerKind":
         return cls(pattern.out_features, pattern.in_features, pattern.block_size, pattern.nnz,
-                   str(dtype).replace("torch.", ""), token_bucket(tokens),
+                   dtype_name(dtype), token_bucket(tokens),
                    threads if threads is not None else torch.get_num_threads())
 
     @property
@@ -206,15 +206,26 @@ def measure(kind: LayerKind) -> Decision:
             torch.autograd.grad(y, (x, values, bias), gy)
         return run
 
+    return fastest(kind, {name: step(op) for name, op in ops.items()})
+
+
+def fastest(kind, steps: dict[str, Callable[[], object]]) -> Decision:
+    """Time each candidate's training step (``steps``, by label) for ``kind``, at its threads and with
+    autograd on whatever the caller's mode, and keep the fastest median."""
     threads = torch.get_num_threads()
     torch.set_num_threads(kind.threads)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            seconds = median_times({name: step(op) for name, op in ops.items()}, REPEATS, max_seconds=MAX_SECONDS)
+            seconds = median_times(steps, REPEATS, max_seconds=MAX_SECONDS)
     finally:
         torch.set_num_threads(threads)
     ms = {name: 1e3 * t for name, t in seconds.items()}
     return Decision(kind, min(ms, key=ms.get), ms, "measured")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` as a kind names it: ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
 
 
 # ------------------------------------------------------------------------------------------ the cache

@@ -241,8 +241,12 @@ def native_bf16() -> bool:
 def converts(dtype: torch.dtype, block_size: int = TILE) -> bool:
     """True when calls in ``dtype`` run the fp32 kernels on widened operands by default: bf16 other than
     on AMX tiles or the AVX-512 BF16 tiles and panels (a CPU with neither, or a block size they do not take)."""
-    native = (_amx or _bf16_pairs) and block_size % TILE == 0 or _bf16_pairs and block_size in PAIR_PANEL_SIZES
-    return dtype == torch.bfloat16 and not native
+    return _widens(dtype, path("cpu", dtype, block_size))
+
+
+def _widens(dtype: torch.dtype, chosen: str | None) -> bool:
+    """Whether bf16 runs widened to fp32 on the path ``chosen`` (every path but the native bf16 ones)."""
+    return dtype == torch.bfloat16 and chosen not in ("tiles_bf16", "panels_bf16") and not (chosen == "tiles" and _amx)
 
 
 def kernel_name(dtype: torch.dtype, block_size: int = TILE, chosen: str | None = None) -> str:
@@ -252,11 +256,8 @@ def kernel_name(dtype: torch.dtype, block_size: int = TILE, chosen: str | None =
         return "AVX-512 BF16 tiles"
     if chosen == "panels_bf16":
         return "AVX-512 BF16 token panels"
-    if chosen == "panels":
-        return "fp32 token panels" + (" (bf16 widened to fp32)" if dtype == torch.bfloat16 else "")
-    if dtype == torch.bfloat16:
-        return "AMX" if _amx else "AVX-512 (bf16 widened to fp32)"
-    return "AVX-512"
+    name = "fp32 token panels" if chosen == "panels" else "AMX" if dtype == torch.bfloat16 and _amx else "AVX-512"
+    return name + (" (bf16 widened to fp32)" if _widens(dtype, chosen) else "")
 
 
 def path(device_type: str, dtype: torch.dtype, block_size: int, frozen: bool = False) -> str | None:
@@ -309,6 +310,12 @@ def _bias_grad(gy: torch.Tensor) -> torch.Tensor:
     return out.to(gy.dtype)
 
 
+def _vnni(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[k, contracted b, out b]`` in pairs of contracted entries, ``[k][b/2][b out][2]``: the
+    operand of AMX tiles and of the AVX-512 BF16 pair dot products."""
+    return blocks.unflatten(1, (blocks.shape[1] // 2, 2)).transpose(2, 3).contiguous()
+
+
 def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = -t.shape[0] % multiple
     return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
@@ -334,8 +341,7 @@ def _lines(a: torch.Tensor, weights: torch.Tensor, ptr, blk, other, nlines: int,
                            other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
         return c if a.dtype == torch.float32 else _convert(c, a.dtype)
     a = _pad_tokens(a, 32)
-    # VNNI operand: packed[k][p][o][q] = w[k](contracted 2p+q, output o)
-    packed = weights.unflatten(1, (TILE // 2, 2)).transpose(2, 3).contiguous()
+    packed = _vnni(weights)  # packed[k][p][o][q] = w[k](contracted 2p+q, output o)
     c = torch.empty(a.shape[0], nlines * TILE, dtype=a.dtype)
     lib.bsmm_amx_lines(a.data_ptr(), a.shape[0], a.shape[1], packed.data_ptr(), ptr.data_ptr(), blk.data_ptr(),
                        other.data_ptr(), nlines, _ptr(bias), c.data_ptr(), threads)
@@ -382,11 +388,6 @@ _op = block_sparse_ops("cpu_bsmm", _forward, _input_grad, _sddmm, _meta, bias_gr
 
 
 # ------------------------------------------------------------ 16x16 tiles, bf16 pair dot products
-def _vnni(weights: torch.Tensor) -> torch.Tensor:
-    """Blocks ``[k, contracted 16, out 16]`` in pairs of contracted entries: ``[k][8][16 out][2]``."""
-    return weights.unflatten(1, (TILE // 2, 2)).transpose(2, 3).contiguous()
-
-
 def _pair_rows(a: torch.Tensor, role: str, lib=None) -> torch.Tensor:
     """``a [T, F]`` (bf16) in token pairs ``[ceil(T/2), F, 2]`` (a zero row after an odd T)."""
     T, F = a.shape
@@ -515,12 +516,6 @@ def _p_grads(gy, x, values, meta: KernelMeta) -> tuple[torch.Tensor, torch.Tenso
 
 
 # ------------------------------------------------- token panels, bf16 pair dot products (b = 4, 8)
-def _pairs_of(blocks: torch.Tensor) -> torch.Tensor:
-    """Blocks ``[k, contracted b, out b]`` in pairs of contracted entries ``[k][b/2][b][2]`` (bf16)."""
-    b = blocks.shape[1]
-    return blocks.bfloat16().unflatten(1, (b // 2, 2)).transpose(2, 3).contiguous()
-
-
 def _q_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Tensor:
     """``a [T, K]`` (bf16) times each line's blocks on feature-pair panels; ``[T, nlines*b]`` bf16."""
     T, K = a.shape
@@ -530,7 +525,7 @@ def _q_lines(a, weights, ptr, blk, other, nlines: int, b: int, bias) -> torch.Te
     np_ = -(-T // PANEL)
     panels = _workspace.get("pairs_in", np_ * K * PANEL, torch.bfloat16)
     lib.bsmm_pack_feature_pairs(a.data_ptr(), T, K, a.stride(0), panels.data_ptr(), threads)
-    w = _pairs_of(weights.index_select(0, blk))  # in walk order, held until the kernel returns
+    w = _vnni(weights.bfloat16().index_select(0, blk))  # in walk order, held until the kernel returns
     c = _workspace.get("out", np_ * nlines * b * PANEL)
     if lib.bsmm_pair_panel_lines(panels.data_ptr(), np_, K, w.data_ptr(), b, ptr.data_ptr(), other.data_ptr(),
                                  nlines, _ptr(bias), c.data_ptr(), threads):

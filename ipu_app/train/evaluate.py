@@ -104,7 +104,7 @@ def use_recorded_kernels(run: RunDir, model, dtype: torch.dtype) -> None:
     record = autotune.read_record(run.kernels_path)
     if record is None or record["identity"].get("cpu") != autotune.identity()["cpu"]:
         return
-    name = str(dtype).replace("torch.", "")
+    name = autotune.dtype_name(dtype)
     chosen = {}
     for entry in record["decisions"]:
         kind = entry.get("kind") or {}
