@@ -18,6 +18,15 @@ list (``sparsity.modules: [[query, key]]``). ``label`` replaces the config name 
 A run is named after its config (or label) and every grid key besides ``config``:
 ``bert_mini_sparse,block_size=16,seed=1``.
 
+A paired experiment says its seeds once, beside the grid::
+
+    seeds: [200, 201, 202]    # or {from: 200, count: 10}
+    grid:                     # the arms
+      - config: [proxy_tiny_static, proxy_tiny_sparse]
+
+Every grid entry runs once per seed, seeds outermost: the arms of one seed are neighbours in the
+run order, so ``--jobs 2`` trains a pair side by side on one machine.
+
 Runs live in ``SWEEP_DIR/runs/NAME`` and are trained by ``python -m ipu_app train`` in
 subprocesses (``--jobs`` at a time, the CPU threads split between them), output in
 ``SWEEP_DIR/logs/NAME.log``. Starting a sweep again skips finished runs (``summary.json``),

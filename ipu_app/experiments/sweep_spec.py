@@ -14,7 +14,7 @@ import yaml
 
 from ..config import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_yaml
 
-SPEC_KEYS = ("figure", "description", "set", "grid")
+SPEC_KEYS = ("figure", "description", "set", "grid", "seeds")
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 
 
@@ -102,8 +102,10 @@ def load_sweep(name_or_path: str | Path) -> Sweep:
     if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
         raise SweepError(f"{path}: 'grid' must be a list of mappings, each with a 'config' key")
     runs = []
-    for index, grid in enumerate(grids):
-        runs.extend(expand_grid(grid, common, where=f"{path} grid entry {index + 1}"))
+    for seed in _seeds(raw.get("seeds"), common, grids, path):
+        for index, grid in enumerate(grids):
+            entry = grid if seed is None else {**grid, "seed": seed}
+            runs.extend(expand_grid(entry, common, where=f"{path} grid entry {index + 1}"))
     seen: dict[str, RunSpec] = {}
     for run in runs:
         if run.name in seen:
@@ -113,6 +115,28 @@ def load_sweep(name_or_path: str | Path) -> Sweep:
         run.resolve()  # every config error before anything starts
     return Sweep(name=path.stem, figure=raw.get("figure"), runs=runs, text=text,
                  description=str(raw.get("description") or ""))
+
+
+def _seeds(seeds: Any, common: dict, grids: list[dict], path: Path) -> list[int | None]:
+    """The ``seeds`` key: every grid entry is run once per seed, seeds outermost, so the arms of
+    one seed are neighbours in the run order (``--jobs 2`` runs a pair side by side)."""
+    if seeds is None:
+        return [None]
+    if isinstance(seeds, dict) and set(seeds) == {"from", "count"}:
+        start, count = seeds["from"], seeds["count"]
+        if not (isinstance(start, int) and isinstance(count, int) and count >= 1):
+            raise SweepError(f"{path}: 'seeds: {{from: N, count: K}}' needs integers, K >= 1")
+        seeds = list(range(start, start + count))
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise SweepError(f"{path}: 'seeds' must be a list of integers or {{from: N, count: K}}, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{path}: 'seeds' lists a seed twice")
+    if "seed" in common or any("seed" in grid for grid in grids):
+        raise SweepError(f"{path}: give the seeds either in 'seeds' or as a 'seed' key, not both")
+    return list(seeds)
 
 
 def expand_grid(grid: dict, common: dict, where: str = "grid") -> list[RunSpec]:

@@ -43,6 +43,32 @@ def test_grid_expansion_and_names(tmp_path):
     assert sweep.runs[0].command(tmp_path / "r", resume=True)[-2:] == ["--resume", str(tmp_path / "r")]
 
 
+def test_seeds_run_every_arm_per_seed_seeds_outermost(tmp_path):
+    arms = [{"config": ["bert_tiny_static", "bert_tiny_sparse"]},
+            {"config": "bert_tiny_sparse", "label": "rigl", "sparsity.regrowth": "gradient"}]
+    sweep = load_sweep(write_spec(tmp_path, {"seeds": [7, 3], "set": {"training.steps": 20}, "grid": arms}))
+    names = [r.name for r in sweep.runs]
+    assert names == ["bert_tiny_static,seed=7", "bert_tiny_sparse,seed=7", "rigl,regrowth=gradient,seed=7",
+                     "bert_tiny_static,seed=3", "bert_tiny_sparse,seed=3", "rigl,regrowth=gradient,seed=3"]
+    assert [r.resolve().seed for r in sweep.runs] == [7, 7, 7, 3, 3, 3]
+    ranged = load_sweep(write_spec(tmp_path, {"seeds": {"from": 200, "count": 3}, "grid": arms[:1]}, "r"))
+    assert [r.seed for r in ranged.runs] == [200, 200, 201, 201, 202, 202]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"seeds": [1, 1], "grid": [{"config": "bert_tiny_dense"}]}, "lists a seed twice"),
+    ({"seeds": [], "grid": [{"config": "bert_tiny_dense"}]}, "'seeds' must be a list of integers"),
+    ({"seeds": ["a"], "grid": [{"config": "bert_tiny_dense"}]}, "'seeds' must be a list of integers"),
+    ({"seeds": {"from": 1}, "grid": [{"config": "bert_tiny_dense"}]}, "'seeds' must be a list of integers"),
+    ({"seeds": {"from": 1, "count": 0}, "grid": [{"config": "bert_tiny_dense"}]}, "needs integers, K >= 1"),
+    ({"seeds": [1], "grid": [{"config": "bert_tiny_dense", "seed": 2}]}, "either in 'seeds' or as a 'seed' key"),
+    ({"seeds": [1], "set": {"seed": 2}, "grid": [{"config": "bert_tiny_dense"}]}, "either in 'seeds'"),
+])
+def test_bad_seeds_are_one_line(tmp_path, spec, message):
+    with pytest.raises(SweepError, match=__import__("re").escape(message)):
+        load_sweep(write_spec(tmp_path, spec))
+
+
 @pytest.mark.parametrize("spec, message", [
     ("grid: [", "is not valid YAML"),
     ("- 1\n- 2\n", "must be a YAML mapping"),
