@@ -357,7 +357,8 @@ def test_cli_report_uses_the_sweep_figure(runs_root, tmp_path, capsys):
 
 def test_every_figure_is_registered():
     assert set(FIGURES) == {"pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init",
-                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate", "paired", "capacity"}
+                            "zero_vs_frozen", "freeze_unfreeze", "exploration", "learning_rate", "paired", "capacity",
+                            "horizon", "horizon_pilot"}
 
 
 def test_freeze_unfreeze_report(runs_root, tmp_path):

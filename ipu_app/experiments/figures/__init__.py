@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 NAMES = ("pareto", "sparsity", "prune_ratio_updates", "block_metric", "group_lasso", "init", "zero_vs_frozen",
-         "freeze_unfreeze", "exploration", "learning_rate", "paired", "capacity")
+         "freeze_unfreeze", "exploration", "learning_rate", "paired", "capacity", "horizon", "horizon_pilot")
 
 
 def figure_module(name: str):

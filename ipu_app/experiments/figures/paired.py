@@ -39,15 +39,18 @@ def seeds_for_power(effect: float, sigma: float, power: float = 0.8, alpha: floa
 
 
 def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | None:
-    """``ours - base`` over the seeds both have: n, mean, std, t, two-sided p, the 95% confidence
-    interval of the mean, how many seeds are below zero, 'beyond noise' (p < 0.05) and the seeds a
-    paired t-test needs for 80% power at the observed mean and std."""
+    """``ours - base`` over the seeds both have (see ``difference_test``; None: no common seed)."""
+    seeds = sorted(set(ours) & set(base))
+    return difference_test([ours[s] - base[s] for s in seeds]) if seeds else None
+
+
+def difference_test(diffs) -> dict:
+    """A one-sample t-test of paired differences: n, mean, std, t, two-sided p, the 95% confidence
+    interval of the mean, how many are below zero, 'beyond noise' (p < 0.05) and the pairs a paired
+    t-test needs for 80% power at the observed mean and std."""
     from scipy import stats
 
-    seeds = sorted(set(ours) & set(base))
-    if not seeds:
-        return None
-    diffs = np.array([ours[s] - base[s] for s in seeds])
+    diffs = np.asarray(diffs, dtype=float)
     n = len(diffs)
     result = {"n": n, "mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if n > 1 else None,
               "t": None, "p": None, "ci_low": None, "ci_high": None, "below": int((diffs < 0).sum()),
