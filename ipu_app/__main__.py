@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .choices import BENCH_DTYPES, BENCH_SHAPES, FINETUNE_PATTERNS
+from .choices import BENCH_DTYPES, BENCH_SHAPES, FINETUNE_PATTERNS, FINETUNE_SAVES, FINETUNE_TASK_TYPES
 from .config import FinetuneSettings
 from .experiments.figures import NAMES as FIGURE_NAMES
 
@@ -72,26 +72,57 @@ def _evaluate(args) -> int:
 
 
 def _finetune(args) -> int:
-    import dataclasses
     import json
 
-    from .config import FinetuneSettings
+    from .finetune import Finetuner
     from .train.checkpoint import CheckpointError
-    from .train.finetune import Finetuner, task_files
 
     _use_threads(args.threads)
-    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)
-                                   if hasattr(args, f.name)})
-    train, dev = task_files(args.task)
+    request = _finetune_request(args)
     try:
-        tuner = Finetuner(args.run, train, dev, args.output, settings, text_columns=args.text_columns,
-                          label_column=args.label_column, checkpoint=args.checkpoint, progress=not args.no_progress)
+        tuner = Finetuner(request, resume=args.resume is not None, progress=not args.no_progress)
+        results = tuner.train()
     except CheckpointError as exc:
         raise ValueError(str(exc)) from None
-    results = tuner.train()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("interrupted", file=sys.stderr)
+        return 130
+    if results is None:
+        return 130
     print(json.dumps({"dev": results["dev"], "encoder_sparsity": results["encoder_sparsity"],
-                      "output": str(args.output)}))
+                      "output": request.output}))
     return 0
+
+
+FINETUNE_REQUEST_OPTIONS = ("model", "task", "output", "test", "checkpoint", "text_columns", "label_column",
+                            "sparsity", "block_size")
+
+
+def _finetune_request(args):
+    """The fine-tune asked for: from the options, or (``--resume OUTPUT``) as it was first asked."""
+    import dataclasses
+
+    from .config import ConfigError, FinetuneSettings
+    from .data.tasks import task_files
+    from .finetune import Request
+
+    fields = [f.name for f in dataclasses.fields(FinetuneSettings)]
+    given = [name for name in (*FINETUNE_REQUEST_OPTIONS, *fields) if getattr(args, name, None) is not None]
+    if args.resume is not None:
+        if given:
+            raise ConfigError(f"--resume continues a fine-tune as it was asked; drop --{given[0].replace('_', '-')} "
+                              "(only --threads and --no-progress go with it)")
+        return Request.load(args.resume)
+    missing = [name for name in ("model", "task", "output") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"finetune needs --{missing[0]} (or --resume OUTPUT to continue a stopped one)")
+    settings = FinetuneSettings(**{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None})
+    settings.validate()
+    train, dev = task_files(args.task)
+    return Request(model=args.model, train=str(train), dev=[str(d) for d in dev], output=args.output,
+                   test=list(args.test or []), checkpoint=args.checkpoint, text_columns=args.text_columns,
+                   label_column=args.label_column, sparsity=args.sparsity, block_size=args.block_size,
+                   settings=dataclasses.asdict(settings))
 
 
 def _demo_task(args) -> int:
@@ -322,29 +353,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no start-up line on stderr")
     p.set_defaults(func=_evaluate)
     tuned = FinetuneSettings()  # finetune's defaults
-    p = sub.add_parser("finetune", help="fine-tune a run's model on a sentence(-pair) classification task, the "
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained BERT (a run, a checkpoint, an export or a Hugging "
+                                        "Face folder) on a GLUE-style classification or regression task, the "
                                         "encoder kept sparse (pattern fixed or DynSparse continued)")
-    p.add_argument("--run", required=True, help="the pre-trained run directory")
-    p.add_argument("--task", required=True, nargs="+", metavar="PATH",
-                   help="a task folder (train.tsv + dev.tsv, GLUE's layout; .csv / .jsonl too) or TRAIN DEV files")
-    p.add_argument("--output", required=True, help="new, empty output directory")
+    p.add_argument("--model", "--run", dest="model", metavar="PATH",
+                   help="a run directory, a checkpoint (RUN/checkpoints/step_N), an export folder or a Hugging Face "
+                        "BERT folder (--run is the same option)")
+    p.add_argument("--task", nargs="+", metavar="PATH",
+                   help="a task folder (train.tsv + dev.tsv, or MNLI's dev_matched + dev_mismatched; .csv / .jsonl "
+                        "too) or the files TRAIN DEV [DEV ...]")
+    p.add_argument("--output", help="new, empty output directory")
+    p.add_argument("--resume", metavar="OUTPUT", help="continue a stopped fine-tune from its latest checkpoint")
+    p.add_argument("--test", nargs="+", metavar="FILE",
+                   help="unlabeled test file(s): predictions in GLUE's submission format (OUTPUT/STEM_predictions.tsv)")
     p.add_argument("--text-columns", nargs="+", metavar="COLUMN",
                    help="the text column(s) (default: GLUE's names: sentence, sentence1 sentence2, question "
                         "sentence, ...)")
-    p.add_argument("--label-column", default="label", help="the label column (default: label)")
-    p.add_argument("--pattern", default=tuned.pattern, choices=FINETUNE_PATTERNS,
+    p.add_argument("--label-column", help="the label column (default: label, else score or gold_label)")
+    p.add_argument("--task-type", choices=FINETUNE_TASK_TYPES,
+                   help="classification or regression (default auto: regression when the labels are numbers and "
+                        "not all integers, as STS-B's)")
+    p.add_argument("--sparsity", type=float, help="a dense model: prune each encoder linear by block magnitude to "
+                                                  "this sparsity first (default: a dense model stays dense)")
+    p.add_argument("--block-size", type=int, help="with --sparsity: the block size (default 1)")
+    p.add_argument("--pattern", choices=FINETUNE_PATTERNS,
                    help=f"fixed: the pre-trained pattern; dynamic: go on pruning and regrowing (default: {tuned.pattern})")
-    p.add_argument("--segments", type=int, default=tuned.segments,
+    p.add_argument("--segments", type=int,
                    help=f"--pattern dynamic: the training is cut into N segments, the pattern changes between them "
                         f"(default: {tuned.segments})")
     p.add_argument("--pruning-ratio", type=float, help="--pattern dynamic: pr (default: the run's)")
     for name in ("epochs", "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "max_seq_len"):
         default = getattr(tuned, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=f"(default: {default})")
-    p.add_argument("--log-every", type=int, default=tuned.log_every,
-                   help=f"steps between train records in metrics.jsonl (default: {tuned.log_every})")
-    p.add_argument("--checkpoint", default=None, help="final, latest or a step (default: final if the run finished)")
-    p.add_argument("--seed", type=int, default=tuned.seed)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), help=f"(default: {default})")
+    p.add_argument("--save", choices=FINETUNE_SAVES,
+                   help="the model kept: the last epoch's, or the best epoch's by --metric on the first dev file "
+                        f"(default: {tuned.save})")
+    p.add_argument("--metric", help="what --save best compares: accuracy, matthews, f1, loss (classification); "
+                                    "pearson, spearman, mse, loss (regression) (default: accuracy / pearson)")
+    p.add_argument("--log-every", type=int, help=f"steps between train records in metrics.jsonl (default: "
+                                                 f"{tuned.log_every})")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="steps between checkpoints (default 0: at each epoch's end; a stop always writes one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="of a run directory: final, latest or a step (default: final if the run finished)")
+    p.add_argument("--seed", type=int, help=f"(default: {tuned.seed})")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_finetune)

@@ -19,8 +19,10 @@ PRUNING_SCHEDULES = ("cosine", "constant")  # pr(t) (sparse/schedule.py)
 # With training.init_from: the source's pattern where it fits (auto), always (keep), the largest blocks of
 # the source's weight (magnitude) or the run's own random pattern (random) (train/init_from.py)
 INIT_PATTERNS = ("auto", "keep", "magnitude", "random")
-# finetune --pattern: the pre-trained pattern kept, or pruned and regrown on (train/finetune.py)
+# finetune --pattern: the pre-trained pattern kept, or pruned and regrown on (finetune/tuner.py)
 FINETUNE_PATTERNS = ("fixed", "dynamic")
+FINETUNE_SAVES = ("last", "best")
+FINETUNE_TASK_TYPES = ("auto", "classification", "regression")
 SPARSE_BACKENDS = ("reference", "cpu", "triton")  # ops/<name>.py
 BACKEND_NAMES = ("auto", *SPARSE_BACKENDS)
 # ``bench kernels`` shapes: name -> (in_features, out_features) of the BERT FFN linears.

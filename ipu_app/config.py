@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .choices import (ATTENTION_IMPLEMENTATIONS, BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FINETUNE_PATTERNS, FREEZE_MODES, INACTIVE_MODES,
-                      INIT_PATTERNS, PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES,
-                      SUPPORTED_BLOCK_SIZES, VALUE_INITS)
+from .choices import (ATTENTION_IMPLEMENTATIONS, BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FINETUNE_PATTERNS,
+                      FINETUNE_SAVES, FINETUNE_TASK_TYPES, FREEZE_MODES, INACTIVE_MODES, INIT_PATTERNS, PRECISIONS,
+                      PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES, SUPPORTED_BLOCK_SIZES, VALUE_INITS)
 from .model.sizes import MODEL_SIZES, SPARSE_MODULES
 from .sparse.flops import non_embedding_params
 
@@ -181,7 +181,7 @@ class IpuSection:
 
 @dataclass
 class FinetuneSettings:
-    """``python -m ipu_app finetune``'s settings (its options by the same names; train/finetune.py)."""
+    """``python -m ipu_app finetune``'s settings (its options by the same names; finetune/tuner.py)."""
 
     epochs: int = 3
     batch_size: int = 32
@@ -195,11 +195,21 @@ class FinetuneSettings:
     pruning_ratio: float | None = None  # dynamic: None = the run's sparsity.pruning_ratio
     seed: int = 0
     log_every: int = 10
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at each epoch's end only (and at a stop)
+    save: str = "last"  # last: the last epoch's model; best: the epoch best by `metric` on the (first) dev file
+    metric: str | None = None  # None: accuracy (classification), pearson (regression)
+    task_type: str = "auto"  # auto | classification | regression
 
     def validate(self) -> "FinetuneSettings":
         for name in ("epochs", "batch_size", "max_seq_len", "segments", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (0: at each epoch's end), got {self.checkpoint_every}")
+        if self.save not in FINETUNE_SAVES:
+            raise ConfigError(f"--save {self.save!r}: use one of {list(FINETUNE_SAVES)}")
+        if self.task_type not in FINETUNE_TASK_TYPES:
+            raise ConfigError(f"--task-type {self.task_type!r}: use one of {list(FINETUNE_TASK_TYPES)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:

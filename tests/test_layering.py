@@ -22,7 +22,8 @@ ALLOWED = {
     "config": ("choices", "model.sizes", "model.bert", "sparse.flops", "sparse.schedule"),
 }
 FORBIDDEN = {
-    "train": ("experiments", "__main__", "ipu"),
+    "train": ("experiments", "__main__", "ipu", "finetune"),
+    "finetune": ("experiments", "__main__", "ipu", "train.cli"),
     "ipu": ("experiments", "__main__", "train.cli"),
     "experiments": ("ipu", "__main__", "train.cli"),
 }

@@ -3,16 +3,19 @@
 A task file is TSV (GLUE's own: tab-separated, a header row, no quoting), CSV (a header row) or
 JSON Lines (one object per line). The text is one column (``sentence``) or two (``sentence1`` /
 ``sentence2``, ``question`` / ``sentence``, ...), found by GLUE's column names or given; the label
-column is ``label`` unless given. Labels are kept as the strings the file holds; the classes are
-the training file's labels, sorted (numerically when they are all integers).
+column is ``label`` (GLUE's raw STS-B: ``score``, MNLI: ``gold_label``) unless given. Labels are kept as
+the strings the file holds; the classes are the training file's labels, sorted (numerically when they
+are all integers); numeric labels that are not all integers make a regression task (``task_kind``).
+A test file has no labels; its ``index`` (or ``idx``) column names its rows in the predictions.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus import CorpusError, embedded_documents, split_sentences
@@ -34,16 +37,33 @@ class TaskData:
 
     path: Path
     texts: list[tuple[str, ...]]
-    labels: list[str]
+    labels: list[str]  # empty for an unlabeled (test) file
     columns: tuple[str, ...]
     label_column: str
+    ids: list[str] = field(default_factory=list)  # the file's index / idx column, else the row number
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
 
 
-def read_task(path: str | Path, text_columns: tuple[str, ...] | None = None, label_column: str = "label") -> TaskData:
-    """Read a TSV / CSV / JSON Lines task file (see the module docstring)."""
+def task_kind(train: TaskData) -> str:
+    """``regression`` when every training label is a number and some is not an integer (STS-B's
+    ``3.800``), else ``classification``."""
+    try:
+        values = [float(label) for label in train.labels]
+    except ValueError:
+        return "classification"
+    integers = all(label.strip().lstrip("+-").isdigit() for label in train.labels)
+    return "classification" if integers or not all(math.isfinite(v) for v in values) else "regression"
+
+
+LABEL_COLUMNS = ("label", "score", "gold_label")
+
+
+def read_task(path: str | Path, text_columns: tuple[str, ...] | None = None, label_column: str | None = None,
+              labeled: bool = True) -> TaskData:
+    """Read a TSV / CSV / JSON Lines task file (see the module docstring); ``labeled=False``: a test
+    file, whose label column (if any) is not read."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -58,18 +78,23 @@ def read_task(path: str | Path, text_columns: tuple[str, ...] | None = None, lab
         (c for c in TEXT_COLUMNS if all(name in header for name in c)), None)
     if columns is None:
         raise TaskError(f"{path}: no known text column among {header}; give them with --text-columns")
-    for name in (*columns, label_column):
+    if label_column is None:
+        label_column = next((name for name in LABEL_COLUMNS if name in header), LABEL_COLUMNS[0])
+    for name in (*columns, *([label_column] if labeled else [])):
         if name not in header:
             raise TaskError(f"{path} has no column {name!r}; its columns are {header}")
-    texts, labels = [], []
+    index = next((name for name in ("index", "idx", "id") if name in header), None)
+    texts, labels, ids = [], [], []
     for number, row in enumerate(rows, start=2 if kind != "jsonl" else 1):
         values = [row.get(name) for name in columns]
-        label = row.get(label_column)
+        label = row.get(label_column) if labeled else "-"
         if label is None or label == "" or any(v is None for v in values):
             raise TaskError(f"{path} line {number}: a missing {label_column!r} or text value")
         texts.append(tuple(str(v) for v in values))
-        labels.append(str(label))
-    return TaskData(path, texts, labels, columns, label_column)
+        if labeled:
+            labels.append(str(label))
+        ids.append(str(row[index]) if index is not None else str(len(ids)))
+    return TaskData(path, texts, labels, columns, label_column, ids)
 
 
 def _read_rows(path: Path, kind: str) -> list[dict]:
@@ -98,6 +123,37 @@ def _read_rows(path: Path, kind: str) -> list[dict]:
             return rows
     except UnicodeDecodeError as exc:
         raise TaskError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+TASK_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+DEV_NAMES = (("dev",), ("dev_matched", "dev_mismatched"), ("validation",), ("validation_matched",
+                                                                          "validation_mismatched"))
+
+
+def task_files(task: list[str]) -> tuple[Path, list[Path]]:
+    """``--task``: a folder (GLUE's layout: ``train.tsv`` and ``dev.tsv``, or MNLI's ``dev_matched`` and
+    ``dev_mismatched``; .csv / .jsonl too), or the training file and one or more dev files; the
+    first dev file is the one ``--save best`` and the results' ``dev`` speak of."""
+    paths = [Path(p) for p in task]
+    if len(paths) >= 2:
+        return paths[0], paths[1:]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+
+        def find(name: str) -> Path | None:
+            return next((folder / f"{name}{s}" for s in TASK_SUFFIXES if (folder / f"{name}{s}").is_file()), None)
+
+        train = find("train")
+        if train is None:
+            raise TaskError(f"{folder} has no train file (train.tsv, .csv or .jsonl)")
+        for names in DEV_NAMES:
+            found = [find(name) for name in names]
+            if found[0] is not None:
+                return train, [f for f in found if f is not None]
+        raise TaskError(f"{folder} has no dev file (dev.tsv, or dev_matched.tsv and dev_mismatched.tsv)")
+    if len(paths) == 1:
+        raise TaskError(f"--task {paths[0]}: give a task folder (train.tsv + dev.tsv) or two files, TRAIN DEV")
+    raise TaskError("--task takes a folder or the files TRAIN DEV [DEV ...]")
 
 
 def label_names(train: TaskData) -> list[str]:

@@ -47,8 +47,10 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int,
+                    resume: str | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``; ``resume``: the
+    command that continues from the previous one (named when this one cannot be written)."""
     from ..io import WriteError, apply_umask, write_error, write_safetensors
 
     root = RunDir(run_dir).checkpoints_dir
@@ -70,7 +72,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = (f"the previous checkpoint ({previous[1].name}) is intact; free space and continue with "
-                f"python run_pretraining.py --resume {run_dir}" if previous else "no checkpoint was kept")
+                f"{resume or f'python run_pretraining.py --resume {run_dir}'}" if previous else "no checkpoint was kept")
         reason = exc if isinstance(exc, WriteError) else write_error(tmp, exc)
         raise CheckpointError(f"checkpoint step {step} was not written ({reason}); {kept}") from None
     if final.exists():  # the same step saved twice (e.g. a stop right at a checkpoint step)

@@ -9,10 +9,10 @@ import torch
 
 from ipu_app.__main__ import main as app_main
 from ipu_app.data.tasks import TaskError, label_names, read_task, write_demo_task
+from ipu_app.finetune import classification_metrics
 from ipu_app.model.bert import SparseBertForPreTraining
 from ipu_app.sparse.layer import sparse_weights
-from ipu_app.train.cli import main as train_main
-from ipu_app.train.finetune import classification_metrics
+
 
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                    "intermediate.dense", "output.dense")
@@ -20,21 +20,6 @@ ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self
 
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def pipeline(data_dir, tmp_path_factory):
-    """Phase I (seq 128, 60 steps at a learning rate the short run does not collapse at), phase II (seq 512, 4 steps, --init-from phase I) and the demo task."""
-    root = tmp_path_factory.mktemp("pipeline")
-    common = ["--config", "bert_tiny_sparse", "--no-progress", "--set", f"data.dir={data_dir}",
-              "--set", "training.precision=fp32", "--set", "data.validation_sequences=8"]
-    assert train_main([*common, "--steps", "60", "--set", "training.batch_size=16", "--set", "training.learning_rate=1e-3",
-                       "--output-dir", str(root / "phase1")]) == 0
-    assert train_main([*common, "--steps", "4", "--set", "training.batch_size=4", "--set", "data.seq_len=512",
-                       "--set", "data.max_predictions=76", "--init-from", str(root / "phase1"),
-                       "--output-dir", str(root / "phase2")]) == 0
-    write_demo_task(root / "task", train=2000, dev=500, seed=0)
-    return root
 
 
 def _encoder_zeros(model) -> float:
@@ -134,7 +119,7 @@ def test_bad_finetuning_requests_are_one_line_errors(pipeline, tmp_path, capsys)
                      "--output", str(tmp_path / "c")]) == 1
     assert "has no column 'gold'; its columns are ['sentence', 'label']" in capsys.readouterr().err
     assert app_main(["finetune", "--run", str(tmp_path), "--task", str(task), "--output", str(tmp_path / "d")]) == 1
-    assert "is not a run directory" in capsys.readouterr().err
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
     assert app_main(["finetune", "--run", run, "--task", str(task), "--epochs", "0", "--output", str(tmp_path / "e")]) == 1
     assert "--epochs must be >= 1" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abcde")
