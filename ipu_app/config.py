@@ -117,13 +117,13 @@ class OptimizerSection:
     max_grad_norm: float = 1.0  # gradient clipping threshold (0 = off)
     # Decoupled weight decay of the sparse encoder values alone (null: weight_decay); Fig. 6 sweeps it.
     sparse_weight_decay: float | None = None
-    # Adam's bias correction for the sparse values of a dynamic run: per_slot (the default: each slot
-    # counts its own steps from its regrowth, so a regrown weight gets Adam's bias correction afresh;
-    # measured ahead of global beyond noise, docs/experiments.md "Result") | global (the paper's: one
-    # step count, so regrown weights restart with zero moments but no bias correction; the only one
-    # poptorch's optimizer has, so backend: ipu needs it). Dense and static runs have no regrown
-    # slots: both settings are plain AdamW there.
-    bias_correction: str = "per_slot"
+    # Adam's bias correction for the sparse values of a dynamic run: per_slot (each slot counts its own
+    # steps from its regrowth, so a regrown weight gets Adam's bias correction afresh; measured ahead of
+    # global beyond noise, docs/experiments.md "Result") | global (the paper's: one step count, so
+    # regrown weights restart with zero moments but no bias correction; the only one poptorch's
+    # optimizer has) | auto (the default: per_slot on the host optimizer, global on an IPU; see
+    # RunConfig.bias_correction). Dense and static runs have no regrown slots: all are plain AdamW there.
+    bias_correction: str = "auto"
     loss_scale: float | str = "dynamic"  # fp16 only: a number or dynamic
 
 
@@ -262,6 +262,23 @@ class RunConfig:
     def effective_sparsity(self) -> float:
         return 0.0 if self.sparsity.mode == "dense" else self.sparsity.ratio
 
+    @property
+    def bias_correction(self) -> str:
+        """``optimizer.bias_correction`` resolved: ``auto`` is per_slot on the host optimizer (CPU, GPU)
+        and global (the paper's, the only one poptorch's Adam has) on an IPU."""
+        setting = self.optimizer.bias_correction
+        if setting != "auto":
+            return setting
+        return "global" if self.backend == "ipu" else "per_slot"
+
+    def bias_correction_line(self) -> str | None:
+        """The start-up and --describe line naming the bias correction (dynamic runs only)."""
+        if self.sparsity.mode != "dynamic":
+            return None
+        how = {"per_slot": "per slot (each regrown weight's own step count)",
+               "global": "global (one step count, the paper's)"}[self.bias_correction]
+        return f"Adam bias correction: {how}" + (" (auto)" if self.optimizer.bias_correction == "auto" else "")
+
     def model_config(self, vocab_size: int | None = None):
         """The ``ModelConfig`` of this run (the tokenizer's vocabulary size when given)."""
         from .model.bert import ModelConfig
@@ -396,9 +413,9 @@ class RunConfig:
         _check(o.sparse_weight_decay is None or o.sparse_weight_decay >= 0,
                f"optimizer.sparse_weight_decay must be >= 0 or null, got {o.sparse_weight_decay}")
         _choice("optimizer.bias_correction", o.bias_correction, BIAS_CORRECTIONS)
-        _check(o.bias_correction == "global" or self.backend != "ipu" or s.mode != "dynamic",
-               "optimizer.bias_correction=per_slot (the default) runs on the host optimizer only; "
-               "with backend: ipu set optimizer.bias_correction=global (the paper's)")
+        _check(o.bias_correction != "per_slot" or self.backend != "ipu" or s.mode != "dynamic",
+               "optimizer.bias_correction=per_slot runs on the host optimizer only; with backend: ipu set "
+               "optimizer.bias_correction=global (the paper's) or auto")
         _check(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0, got {o.max_grad_norm}")
         if isinstance(o.loss_scale, str):
             _check(o.loss_scale == "dynamic", f"optimizer.loss_scale must be a number or 'dynamic', got {o.loss_scale!r}")

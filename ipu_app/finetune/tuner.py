@@ -172,7 +172,7 @@ class Finetuner:
         from ..train.optim import adamw, warmup_decay
 
         s = self.settings
-        per_slot = s.pattern == "dynamic" and self.run_config.optimizer.bias_correction == "per_slot"
+        per_slot = s.pattern == "dynamic" and self.run_config.bias_correction == "per_slot"  # a host optimizer
         optimizer = adamw(self.model, s.learning_rate, self.run_config.optimizer, weight_decay=s.weight_decay,
                           per_slot=per_slot)
         return optimizer, warmup_decay(optimizer, int(s.warmup_ratio * self.total_steps), self.total_steps)

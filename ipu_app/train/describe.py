@@ -53,6 +53,8 @@ def describe(config: RunConfig, world_size: int = 1, threads: int | None = None)
         "gradient_accumulation": config.accumulation_steps(world_size),
         "world_size": world_size,
         "pattern_updates": updates,
+        "bias_correction": config.bias_correction if s.mode == "dynamic" else None,
+        "bias_correction_line": config.bias_correction_line(),
         "freeze": (None if s.freeze == "none" else
                    {"mode": s.freeze, "fraction": s.ratio, "switch_step": t.steps // 2,
                     "untrained_steps": f"1..{t.steps // 2}" if s.freeze == "early" else f"{t.steps // 2 + 1}..{t.steps}"}),
@@ -184,6 +186,8 @@ def format_description(info: dict) -> str:
         f"{'replicas' if info.get('ipu') else 'processes'}",
         f"pattern updates                  {info['pattern_updates']}"
         + (f" (every {info['steps_between_updates']:.1f} steps)" if info["pattern_updates"] else ""),
+        *([f"Adam bias correction             {info['bias_correction_line'].split(': ', 1)[1]}"]
+          if info.get("bias_correction_line") else []),
         *([f"pruned_recently_grown expected   {info['expect_pruned_recently_grown']}"]
           if info.get("expect_pruned_recently_grown") else []),
         *([f"warning                          {info['schedule_warning']}"] if info.get("schedule_warning") else []),

@@ -2,9 +2,9 @@
 
 Adam with decoupled weight decay (AdamW) on weight matrices, sparse ``values`` (their own
 coefficient, ``optimizer.sparse_weight_decay``) and embeddings; biases and LayerNorm parameters
-are not decayed (BERT's convention). ``optimizer.bias_correction: per_slot`` (the default) gives
-each sparse slot of a dynamic run its own Adam step count, restarted when the slot is regrown;
-``global`` is the paper's single step count. The learning rate rises
+are not decayed (BERT's convention). ``optimizer.bias_correction: per_slot`` (what ``auto``, the
+default, is on a host optimizer) gives each sparse slot of a dynamic run its own Adam step count,
+restarted when the slot is regrown; ``global`` is the paper's single step count (``auto`` on an IPU). The learning rate rises
 linearly over ``warmup_steps`` to the peak and then decays linearly to 0 at the last step.
 """
 
@@ -93,7 +93,7 @@ class SlotAdamW(torch.optim.AdamW):
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     o = config.optimizer
     # Only a dynamic run regrows slots; for dense and static runs both settings are AdamW itself.
-    per_slot = o.bias_correction == "per_slot" and config.sparsity.mode == "dynamic"
+    per_slot = config.bias_correction == "per_slot" and config.sparsity.mode == "dynamic"
     return adamw(model, config.learning_rate, o, weight_decay=o.weight_decay,
                  sparse_weight_decay=o.sparse_weight_decay, per_slot=per_slot)
 

@@ -238,7 +238,8 @@ class Trainer:
         (writes a checkpoint and returns None)."""
         self._wall_start = time.perf_counter()
         if self.dist.is_main:
-            print("; ".join(filter(None, [self.kernel_line, self.attention_line, self.threads_line])), file=sys.stderr)
+            print("; ".join(filter(None, [self.kernel_line, self.attention_line, self.threads_line,
+                                          self.config.bias_correction_line()])), file=sys.stderr)
         warning = self.config.schedule_warning()
         if warning and self.dist.is_main and self.step == 0:
             print(f"warning: {warning}", file=sys.stderr)

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from ipu_app.config import (
     CONFIG_DIR,
@@ -228,13 +229,41 @@ def test_schedule_and_optimizer_option_errors():
         load_config("bert_tiny_sparse", ["sparsity.min_segment_steps=0"])
     with pytest.raises(ConfigError, match="optimizer.sparse_weight_decay must be >= 0"):
         load_config("bert_tiny_sparse", ["optimizer.sparse_weight_decay=-1"])
-    with pytest.raises(ConfigError, match=r"per_slot \(the default\) runs on the host optimizer only"):
+    with pytest.raises(ConfigError, match=r"per_slot runs on the host optimizer only; with backend: ipu set "
+                                          r"optimizer.bias_correction=global \(the paper's\) or auto"):
         load_config("bert_mini_sparse_ipu", ["optimizer.bias_correction=per_slot"])
-    # The default is per_slot: a host config moved to the IPU is told to choose the paper's global.
-    with pytest.raises(ConfigError, match=r"with backend: ipu set optimizer.bias_correction=global \(the paper's\)"):
-        load_config("bert_mini_sparse", ["backend=ipu"])
     assert load_config("bert_mini_sparse", ["backend=ipu", "optimizer.bias_correction=global"]).backend == "ipu"
-    assert load_config("bert_mini_static", ["backend=ipu"]).optimizer.bias_correction == "per_slot"  # no regrowth
+
+
+@pytest.mark.parametrize("backend, expected", [("reference", "per_slot"), ("cpu", "per_slot"), ("auto", "per_slot"),
+                                               ("ipu", "global")])
+def test_bias_correction_auto_is_per_slot_on_the_host_and_global_on_an_ipu(backend, expected, capsys):
+    """The mission's command on an IPU (bert_medium_sparse, backend=ipu) is valid with the defaults."""
+    import json
+
+    from ipu_app.config import load_config
+    from ipu_app.train.cli import main
+
+    config = load_config("bert_medium_sparse", [f"backend={backend}"])
+    assert config.optimizer.bias_correction == "auto" and config.bias_correction == expected
+    assert main(["--config", "bert_medium_sparse", "--set", f"backend={backend}", "--describe", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bias_correction"] == expected and info["bias_correction_line"].endswith("(auto)")
+    assert main(["--config", "bert_medium_sparse", "--set", f"backend={backend}", "--describe"]) == 0
+    assert ("per slot" if expected == "per_slot" else "global (one step count") in capsys.readouterr().out
+    static = load_config("bert_mini_static", [f"backend={backend}"])
+    assert static.bias_correction_line() is None  # no regrowth: nothing to name
+
+
+def test_the_optimizer_follows_the_resolved_bias_correction():
+    from ipu_app.config import load_config
+    from ipu_app.model.bert import SparseBertForPreTraining
+    from ipu_app.train.optim import SlotAdamW, build_optimizer
+
+    for setting, cls in (("auto", SlotAdamW), ("per_slot", SlotAdamW), ("global", torch.optim.AdamW)):
+        config = load_config("bert_tiny_sparse", [f"optimizer.bias_correction={setting}"])
+        model = SparseBertForPreTraining(config.model_config(512))
+        assert type(build_optimizer(model, config)) is cls, setting
 
 
 def test_the_old_name_num_updates_is_read_as_segments_everywhere(tmp_path):
