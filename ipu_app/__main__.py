@@ -116,7 +116,8 @@ def _finetune_request(args):
     missing = [name for name in ("model", "task", "output") if getattr(args, name) is None]
     if missing:
         raise ConfigError(f"finetune needs --{missing[0]} (or --resume OUTPUT to continue a stopped one)")
-    settings = FinetuneSettings(**{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None})
+    settings = FinetuneSettings(**{name: getattr(args, name) for name in fields
+                                   if getattr(args, name, None) is not None})
     settings.validate()
     train, dev = task_files(args.task)
     return Request(model=args.model, train=str(train), dev=[str(d) for d in dev], output=args.output,
@@ -377,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "this sparsity first (default: a dense model stays dense)")
     p.add_argument("--block-size", type=int, help="with --sparsity: the block size (default 1)")
     p.add_argument("--pattern", choices=FINETUNE_PATTERNS,
-                   help=f"fixed: the pre-trained pattern; dynamic: go on pruning and regrowing (default: {tuned.pattern})")
+                   help="fixed: the pre-trained pattern; dynamic: go on pruning and regrowing "
+                        f"(default: {tuned.pattern})")
     p.add_argument("--segments", type=int,
                    help=f"--pattern dynamic: the training is cut into N segments, the pattern changes between them "
                         f"(default: {tuned.segments})")

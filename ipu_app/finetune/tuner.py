@@ -220,7 +220,8 @@ class Finetuner:
         with signals.handling(self._request_stop):
             while self.epoch <= s.epochs:
                 if self.order is None:
-                    self.order, self.position = torch.randperm(len(self.train_set), generator=self.generator).tolist(), 0
+                    order = torch.randperm(len(self.train_set), generator=self.generator)
+                    self.order, self.position = order.tolist(), 0
                 while self.position < len(self.order):
                     self._train_step(self.order[self.position:self.position + s.batch_size])
                     bar.update(1)

@@ -19,8 +19,8 @@ def val_records(losses, nsp):
     return [{"kind": "val", "step": step, "mlm_loss": loss, "nsp_loss": n} for step, loss, n in zip(STEPS, losses, nsp)]
 
 
-def pair(root, seed, static, dyn, *, static_nsp=(0.69,) * 4, dyn_nsp=(0.69,) * 4, machine=ZEN4, setting="proxy_tiny_sparse",
-         update=None):
+def pair(root, seed, static, dyn, *, static_nsp=(0.69,) * 4, dyn_nsp=(0.69,) * 4, machine=ZEN4,
+         setting="proxy_tiny_sparse", update=None):
     common = ("training.steps=2000", "training.warmup_steps=100")
     make_run(root, f"proxy_tiny_static,seed={seed}", "proxy_tiny_static",
              static[-1], seed=seed, overrides=common, summary={**machine, "steps": 2000, "train_time_s": 100.0},
@@ -87,7 +87,8 @@ def test_verdicts():
     assert verdict({"beyond_noise": True, "mean": 0.01}, earlier) == "static ahead"
     assert verdict(ahead, earlier) == "earlier NSP transition"
     assert verdict(ahead, lower) == "lower loss after both crossed"
-    assert verdict(ahead, {**earlier, "diff_after_both_crossed": -0.02, "p_after_both_crossed": 0.01}).startswith("both")
+    both = {**earlier, "diff_after_both_crossed": -0.02, "p_after_both_crossed": 0.01}
+    assert verdict(ahead, both).startswith("both")
 
 
 def test_horizon_pairs_within_a_machine_kind_and_pools_stratified(runs_root, tmp_path):
@@ -137,7 +138,8 @@ def test_horizon_pilot_applies_the_rule(runs_root, tmp_path):
             curve = [loss - 0.02, loss - 0.015, loss - 0.012, loss] if (every, pr, seed) == (250, 0.5, 1001) else None
             pilot_run(runs_root, f"perslot,update_every={every},pruning_ratio={pr}", "proxy_tiny_sparse", loss, seed,
                       (f"sparsity.update_every={every}", f"sparsity.pruning_ratio={pr}"), curve)
-    pilot_run(runs_root, "rigl", "proxy_tiny_sparse", 5.5, 1000, ("sparsity.update_every=500", "sparsity.regrowth=gradient"))
+    pilot_run(runs_root, "rigl", "proxy_tiny_sparse", 5.5, 1000,
+              ("sparsity.update_every=500", "sparsity.regrowth=gradient"))
     for seed, (s9, s5) in zip((1000, 1001), ((6.0, 5.9), (6.01, 5.92))):
         pilot_run(runs_root, "static,ratio=0.9", "proxy_tiny_static", s9, seed)
         pilot_run(runs_root, "static,ratio=0.5", "proxy_tiny_static", s5, seed, ("sparsity.ratio=0.5",))

@@ -62,7 +62,8 @@ def test_a_stopped_finetune_resumes_bit_exact(pipeline, small_task, tmp_path, mo
     _stop_at(monkeypatch, {7, 17})  # mid epoch 1 (past the step-5 checkpoint), mid epoch 2
     assert app_main(_args(pipeline, small_task, stopped, *options)) == 130
     err = capsys.readouterr().err
-    assert f"stopped at step 7 (epoch 1); checkpoint written. Continue with: python -m ipu_app finetune --resume {stopped}" in err
+    assert ("stopped at step 7 (epoch 1); checkpoint written. Continue with: "
+            f"python -m ipu_app finetune --resume {stopped}") in err
     assert (stopped / "checkpoints" / "step_00000007").is_dir()
     assert not (stopped / "results.json").exists() and not (stopped / "model").exists()
     # a stopped output is neither overwritten by a new fine-tune nor resumed with other options
@@ -80,7 +81,7 @@ def test_a_stopped_finetune_resumes_bit_exact(pipeline, small_task, tmp_path, mo
     assert _records(stopped, "dev") == _records(straight, "dev")
     assert results["epochs"] == expected["epochs"] and results["dev"] == expected["dev"]
     assert results["steps"] == 26 and results["pattern_updates"] == expected["pattern_updates"] == 2
-    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(stopped / "model" / "model.safetensors"))
+    a, b = (load_file(str(out / "model" / "model.safetensors")) for out in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # --save best --metric loss: the saved model is the epoch with the lowest dev loss
     best = min(expected["epochs"], key=lambda e: e["loss"])
@@ -129,7 +130,8 @@ def test_any_bert_source(pipeline, small_task, tmp_path, capsys):
     # a checkpoint directory and an export folder: the run's pattern
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     assert app_main(_args(checkpoint, small_task, tmp_path / "ckpt", "--epochs", "1")) == 0
-    assert json.loads((tmp_path / "ckpt" / "results.json").read_text())["source"].endswith(f"checkpoint {checkpoint.name}")
+    source = json.loads((tmp_path / "ckpt" / "results.json").read_text())["source"]
+    assert source.endswith(f"checkpoint {checkpoint.name}")
     assert app_main(["export", "--run", str(run), "--output", str(tmp_path / "export")]) == 0
     capsys.readouterr()
     assert app_main(_args(tmp_path / "export", small_task, tmp_path / "from_export", "--epochs", "1")) == 0

@@ -79,7 +79,7 @@ def tables(runs: list[Run], **_) -> Tables:
         chosen["chosen"] = True
     checks = check_table(statics)
     table.notes.append(f"rule (fixed before the pilot ran): the random-regrowth schedule with the lowest mean final "
-                       f"validation MLM loss over the seeds; not eligible where a seed's validation loss ends more than "
+                       "validation MLM loss over the seeds; not eligible where a seed's validation loss ends more than "
                        f"{MAX_RISE} above its minimum; means within {TIE} tie and go to the longer update interval; "
                        "RigL rows are shown, not chosen from")
     table.notes.append("diff_vs_static: mean over seeds of the final loss minus static's at the highest sparsity; "
@@ -127,8 +127,8 @@ def plot(result: Tables) -> dict:
     for sparsity, by_seed in result.data["statics"].items():
         ax.axhline(float(np.mean([r.loss for r in by_seed.values()])), linestyle="--", linewidth=1,
                    label=f"static s = {sparsity:g} (mean)")
-    labels = [f"{'RigL' if r['regrowth'] == 'gradient' else 'rand'} every {r['update_every']}\npr {r['pruning_ratio']:g}"
-              for r in rows]
+    labels = [f"{'RigL' if r['regrowth'] == 'gradient' else 'rand'} every {r['update_every']}"
+              f"\npr {r['pruning_ratio']:g}" for r in rows]
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     style(ax, "DynSparse schedule", "final validation MLM loss", "Horizon pilot (★ chosen by the rule)", legend=7)
     fig.tight_layout()
