@@ -53,3 +53,14 @@ def cpu_kind(request, monkeypatch):
     if request.param == "host":
         return host_kind()
     return simulate(monkeypatch, KINDS[request.param])
+
+
+@pytest.fixture(scope="session")
+def pipeline(data_dir, tmp_path_factory):
+    """The README's chain at test size (tests/readme_chain.py): ROOT/runs/bert_tiny_sparse (phase I),
+    ROOT/runs/tiny_512 (phase II), ROOT/tasks/demo, ROOT/runs/ft (the fine-tune); ROOT returned."""
+    from tests.readme_chain import run_chain
+
+    root = tmp_path_factory.mktemp("pipeline")
+    run_chain(root, data_dir)
+    return root

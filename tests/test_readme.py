@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+from tests.readme_chain import quick_start_lines
+
 
 def test_python_api_example_runs(capsys):
     text = (Path(__file__).resolve().parents[1] / "docs" / "sparsity.md").read_text()
@@ -12,12 +14,6 @@ def test_python_api_example_runs(capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 7  # n = 8 segments: 7 updates
     assert printed[0].startswith("25 ")
-
-
-def quick_start_lines():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", text, re.S).group(1)
-    return [line for line in block.splitlines() if line.strip()]
 
 
 def test_quick_start_is_two_lines_and_ci_runs_the_test_line():
@@ -45,58 +41,26 @@ def test_quick_start_training_line_is_a_valid_command(capsys):
     assert info["steps_between_updates"] >= info["config"]["sparsity"]["min_segment_steps"]
 
 
-def next_steps_commands() -> list[list[str]]:
-    """The README's "Next steps" block as argument lists (continuation lines joined, comments dropped)."""
-    import shlex
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"Next steps:\n\n```bash\n(.*?)```", text, re.S).group(1)
-    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-def test_the_readme_chain_runs_end_to_end(data_dir, tmp_path, capsys, monkeypatch):
-    """Pre-train -> evaluate -> phase II -> demo task -> fine-tune above chance -> export, each line as the
-    README writes it, at test size: 60 and 6 pre-training steps at batch 16 and a learning rate of 1e-3
-    (the flags that matter kept: phase II's --init-from, sequence length 512 and its short --steps,
-    whose warmup must not round to zero), the test corpus, fp32."""
+def test_the_readme_chain_runs_end_to_end(pipeline, capsys):
+    """Pre-train -> phase II -> demo task -> fine-tune above chance (the ``pipeline`` fixture runs those
+    README lines at test size: tests/readme_chain.py), then the README's evaluate and export lines."""
     from ipu_app.__main__ import main as app_main
-    from ipu_app.train.cli import main as train_main
+    from tests.readme_chain import _at_test_size, chain
 
-    monkeypatch.chdir(tmp_path)
-    _, train_line = quick_start_lines()[0].split("&&", 1)
-    commands = [shlex_split(train_line)] + [c for c in next_steps_commands() if _in_chain(c)]
-    test_size = {"--steps": {"2000": "60", "500": "6"}}
-    common = ["--set", f"data.dir={data_dir}", "--set", "training.precision=fp32", "--set",
-              "data.validation_sequences=8", "--no-progress"]
-    ran = []
-    for args in commands:
-        args = [test_size.get(prev, {}).get(arg, arg) for prev, arg in zip([""] + args, args)]
-        if args[1] == "run_pretraining.py":
-            # at 60 steps, auto's peak rate collapses Tiny (not so over the README's 2,000): 1e-3 for both phases
-            assert train_main(args[2:] + common + ["--set", "training.batch_size=16", "--set",
-                                                   "training.learning_rate=1e-3"]) == 0, args
-        elif args[3] == "finetune":
-            assert app_main(args[3:] + ["--no-progress"]) == 0, args
-        else:
-            assert app_main(args[3:]) == 0, args
-        ran.append(args[1] if args[1] == "run_pretraining.py" else args[3])
-    assert ran == ["run_pretraining.py", "evaluate", "run_pretraining.py", "demo-task", "finetune", "export"]
-    phase2 = json.loads((tmp_path / "runs" / "tiny_512" / "summary.json").read_text())
-    assert phase2["init_from"]["kind"] == "run" and phase2["steps"] == 6
-    results = json.loads((tmp_path / "runs" / "ft" / "results.json").read_text())
+    commands = chain()
+    assert set(commands) == {"pretrain", "phase2", "demo_task", "finetune", "evaluate", "export"}
+    assert "--steps" in commands["phase2"]  # a short phase II says how short (its warmup cannot round to 0)
+    phase2 = json.loads((pipeline / "runs" / "tiny_512" / "summary.json").read_text())
+    assert phase2["init_from"]["kind"] == "run" and phase2["steps"] == 4
+    results = json.loads((pipeline / "runs" / "ft" / "results.json").read_text())
     assert results["dev"]["accuracy"] > 0.6  # chance: 0.5 on 500 balanced sentences (sd 0.022)
-    assert (tmp_path / "hf_model" / "config.json").is_file()
-
-
-def shlex_split(line: str) -> list[str]:
-    import shlex
-
-    return shlex.split(line, comments=True)
-
-
-def _in_chain(args: list[str]) -> bool:
-    """The chain's lines: phase II, evaluate, the demo task, fine-tuning, export (not --describe,
-    --resume, sweeps or reports, which other tests run)."""
-    if args[1] == "run_pretraining.py":
-        return "--init-from" in args
-    return args[3] in ("evaluate", "demo-task", "finetune", "export")
+    for role in ("evaluate", "export"):
+        args = _at_test_size(commands[role], pipeline)
+        if role == "export":
+            args[args.index("--output") + 1] = str(pipeline / "hf_model")
+        assert app_main(args[3:]) == 0, args
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    summary = json.loads((pipeline / "runs" / "bert_tiny_sparse" / "summary.json").read_text())
+    assert evaluated["mlm_loss"] == summary["final_val_mlm_loss"]
+    assert (pipeline / "hf_model" / "config.json").is_file()

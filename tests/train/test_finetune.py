@@ -1,5 +1,6 @@
-"""The researcher's pipeline: pre-train Tiny -> continue at seq 512 (--init-from) -> evaluate -> sparse
-fine-tuning on a small task; every number fine-tuning reports recomputed from its outputs."""
+"""The researcher's pipeline (the README's chain at test size, tests/readme_chain.py): pre-train Tiny ->
+continue at seq 512 (--init-from) -> evaluate -> sparse fine-tuning on a small task; every number
+fine-tuning reports recomputed from its outputs."""
 
 import json
 
@@ -33,22 +34,20 @@ def _encoder_zeros(model) -> float:
 
 
 def test_pretrain_continue_at_512_evaluate_and_finetune_sparse(pipeline, capsys):
-    phase2 = pipeline / "phase2"
+    phase2 = pipeline / "runs" / "tiny_512"
     summary = json.loads((phase2 / "summary.json").read_text())
     assert summary["init_from"]["positions"] is None and summary["init_from"]["pattern"] == "keep"
-    assert json.loads((pipeline / "phase1" / "summary.json").read_text())["steps"] == 60
+    assert json.loads((pipeline / "runs" / "bert_tiny_sparse" / "summary.json").read_text())["steps"] == 60
 
     capsys.readouterr()
     assert app_main(["evaluate", "--run", str(phase2), "--no-progress"]) == 0
     evaluated = _last_json(capsys)
     assert evaluated["mlm_loss"] == pytest.approx(summary["final_val_mlm_loss"], rel=1e-6)
 
-    out = pipeline / "finetuned"
-    assert app_main(["finetune", "--run", str(phase2), "--task", str(pipeline / "task"), "--output", str(out),
-                     "--epochs", "3", "--learning-rate", "1e-3", "--no-progress"]) == 0
-    printed = _last_json(capsys)
+    out = pipeline / "runs" / "ft"  # the README's fine-tuning line (3 epochs at 1e-3), run by the fixture
     results = json.loads((out / "results.json").read_text())
-    assert printed["dev"] == results["dev"] and results["steps"] == 3 * 63 and results["pattern_updates"] == 0
+    assert results["model"] == str(phase2) and results["settings"]["learning_rate"] == 1e-3
+    assert results["steps"] == 3 * 63 and results["pattern_updates"] == 0
     assert results["dev"]["accuracy"] > 0.6  # chance is 0.5 on 500 balanced sentences (sd 0.022)
     assert results["encoder_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
@@ -63,7 +62,7 @@ def test_pretrain_continue_at_512_evaluate_and_finetune_sparse(pipeline, capsys)
         assert torch.equal(weight != 0, layer.mask()), name  # nonzero exactly on the pre-trained pattern
 
     # dev_predictions.tsv holds HF's own predictions on dev.tsv, and the metrics follow from it
-    dev = read_task(pipeline / "task" / "dev.tsv")
+    dev = read_task(pipeline / "tasks" / "demo" / "dev.tsv")
     tokenizer = BertTokenizerFast.from_pretrained(str(out / "model"))
     with torch.no_grad():
         logits = torch.cat([hf(**tokenizer([t[0] for t in dev.texts[i:i + 100]], padding=True, truncation=True,
@@ -85,8 +84,8 @@ def test_pretrain_continue_at_512_evaluate_and_finetune_sparse(pipeline, capsys)
 
 def test_dynamic_finetuning_moves_the_pattern_and_keeps_the_sparsity(pipeline, capsys):
     out = pipeline / "dynamic"
-    assert app_main(["finetune", "--run", str(pipeline / "phase2"), "--task", str(pipeline / "task" / "train.tsv"),
-                     str(pipeline / "task" / "dev.tsv"), "--output", str(out), "--epochs", "1", "--pattern", "dynamic",
+    assert app_main(["finetune", "--run", str(pipeline / "runs" / "tiny_512"), "--task", str(pipeline / "tasks" / "demo" / "train.tsv"),
+                     str(pipeline / "tasks" / "demo" / "dev.tsv"), "--output", str(out), "--epochs", "1", "--pattern", "dynamic",
                      "--segments", "3", "--batch-size", "64", "--learning-rate", "1e-3", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 32 and results["pattern_updates"] == 2
@@ -94,7 +93,7 @@ def test_dynamic_finetuning_moves_the_pattern_and_keeps_the_sparsity(pipeline, c
     from safetensors.torch import load_file
 
     patterns = load_file(str(out / "model" / "sparsity_patterns.safetensors"))
-    before = dict(sparse_weights(SparseBertForPreTraining.load(pipeline / "phase2" / "model")))
+    before = dict(sparse_weights(SparseBertForPreTraining.load(pipeline / "runs" / "tiny_512" / "model")))
     moved = [name for name, layer in before.items()
              if not torch.equal(patterns[f"{name}.block_cols"], layer.block_cols.cpu())
              or not torch.equal(patterns[f"{name}.block_rows"], layer.block_rows.cpu())]
@@ -102,8 +101,8 @@ def test_dynamic_finetuning_moves_the_pattern_and_keeps_the_sparsity(pipeline, c
 
 
 def test_bad_finetuning_requests_are_one_line_errors(pipeline, tmp_path, capsys):
-    run = str(pipeline / "phase2")
-    task = pipeline / "task"
+    run = str(pipeline / "runs" / "tiny_512")
+    task = pipeline / "tasks" / "demo"
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert app_main(["finetune", "--run", run, "--task", str(task), "--output", str(tmp_path / "full")]) == 1

@@ -29,7 +29,7 @@ def small_task(pipeline):
 
 def _args(model, task, out, *extra):
     """finetune MODEL on TASK into OUT (batch 16 at 1e-3); ``model`` a path or the session's pipeline root."""
-    model = model / "phase1" if (model / "phase1").is_dir() else model
+    model = model / "runs" / "bert_tiny_sparse" if (model / "runs").is_dir() else model
     return ["finetune", "--model", str(model), "--task", str(task), "--output", str(out),
             "--batch-size", "16", "--learning-rate", "1e-3", "--no-progress", *extra]
 
@@ -114,19 +114,19 @@ def _hf_folder(pipeline, path):
 
     from transformers import BertConfig, BertForPreTraining
 
-    vocab = len((pipeline / "phase1" / "tokenizer" / "vocab.txt").read_text().splitlines())
+    vocab = len((pipeline / "runs" / "bert_tiny_sparse" / "tokenizer" / "vocab.txt").read_text().splitlines())
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2,
                                           num_attention_heads=2, intermediate_size=512))
     model.save_pretrained(str(path))
     for name in ("vocab.txt", "tokenizer_config.json"):
-        if (pipeline / "phase1" / "tokenizer" / name).is_file():
-            shutil.copy(pipeline / "phase1" / "tokenizer" / name, path / name)
+        if (pipeline / "runs" / "bert_tiny_sparse" / "tokenizer" / name).is_file():
+            shutil.copy(pipeline / "runs" / "bert_tiny_sparse" / "tokenizer" / name, path / name)
     return model
 
 
 def test_any_bert_source(pipeline, small_task, tmp_path, capsys):
-    run = pipeline / "phase1"
+    run = pipeline / "runs" / "bert_tiny_sparse"
     # a checkpoint directory and an export folder: the run's pattern
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     assert app_main(_args(checkpoint, small_task, tmp_path / "ckpt", "--epochs", "1")) == 0

@@ -96,7 +96,7 @@ def test_per_slot_is_plain_adamw_without_regrowth():
     # Static and dense runs never regrow a slot: whatever bias_correction says, they get AdamW itself.
     for name in ("bert_tiny_static", "bert_tiny_dense"):
         config = load_config(name, ["training.steps=10", "training.warmup_steps=1"])
-        assert config.optimizer.bias_correction == "per_slot"
+        assert config.optimizer.bias_correction == "auto" and config.bias_correction == "per_slot"
         model = SparseBertForPreTraining(config.model_config())
         optimizer = build_optimizer(model, config)
         assert type(optimizer) is torch.optim.AdamW, name
