@@ -100,14 +100,6 @@ def _umask() -> int:
     return mask
 
 
-def test_save_best_by_default_metric_and_last(pipeline, small_task, tmp_path):
-    out = tmp_path / "last"
-    assert app_main(_args(pipeline, small_task, out, "--epochs", "2")) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["metric"] == "accuracy" and results["saved_epoch"] == 2 and results["dev"] == results["epochs"][-1]
-    assert not (out / "best").exists()
-
-
 def _hf_folder(pipeline, path):
     """A plain Hugging Face BERT folder (BertForPreTraining, random weights) with phase 1's tokenizer."""
     import shutil
@@ -191,6 +183,8 @@ def test_regression_with_test_predictions(pipeline, small_task, tmp_path, capsys
     results = json.loads((out / "results.json").read_text())
     assert results["task"]["type"] == "regression" and results["task"]["label_column"] == "score"
     assert results["metric"] == "pearson" and set(results["dev"]) >= {"pearson", "spearman", "mse", "loss"}
+    # --save last, the default: the last epoch's model and metrics, no best/ copy
+    assert results["saved_epoch"] == 2 and results["dev"] == results["epochs"][-1] and not (out / "best").exists()
 
     from transformers import BertForSequenceClassification, BertTokenizerFast
 
@@ -228,6 +222,7 @@ def test_mnli_style_matched_and_mismatched_dev(pipeline, small_task, tmp_path):
     assert app_main(_args(pipeline, folder, out, "--epochs", "1")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"]["labels"] == list(classes) and "f1" not in results["dev"]
+    assert results["metric"] == "accuracy"  # what --save best would compare, by default, for classes
     for stem, key in (("dev", "accuracy"), ("dev_mismatched", "dev_mismatched_accuracy")):
         rows = [line.split("\t") for line in (out / f"{stem}_predictions.tsv").read_text().splitlines()[1:]]
         assert results["dev"][key] == pytest.approx(np.mean([r[1] == r[2] for r in rows]))
