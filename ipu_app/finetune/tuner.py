@@ -114,10 +114,14 @@ class Finetuner:
             if (self.output / "results.json").is_file():
                 raise ConfigError(f"{self.output} has finished (results.json); nothing to resume")
             if not run.checkpoints():
-                raise ConfigError(f"{self.output} has no checkpoint yet; start the fine-tune again in a new directory")
+                raise ConfigError(f"{self.output} has no checkpoint to resume from (it stopped before its first); "
+                                  "start the fine-tune again in a new directory")
             return
         if self.output.exists() and any(self.output.iterdir()):
             if (self.output / REQUEST).is_file() and not (self.output / "results.json").is_file():
+                if not run.checkpoints():
+                    raise ConfigError(f"{self.output} holds a fine-tune that stopped before its first checkpoint; "
+                                      "delete it or choose a new output directory (nothing was overwritten)")
                 raise ConfigError(f"{self.output} holds a fine-tune that did not finish; continue it with python -m "
                                   f"ipu_app finetune --resume {self.output} (nothing was overwritten)")
             raise ConfigError(f"{self.output} is not empty; choose a new output directory (nothing was overwritten)")

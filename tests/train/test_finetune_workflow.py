@@ -245,6 +245,21 @@ def test_regression_metrics_and_bad_options(tmp_path, pipeline, small_task, caps
     assert "finetune needs --model (or --resume OUTPUT" in capsys.readouterr().err
 
 
+def test_a_crash_before_the_first_checkpoint_is_named(pipeline, small_task, tmp_path, monkeypatch, capsys):
+    def crash(self, indices):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Finetuner, "_train_step", crash)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        app_main(_args(pipeline, small_task, out))
+    assert (out / "finetune.json").is_file() and not (out / "checkpoints").exists()
+    assert app_main(["finetune", "--resume", str(out)]) == 1
+    assert "no checkpoint to resume from (it stopped before its first)" in capsys.readouterr().err
+    assert app_main(_args(pipeline, small_task, out)) == 1
+    assert "stopped before its first checkpoint; delete it or choose a new output directory" in capsys.readouterr().err
+
+
 class _nothing:
     def __enter__(self):
         return self
