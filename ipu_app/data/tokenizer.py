@@ -179,5 +179,15 @@ def use_tokenizer_folder(source: str | Path, output_dir: str | Path) -> Path:
     return output_dir
 
 
+# What a BERT tokenizer folder holds (save_pretrained's files); a model folder holds weights beside them.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    """Copy the tokenizer's files of ``src`` (a tokenizer folder, or a model folder with one) into ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

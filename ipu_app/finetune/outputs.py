@@ -14,17 +14,15 @@ from pathlib import Path
 
 from ..io import apply_umask, atomic_write_bytes
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
-
 
 def write_outputs(tuner, results: dict) -> None:
     from ..train.metrics import json_safe
 
     output = tuner.output
     write_model(tuner, output / "model")
-    for number, split in enumerate(tuner.dev_sets):
-        predicted = tuner.prediction_text(tuner.predict(split))
+    outputs = tuner.dev_outputs or [tuner.predict(split) for split in tuner.dev_sets]
+    for number, (split, found) in enumerate(zip(tuner.dev_sets, outputs)):
+        predicted = tuner.prediction_text(found)
         lines = ["index\tlabel\tprediction\n"] + [f"{i}\t{a}\t{b}\n" for i, (a, b) in
                                                   enumerate(zip(split.labels, predicted))]
         name = "dev_predictions.tsv" if number == 0 else f"{split.path.stem}_predictions.tsv"
@@ -38,6 +36,7 @@ def write_outputs(tuner, results: dict) -> None:
 
 def write_model(tuner, model_dir: Path) -> None:
     """The fine-tuned model as a dense Hugging Face folder, built aside and renamed into place."""
+    from ..data.tokenizer import copy_tokenizer
     from ..model.export import sparsity_sidecar, write_sidecar
     from ..model.sparse_linear import dense_copy
 
@@ -50,9 +49,7 @@ def write_model(tuner, model_dir: Path) -> None:
     sidecar, patterns = sparsity_sidecar(tuner.model, tuner.model_config)
     dense_copy(tuner.model).save_pretrained(str(tmp))
     write_sidecar(tmp, sidecar, patterns)
-    for name in TOKENIZER_FILES:  # the tokenizer only: a model folder holds weights and a config beside it
-        if (tuner.pretrained.tokenizer_dir / name).is_file():
-            shutil.copy2(tuner.pretrained.tokenizer_dir / name, tmp / name)
+    copy_tokenizer(tuner.pretrained.tokenizer_dir, tmp)
     for path in tmp.iterdir():
         if path.is_file():
             apply_umask(path)  # safetensors writes its files readable by their owner only

@@ -106,6 +106,7 @@ class Finetuner:
         self.step, self.epoch, self.position, self.order = 0, 1, 0, None
         self.window, self.history, self.best, self.updates, self.seconds = [], [], None, 0, 0.0
         self._stop, self.resumed, self.lock, self.metrics = False, resume, None, None
+        self.dev_outputs = None  # predict's outputs on the dev files after the last epoch (this process's)
 
     # ------------------------------------------------------------------ set-up
     def _check_output(self, resume: bool) -> None:
@@ -207,9 +208,9 @@ class Finetuner:
             self._start()
             return self._train()
         finally:
-            if getattr(self, "metrics", None) is not None:
+            if self.metrics is not None:
                 self.metrics.close()
-            if getattr(self, "lock", None) is not None:
+            if self.lock is not None:
                 self.lock.release()
 
     def _train(self) -> dict | None:
@@ -252,7 +253,8 @@ class Finetuner:
             self.window = []
 
     def _end_epoch(self) -> None:
-        results = [self.evaluate(split) for split in self.dev_sets]
+        self.dev_outputs = [self.predict(split) for split in self.dev_sets]
+        results = [self.scores(split, outputs) for split, outputs in zip(self.dev_sets, self.dev_outputs)]
         record = {"epoch": self.epoch, "step": self.step, **results[0]}
         for split, extra in zip(self.dev_sets[1:], results[1:]):
             record.update({f"{split.path.stem}_{k}": v for k, v in extra.items()})
@@ -315,9 +317,8 @@ class Finetuner:
         self.model.train()
         return torch.cat(outputs).cpu().numpy()
 
-    def evaluate(self, split: TaskData) -> dict:
-        """The task's metrics and mean loss over a labeled split."""
-        outputs = self.predict(split)
+    def scores(self, split: TaskData, outputs: np.ndarray) -> dict:
+        """The task's metrics and mean loss of ``predict``'s ``outputs`` over a labeled split."""
         if self.kind == "regression":
             labels = np.array([float(x) for x in split.labels])
             return {"loss": float(np.mean((outputs - labels) ** 2)), **regression_metrics(labels, outputs)}
@@ -409,6 +410,7 @@ class Finetuner:
 
         if self.settings.save == "best" and self.best is not None:
             self._load_weights(self.output / BEST)
+            self.dev_outputs = None  # another epoch's model: its predictions are made anew
         chosen = self.best if self.settings.save == "best" and self.best is not None else self.history[-1]
         results = self._results(chosen, seconds)
         write_outputs(self, results)

@@ -79,15 +79,13 @@ def test_verdicts():
 
     noise = {"beyond_noise": False, "mean": -0.01}
     ahead = {"beyond_noise": True, "mean": -0.01}
-    earlier = {"nsp_earlier": "9/10", "nsp_later": "0/10", "nsp_sign_p": 0.004, "diff_after_both_crossed": 0.0,
-               "p_after_both_crossed": 0.9}
-    lower = {"nsp_earlier": "1/10", "nsp_later": "1/10", "nsp_sign_p": 1.0, "diff_after_both_crossed": -0.02,
-             "p_after_both_crossed": 0.01}
+    earlier = {"n": 10, "earlier": 9, "later": 0, "sign_p": 0.004, "diff_after": 0.0, "p_after": 0.9}
+    lower = {"n": 10, "earlier": 1, "later": 1, "sign_p": 1.0, "diff_after": -0.02, "p_after": 0.01}
     assert verdict(noise, earlier) == "no difference beyond noise"
     assert verdict({"beyond_noise": True, "mean": 0.01}, earlier) == "static ahead"
     assert verdict(ahead, earlier) == "earlier NSP transition"
     assert verdict(ahead, lower) == "lower loss after both crossed"
-    both = {**earlier, "diff_after_both_crossed": -0.02, "p_after_both_crossed": 0.01}
+    both = {**earlier, "diff_after": -0.02, "p_after": 0.01}
     assert verdict(ahead, both).startswith("both")
 
 

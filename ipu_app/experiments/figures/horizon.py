@@ -139,10 +139,11 @@ def _kinds_per_setting(found: list[Arm]) -> dict[tuple, int]:
     return {key: len(value) for key, value in kinds.items()}
 
 
-def transition_columns(pairs: list[Pair]) -> dict:
-    """Which arm learns NSP first, per seed: DynSparse earlier / later (a run that never crosses
-    counts as crossing after the end), a two-sided sign test over the seeds that differ, and the final
-    difference over the seeds where both runs crossed (the loss after the transition)."""
+def transition(pairs: list[Pair]) -> dict:
+    """Which arm learns NSP first, per seed: the seeds where DynSparse crosses earlier / later (a run
+    that never crosses counts as crossing after the end), a two-sided sign test over the seeds that
+    differ, and the final difference over the seeds where both runs crossed (the loss after the
+    transition) with its p."""
     from scipy import stats
 
     earlier = later = 0
@@ -155,23 +156,28 @@ def transition_columns(pairs: list[Pair]) -> dict:
         later += a > b
         if ours is not None and base is not None:
             after.append(pair.diff)
-    sign_p = float(stats.binomtest(earlier, earlier + later).pvalue) if earlier + later else None
     test = difference_test(after) if after else None
-    return {"nsp_earlier": f"{earlier}/{len(pairs)}", "nsp_later": f"{later}/{len(pairs)}", "nsp_sign_p": sign_p,
-            "both_crossed": len(after), "diff_after_both_crossed": test["mean"] if test else None,
-            "p_after_both_crossed": test["p"] if test else None}
+    return {"n": len(pairs), "earlier": earlier, "later": later,
+            "sign_p": float(stats.binomtest(earlier, earlier + later).pvalue) if earlier + later else None,
+            "both_crossed": len(after), "diff_after": test["mean"] if test else None,
+            "p_after": test["p"] if test else None}
 
 
-def verdict(test: dict, transition: dict) -> str:
-    """Where a DynSparse advantage beyond noise comes from (or that there is none)."""
+def _transition_columns(crossing: dict) -> dict:
+    n = crossing["n"]
+    return {"nsp_earlier": f"{crossing['earlier']}/{n}", "nsp_later": f"{crossing['later']}/{n}",
+            "nsp_sign_p": crossing["sign_p"], "both_crossed": crossing["both_crossed"],
+            "diff_after_both_crossed": crossing["diff_after"], "p_after_both_crossed": crossing["p_after"]}
+
+
+def verdict(test: dict, crossing: dict) -> str:
+    """Where a DynSparse advantage beyond noise comes from (or that there is none); ``crossing``: ``transition``'s."""
     if not test.get("beyond_noise"):
         return "no difference beyond noise"
     if test["mean"] > 0:
         return "static ahead"
-    earlier = transition["nsp_sign_p"] is not None and transition["nsp_sign_p"] < 0.05 and \
-        int(transition["nsp_earlier"].split("/")[0]) > int(transition["nsp_later"].split("/")[0])
-    after = transition["p_after_both_crossed"] is not None and transition["p_after_both_crossed"] < 0.05 and \
-        transition["diff_after_both_crossed"] < 0
+    earlier = crossing["sign_p"] is not None and crossing["sign_p"] < 0.05 and crossing["earlier"] > crossing["later"]
+    after = crossing["p_after"] is not None and crossing["p_after"] < 0.05 and crossing["diff_after"] < 0
     return {(True, True): "both: earlier NSP transition and lower loss after it",
             (True, False): "earlier NSP transition", (False, True): "lower loss after both crossed",
             (False, False): "DynSparse ahead; neither source beyond noise alone"}[(earlier, after)]
@@ -189,18 +195,18 @@ def end_tables(found: list[Arm]) -> tuple[Table, Table]:
     pooled: dict[tuple, list[Pair]] = {}
     for arm in found:
         test = difference_test([p.diff for p in arm.pairs])
-        transition = transition_columns(arm.pairs)
+        crossing = transition(arm.pairs)
         ours = [p.ours for p in arm.pairs]
         end.add(setting=arm.setting, machine=arm.machine, steps=arm.steps,
                 method=METHOD_LABELS.get(ours[0].method, ours[0].method), baseline=arm.baseline,
-                **_test_columns(test), **transition, verdict=verdict(test, transition),
+                **_test_columns(test), **_transition_columns(crossing), verdict=verdict(test, crossing),
                 static_val_mlm_loss=float(np.mean([p.base.loss for p in arm.pairs])),
                 dynsparse_val_mlm_loss=float(np.mean([r.loss for r in ours])),
-                pruned_recently_grown=_mean(recently_grown_ratio(r) for r in ours),
-                grown_pruned_again=_mean(recently_grown_ratio(r, "grown_pruned_again") for r in ours),
-                explored_dof=_mean(r.summary.get("mean_explored_dof") for r in ours),
-                static_train_time_s=_mean(p.base.summary.get("train_time_s") for p in arm.pairs),
-                dynsparse_train_time_s=_mean(r.summary.get("train_time_s") for r in ours))
+                pruned_recently_grown=mean_or_none(recently_grown_ratio(r) for r in ours),
+                grown_pruned_again=mean_or_none(recently_grown_ratio(r, "grown_pruned_again") for r in ours),
+                explored_dof=mean_or_none(r.summary.get("mean_explored_dof") for r in ours),
+                static_train_time_s=mean_or_none(p.base.summary.get("train_time_s") for p in arm.pairs),
+                dynsparse_train_time_s=mean_or_none(r.summary.get("train_time_s") for r in ours))
         pooled.setdefault((arm.setting, arm.steps), []).extend(arm.pairs)
         for pair in arm.pairs:
             per_seed.add(setting=arm.setting, machine=arm.machine, steps=arm.steps, seed=pair.seed,
@@ -216,13 +222,14 @@ def end_tables(found: list[Arm]) -> tuple[Table, Table]:
     for (setting, steps), pairs in pooled.items():
         if kinds[(setting, steps)] > 1:
             test = difference_test([p.diff for p in pairs])
-            transition = transition_columns(pairs)
+            crossing = transition(pairs)
             end.add(setting=setting, machine=f"pooled over {kinds[(setting, steps)]} kinds", steps=steps,
-                    **_test_columns(test), **transition, verdict=verdict(test, transition))
+                    **_test_columns(test), **_transition_columns(crossing), verdict=verdict(test, crossing))
     return end, per_seed
 
 
-def _mean(values) -> float | None:
+def mean_or_none(values) -> float | None:
+    """The mean of the finite values given (None where there is none)."""
     found = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return float(np.mean(found)) if found else None
 

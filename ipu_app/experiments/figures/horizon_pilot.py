@@ -8,7 +8,7 @@ import numpy as np
 from ..plotting import pyplot
 from ..runs import ReportError, Run, recently_grown_ratio
 from .common import METHOD_LABELS, Table, Tables, require, style
-from .horizon import nsp_transition, val_curve
+from .horizon import mean_or_none, nsp_transition, val_curve
 from .paired import machine_group
 
 MAX_RISE = 0.01  # final validation loss this far above the run's own minimum: overfitting, not eligible
@@ -59,8 +59,9 @@ def tables(runs: list[Run], **_) -> Tables:
     top = max(statics) if statics else None
     base = statics.get(top, {})
     for (regrowth, every, ratio), by_seed in sorted(dynamic.items()):
-        rises = [rise(r) for r in by_seed.values()]
-        losses = [r.loss for r in by_seed.values()]
+        runs_of = list(by_seed.values())
+        rises = [rise(r) for r in runs_of]
+        losses = [r.loss for r in runs_of]
         diffs = [r.loss - base[s].loss for s, r in by_seed.items() if s in base]
         eligible = all(x is not None and x <= MAX_RISE for x in rises)
         table.add(method=METHOD_LABELS.get(regrowth, regrowth), regrowth=regrowth, update_every=every,
@@ -70,9 +71,9 @@ def tables(runs: list[Run], **_) -> Tables:
                   diff_vs_static=float(np.mean(diffs)) if diffs else None,
                   max_val_rise=max((x for x in rises if x is not None), default=None),
                   nsp_steps=" ".join(f"{s}:{nsp_transition(r) or 'never'}" for s, r in sorted(by_seed.items())),
-                  pruned_recently_grown=_mean(recently_grown_ratio(r) for r in by_seed.values()),
-                  grown_pruned_again=_mean(recently_grown_ratio(r, "grown_pruned_again") for r in by_seed.values()),
-                  explored_dof=_mean(r.summary.get("mean_explored_dof") for r in by_seed.values()),
+                  pruned_recently_grown=mean_or_none(recently_grown_ratio(r) for r in runs_of),
+                  grown_pruned_again=mean_or_none(recently_grown_ratio(r, "grown_pruned_again") for r in runs_of),
+                  explored_dof=mean_or_none(r.summary.get("mean_explored_dof") for r in runs_of),
                   eligible=eligible, chosen=False)
     chosen = choose(table.rows)
     if chosen is not None:
@@ -108,11 +109,6 @@ def check_table(statics: dict[float, dict[int, Run]]) -> Table:
                        "(positive: the sparse model gives up loss that DynSparse can win back); val_rise: the final "
                        f"validation loss minus the run's minimum (above {MAX_RISE}: overfitting)")
     return table
-
-
-def _mean(values) -> float | None:
-    found = [float(v) for v in values if v is not None]
-    return float(np.mean(found)) if found else None
 
 
 def plot(result: Tables) -> dict:
