@@ -5,7 +5,9 @@
 #   2. bench kernels, bf16, at BERT-Base shapes (s = 0.9 and 0.99, b = 16 / 32 / 64);
 #   3. bench train on BERT-Mini and -Base (SIZES="mini medium base" adds Medium), interleaved in one run each: HF BertForPreTraining
 #      eager bf16, ours dense (eager and compiled), ours sparse at s = 0.9, b = 16 and 32 (Triton,
-#      eager and compiled), with the share of the step spent in the sparse linears.
+#      eager and compiled), with the share of the step spent in the sparse linears;
+#   4. one real run end to end: BERT-Mini at 16x16 blocks, 200 steps, a pattern update and a checkpoint at
+#      step 100, then evaluate of the final model (the trainer itself, not only the bench).
 # Every step has its own time limit, so a slow one cannot eat the others' time; results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,3 +35,7 @@ for size in ${SIZES:-mini base}; do
         --set training.batch_size=64 --set training.micro_batch_size=64 --set training.precision=bf16 --backends triton --block-size 16 32 \
         --hf --compile --fractions --steps 8 --output "$out/train_$size"
 done
+run="$out/run_mini"; rm -rf "$run"
+step train_run 90 python run_pretraining.py --config bert_mini_sparse_b16 --steps 200 \
+    --set training.checkpoint_every=100 --output-dir "$run" --no-progress
+step evaluate_run 45 python -m ipu_app evaluate --run "$run" --no-progress
