@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call (a CUDA GPU, torch with CUDA, triton; ~8 minutes on one H200),
 # run from the tree with nothing installed:  OUT=... bash bench/gpu_check.sh
+# DATA=FOLDER uses prepared data (prepare-data's output) instead of preparing the embedded corpus, for a
+# machine without the corpus's data packages (the lent GPU's image has none).
 #   1. the Triton kernels against the reference op on the GPU (and the compile tests);
 #   2. bench kernels, bf16, at BERT-Base shapes (s = 0.9 and 0.99, b = 16 / 32 / 64);
 #   3. bench train on BERT-Mini and -Base (SIZES="mini medium base" adds Medium), interleaved in one run each: HF BertForPreTraining
@@ -26,16 +28,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output, go 
 step env 30 python -c "import torch, triton, transformers; assert torch.cuda.is_available(), 'no CUDA GPU'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)"
+data_set=()
+if [ -n "${DATA:-}" ]; then data_set=(--set "data.dir=$DATA"); else
 step prepare 90 python -c "from ipu_app.data.prepare import prepare_embedded; print(prepare_embedded('bert-base-uncased', 30522, progress=False))"
-step triton_tests 90 python -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_kernels.py tests/train/test_compile.py -k "not training"
+fi
+step triton_tests 120 python -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_kernels.py tests/train/test_compile.py -k "not training"
 step kernels 60 python -m ipu_app bench kernels --device cuda --dtype bf16 --shapes base_up base_down \
-    --tokens 8192 32768 --sparsity 0.9 0.99 --block-size 16 32 64 --repeats 10 --output "$out/kernels"
+    --tokens ${KERNEL_TOKENS:-8192 32768} --sparsity ${KERNEL_SPARSITY:-0.9 0.99} --block-size ${KERNEL_BLOCKS:-16 32 64} --repeats 10 --output "$out/kernels"
 for size in ${SIZES:-mini base}; do
     step "train_$size" 100 python -m ipu_app bench train --device cuda --config "bert_${size}_sparse_b16" \
-        --set training.batch_size=64 --set training.micro_batch_size=64 --set training.precision=bf16 --backends triton --block-size 16 32 \
+        "${data_set[@]}" --set training.batch_size=64 --set training.micro_batch_size=64 --set training.precision=bf16 --backends triton --block-size 16 32 \
         --hf --compile --fractions --steps 8 --output "$out/train_$size"
 done
 run="$out/run_mini"; rm -rf "$run"
 step train_run 90 python run_pretraining.py --config bert_mini_sparse_b16 --steps 200 \
-    --set training.checkpoint_every=100 --output-dir "$run" --no-progress
+    --set training.checkpoint_every=100 "${data_set[@]}" --output-dir "$run" --no-progress
 step evaluate_run 45 python -m ipu_app evaluate --run "$run" --no-progress
