@@ -18,6 +18,7 @@ out="${OUT:-bench_results/gpu}"
 mkdir -p "$out"
 step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output, go on after a failure
     local name=$1 limit=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="NAME ...": just these steps
     echo "=== $name (limit ${limit}s): $*" | tee -a "$out/gpu_check.log"
     local start=$SECONDS
     timeout "$limit" "$@" > "$out/$name.txt" 2>&1

@@ -6,7 +6,7 @@ test double): ``PatternUpdater`` works on every module of a model that does.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, get_type_hints
 
 import torch
 from torch import nn
@@ -14,7 +14,6 @@ from torch import nn
 from .pattern import BlockPattern
 
 
-@runtime_checkable
 class SparseWeight(Protocol):
     """A ``[out, in]`` weight stored as ``values [nnz, b, b]`` at the blocks ``(block_rows, block_cols)``.
 
@@ -45,6 +44,17 @@ class SparseWeight(Protocol):
     def pattern_changed(self) -> None: ...
 
 
+# Checked with hasattr, not a runtime_checkable isinstance: from Python 3.12 that isinstance looks members
+# up statically, and an nn.Module's parameters and buffers (``values``, ``block_rows``) live in its
+# ``_parameters``/``_buffers``, reached only through ``__getattr__`` -- so no layer would be found.
+SPARSE_WEIGHT_MEMBERS = tuple(get_type_hints(SparseWeight)) + ("pattern", "nnz", "sparsity", "pattern_changed")
+
+
+def offers_sparse_weight(module: nn.Module) -> bool:
+    """Whether ``module`` has every member of ``SparseWeight`` (attributes, parameters or buffers)."""
+    return all(hasattr(module, name) for name in SPARSE_WEIGHT_MEMBERS)
+
+
 def sparse_weights(model: nn.Module) -> list[tuple[str, SparseWeight]]:
     """Every module of ``model`` that offers ``SparseWeight``, with its qualified name, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseWeight)]
+    return [(name, m) for name, m in model.named_modules() if offers_sparse_weight(m)]
