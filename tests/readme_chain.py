@@ -39,7 +39,7 @@ def run_chain(root: Path, data_dir: Path) -> dict[str, list[str]]:
     """Run the chain into ``root`` (the README's ``runs/`` and ``tasks/`` paths under it); the
     commands as run."""
     from ipu_app.__main__ import main as app_main
-    from ipu_app.train.cli import main as train_main
+    from ipu_app.commands.train import main as train_main
 
     commands = chain()
     ran = {}

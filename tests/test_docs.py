@@ -77,7 +77,7 @@ def command_lines():
 def test_every_documented_command_parses_and_names_what_exists(capsys):
     from ipu_app.__main__ import build_parser as tools_parser
     from ipu_app.experiments.sweep_spec import SWEEP_DIR
-    from ipu_app.train.cli import build_parser as train_parser
+    from ipu_app.commands.train import build_parser as train_parser
 
     seen = 0
     for page, argv in command_lines():
@@ -96,7 +96,7 @@ def test_every_documented_command_parses_and_names_what_exists(capsys):
 
 
 def test_a_broken_command_line_is_caught(capsys):
-    from ipu_app.train.cli import build_parser
+    from ipu_app.commands.train import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--config", "bert_tiny_sparse", "--stepz", "5"])

@@ -28,7 +28,7 @@ def test_quick_start_training_line_is_a_valid_command(capsys):
     """The training line's arguments parse and describe a valid run (the run itself takes minutes)."""
     import shlex
 
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     train, _ = quick_start_lines()
     args = shlex.split(train.split("&&", 1)[1])

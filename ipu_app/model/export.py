@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..io import apply_umask, write_safetensors
-from ..rundir import RunDir
 from .bert import ModelConfig, SparseBertForPreTraining
 from ..sparse.layer import sparse_weights
 from .sparse_linear import dense_copy
@@ -134,14 +133,3 @@ def load_sparse_export(directory: str | Path) -> SparseBertForPreTraining:
             elif key in hf_state:
                 tensor.copy_(hf_state[key])
     return model
-
-
-def export_run(run_dir: str | Path, output_dir: str | Path) -> Path:
-    """Export the model a run saved in ``RUN_DIR/model`` with the tokenizer in ``RUN_DIR/tokenizer``."""
-    run = RunDir(run_dir)
-    model_dir = run.model_dir
-    if not (model_dir / "model.safetensors").is_file():
-        raise ExportError(f"{run} holds no saved model (expected {model_dir}/model.safetensors)")
-    tokenizer_dir = run.tokenizer_dir
-    model = SparseBertForPreTraining.load(model_dir)
-    return export_hf(model, output_dir, tokenizer_dir if tokenizer_dir.is_dir() else None)

@@ -133,7 +133,7 @@ def test_missing_sdk_is_one_line(monkeypatch):
 def test_describe_shows_the_ipu_plan(capsys):
     import json
 
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     assert main(["--config", "bert_medium_sparse_pod16", "--describe", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

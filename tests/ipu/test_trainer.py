@@ -81,7 +81,7 @@ def test_ipu_config_checks():
 
 
 def test_backend_ipu_without_the_sdk_is_one_line(tmp_path, capsys):
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     run = tmp_path / "run"
     code = main(["--config", "bert_tiny_sparse", "--set", "backend=ipu", "--set", "optimizer.bias_correction=global", "--output-dir", str(run), "--no-progress"])

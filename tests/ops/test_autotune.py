@@ -215,7 +215,7 @@ def test_describe_names_cached_choices_or_to_be_measured(tuner, monkeypatch):
     from ipu_app.config import load_config
     from ipu_app.model.bert import SparseBertForPreTraining
     from ipu_app.sparse.layer import sparse_weights
-    from ipu_app.train.describe import _local_kernel_line
+    from ipu_app.commands.describe import _local_kernel_line
 
     config = load_config("bert_tiny_sparse_b16", ["training.precision=fp32", "training.threads=1"])
     model = SparseBertForPreTraining(config.model_config(1000), initialize=False)

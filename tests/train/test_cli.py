@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ipu_app.sparse.flops import non_embedding_training_flops_per_sequence
-from ipu_app.train.cli import main
+from ipu_app.commands.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,7 +204,7 @@ def test_entry_point_script(tmp_path):
 
 def test_help_and_config_checks_import_no_torch():
     # --help of every command, and loading and checking a config, stay fast: nothing imports torch.
-    code = ("import sys; from ipu_app.train.cli import build_parser; import ipu_app.__main__ as m; "
+    code = ("import sys; from ipu_app.commands.train import build_parser; import ipu_app.__main__ as m; "
             "build_parser().format_help(); m.build_parser().format_help(); "
             "from ipu_app.config import load_config; c = load_config('bert_medium_sparse', steps=3000); "
             "c.update_schedule(); c.schedule_warning(); print(sorted(k for k in ('torch', 'numpy', 'transformers') "

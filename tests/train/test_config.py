@@ -242,7 +242,7 @@ def test_bias_correction_auto_is_per_slot_on_the_host_and_global_on_an_ipu(backe
     import json
 
     from ipu_app.config import load_config
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     config = load_config("bert_medium_sparse", [f"backend={backend}"])
     assert config.optimizer.bias_correction == "auto" and config.bias_correction == expected

@@ -39,7 +39,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     args = ["--config", "bert_tiny_sparse_rigl", *common_args(data_dir)]
     proc = torchrun(*args, "--output-dir", str(tmp_path / "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     assert main([*args, "--output-dir", str(tmp_path / "single")]) == 0
     ddp, single = read_metrics(tmp_path / "ddp", "train"), read_metrics(tmp_path / "single", "train")
@@ -81,7 +81,7 @@ def test_rank_zero_measures_the_kernels_for_every_rank(data_dir, tmp_path):
 
 
 def test_resume_with_another_world_size_is_refused(data_dir, tmp_path):
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     args = ["--config", "bert_tiny_sparse", *common_args(data_dir, extra=["training.checkpoint_every=4"])]
     run = tmp_path / "run"

@@ -7,7 +7,7 @@ import torch
 
 from ipu_app.config import load_config
 from ipu_app.model.bert import SparseBertForPreTraining
-from ipu_app.model.export import export_run
+from ipu_app.commands.export import export_run
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.scoring import dense_block_norms
 from ipu_app.train.init_from import InitFromError, initialize_from, load_source
@@ -181,7 +181,7 @@ def test_sources_that_do_not_fit_are_one_line_errors(source, tmp_path):
 
 
 def test_the_command_line_records_the_source_and_refuses_bad_ones(source, data_dir, tmp_path, capsys):
-    from ipu_app.train.cli import main
+    from ipu_app.commands.train import main
 
     common = ["--config", "bert_tiny_sparse", "--steps", "2", "--no-progress", "--set", f"data.dir={data_dir}",
               "--set", "training.batch_size=4", "--set", "data.validation_sequences=4",

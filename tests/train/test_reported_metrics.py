@@ -25,7 +25,8 @@ import torch
 
 from ipu_app.config import load_config
 from ipu_app.data.loader import BatchIterator, MaskingConfig, validation_batches
-from ipu_app.model.export import export_hf, export_run
+from ipu_app.commands.export import export_run
+from ipu_app.model.export import export_hf
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer

@@ -53,7 +53,7 @@ def test_full_run_writes_every_output(data_dir, tmp_path):
     lrs = [r["learning_rate"] / config.learning_rate for r in read_metrics(run, "train")]
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
 
-    from ipu_app.model.export import export_run
+    from ipu_app.commands.export import export_run
 
     out = export_run(run, tmp_path / "hf")
     assert (out / "config.json").is_file()

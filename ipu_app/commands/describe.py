@@ -110,7 +110,7 @@ def validation_size(config: RunConfig) -> dict:
 
 
 def _threads(config: RunConfig, run_time: int | None = None) -> dict:
-    from .precision import resolve_threads
+    from ..train.precision import resolve_threads
 
     threads, source = resolve_threads(config.training.threads, run_time)
     return {"threads": threads, "from": source}
@@ -121,7 +121,7 @@ def _local_kernel_line(config: RunConfig, model, threads: int | None = None) -> 
     a CPU, per layer kind what measuring chose before (the cache) or "to be measured"."""
     from ..config import ConfigError
     from ..sparse.layer import sparse_weights
-    from .precision import resolve_precision, resolve_threads
+    from ..train.precision import resolve_precision, resolve_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -1,4 +1,5 @@
-"""``python run_pretraining.py``: train one config into one run directory."""
+"""``train`` (= ``python run_pretraining.py``): train one config into one run directory. The backend is
+chosen here: the torch trainer, or the IPU trainer for ``backend: ipu``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config
 from ..rundir import RunDir
 
+DESCRIPTION = "DynSparse BERT pre-training"
 EPILOG = """examples:
   python run_pretraining.py --config bert_medium_sparse
   python run_pretraining.py --config bert_tiny_sparse --steps 300 --set training.batch_size=32
@@ -21,11 +23,7 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_pretraining.py", description="DynSparse BERT pre-training",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a config name from configs/ (e.g. bert_medium_sparse) or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set sparsity.ratio=0.8")
@@ -44,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for this process (new runs and --resume; overrides training.threads "
                              "and OMP_NUM_THREADS). On a machine shared with other jobs use fewer than the cores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``run_pretraining.py``'s parser: the train command's options on their own."""
+    parser = argparse.ArgumentParser(prog="run_pretraining.py", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     return parser
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one config (the same as python run_pretraining.py)",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
 
 
 def _check_args(args) -> None:
@@ -65,7 +77,12 @@ def _check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python run_pretraining.py ...``."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """Train (or describe); bad input is one ``error:`` line and exit code 1, a stop 130."""
     try:
         with _terminate_as_interrupt():
             return _main(args)
@@ -115,15 +132,14 @@ def report_error(line: str) -> None:
 
 def _is_user_error(exc: Exception) -> bool:
     from ..data.corpus import CorpusError
+    from ..ipu import IpuUnavailable
     from ..ops import BackendError
     from ..sparse.updater import UpdaterError
-    from .checkpoint import CheckpointError
-    from .init_from import InitFromError
-    from .distributed import PatternMismatchError
-    from .metrics import MetricsError
-    from .trainer import TrainingDiverged
-
-    from ..ipu import IpuUnavailable
+    from ..train.checkpoint import CheckpointError
+    from ..train.distributed import PatternMismatchError
+    from ..train.init_from import InitFromError
+    from ..train.metrics import MetricsError
+    from ..train.trainer import TrainingDiverged
 
     return isinstance(exc, (ConfigError, CorpusError, CheckpointError, BackendError, UpdaterError,
                             PatternMismatchError, IpuUnavailable, OSError, MetricsError, TrainingDiverged,
@@ -131,7 +147,7 @@ def _is_user_error(exc: Exception) -> bool:
 
 
 def _main(args) -> int:
-    from .distributed import DistContext
+    from ..train.distributed import DistContext
 
     _check_args(args)
     ctx = DistContext.from_env()  # torchrun sets RANK / WORLD_SIZE; one process otherwise
@@ -207,7 +223,7 @@ def _train(args, ctx, config: RunConfig, run: RunDir) -> int:
 
 
 def _train_locked(args, ctx, config: RunConfig, run: RunDir, created: bool) -> int:
-    from .trainer import Trainer
+    from ..train.trainer import Trainer
 
     run_dir = run.path
     resume = bool(args.resume)
