@@ -15,13 +15,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.bench_command == "data":
-        from ..experiments import bench_data
+    from ..experiments.bench import data, kernels, train
 
-        return bench_data.main(args)
-    from ..experiments import bench
-
-    return bench.main(args)
+    return {"kernels": kernels, "train": train, "data": data}[args.bench_command].main(args)
 
 
 def _add_kernels(bsub) -> None:

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ...io import atomic_write_bytes
 
 MB = 1 << 20
 
@@ -38,7 +38,7 @@ def synthetic_corpus(path: Path, megabytes: float) -> int:
     """Write at least ``megabytes`` MiB of blank-line separated documents to ``path``: the embedded
     corpus over and over, each copy's documents tagged so that every document is distinct (its own
     hash, its own split). Returns the bytes written."""
-    from ..data.corpus import embedded_documents
+    from ...data.corpus import embedded_documents
 
     texts = [d.text.strip() for d in embedded_documents()]
     target, written, copy = int(megabytes * MB), 0, 0
@@ -143,7 +143,7 @@ def measure_index(data_dir: Path, seq_len: int) -> dict:
     """Seconds to build the chunk index (nothing cached) and to open it again (cached)."""
     import shutil
 
-    from ..data.loader import MaskingConfig, PretrainingDataset
+    from ...data.loader import MaskingConfig, PretrainingDataset
 
     shutil.rmtree(data_dir / "index", ignore_errors=True)
     start = time.perf_counter()
@@ -167,7 +167,7 @@ class LoaderRow:
 def measure_loader(data_dir: Path, workers: int, batch_size: int, seq_len: int, batches: int) -> LoaderRow:
     """Training tokens (attention positions) per second handed out, after two warm-up batches (the
     workers' start is not counted)."""
-    from ..data.loader import BatchIterator, MaskingConfig, PretrainingDataset, WorkerLoader
+    from ...data.loader import BatchIterator, MaskingConfig, PretrainingDataset, WorkerLoader
 
     dataset = PretrainingDataset(data_dir, "train", MaskingConfig(seq_len=seq_len))
     loader = BatchIterator(dataset, batch_size)
@@ -187,14 +187,14 @@ def measure_loader(data_dir: Path, workers: int, batch_size: int, seq_len: int, 
 
 
 def _cpu_line() -> str:
-    from ..machine import cpu_line
+    from ...machine import cpu_line
 
     return cpu_line()
 
 
 def bench_data(sizes: list[float], workers: int, loader_workers: list[int], batch_size: int, seq_len: int,
                batches: int, work_dir: Path, say=print) -> dict:
-    from ..data.tokenizer import build_standard_tokenizer
+    from ...data.tokenizer import build_standard_tokenizer
 
     rows, corpora = [], []
     for size in sizes:
@@ -245,7 +245,7 @@ def main(args) -> int:
         if len(args.sizes) < 1 or any(s <= 0 for s in args.sizes):
             raise BenchDataError(f"--sizes must be positive megabytes, got {args.sizes}")
         if args.workers is None:
-            from ..data.shards import default_workers
+            from ...data.shards import default_workers
 
             args.workers = default_workers()
         if args.workers < 1 or args.batches < 1 or args.batch_size < 1 or any(w < 0 for w in args.loader_workers):
