@@ -116,9 +116,9 @@ def test_bad_overrides_fail_with_one_line(override, message):
 
 
 def test_block_size_must_divide_hidden(monkeypatch):
-    import ipu_app.config as cfg
+    from ipu_app.model.sizes import MODEL_SIZES
 
-    monkeypatch.setitem(cfg.MODEL_SIZES, "odd", (2, 136))
+    monkeypatch.setitem(MODEL_SIZES, "odd", (2, 136))
     with pytest.raises(ConfigError, match="block_size=16 does not divide the hidden size 136"):
         load_config("bert_tiny_sparse_b16", ["model.size=odd"])
 
