@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -242,56 +242,16 @@ def prepare_data(
                           (lambda: documents.bytes_read) if reader_bytes is not None else None)
     tokenizer = fast_tokenizer(tokenizer_dir)
     splits = {s: {"shards": [], "documents": 0, "sentences": 0, "tokens": 0} for s in SPLITS}
-    keys: list[str] = []
-    bar = tqdm(total=total, desc="preparing shards", unit="B", unit_scale=True, unit_divisor=1024,
-               disable=not progress, dynamic_ncols=True)
+    with tqdm(total=total, desc="preparing shards", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not progress, dynamic_ncols=True) as bar:
+        def record(plan: ShardPlan, info: dict) -> None:
+            split = splits[plan.split]
+            split["shards"].append(plan.name)
+            for k in ("documents", "sentences", "tokens"):
+                split[k] += info[k]
+            bar.update(plan.input_bytes)
 
-    def record(plan: ShardPlan, info) -> None:
-        """Count a finished shard (its info, or the future of a worker writing it)."""
-        if not isinstance(info, dict):
-            info = info.result()
-        split = splits[plan.split]
-        split["shards"].append(plan.name)
-        for k in ("documents", "sentences", "tokens"):
-            split[k] += info[k]
-        bar.update(plan.input_bytes)
-
-    pool = None
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: the workers start clean (no forked tokenizer threads), one core each
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(str(tokenizer_dir),))
-    pending: list = []  # (plan, future or finished info), in plan order
-    try:
-        started = False
-        for plan in plans:
-            if not started:  # the first shard exists: the corpus is usable
-                output_dir.mkdir(parents=True, exist_ok=True)
-                copy_tokenizer(tokenizer_dir, output_dir / "tokenizer")
-                started = True
-            keys.append(plan.key)
-            info = _shard_finished(output_dir, plan)
-            if info is None and pool is None:
-                info = _write_shard(output_dir, plan, tokenizer)
-            job = dataclasses.replace(plan)  # holds the documents until the worker has them
-            plan.documents = []
-            pending.append((plan, info if info is not None else pool.submit(_worker_write, str(output_dir), job)))
-            # hand on, in plan order, what is done; wait only when too many shards are in flight
-            while pending and (len(pending) > 2 * workers or isinstance(pending[0][1], dict)):
-                record(*pending.pop(0))
-        for done, result in pending:
-            record(done, result)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # finished shards stay; none is half-written
-        bar.close()
-        raise
-    if pool is not None:
-        pool.shutdown()
-    bar.close()
+        keys = _write_shards(plans, output_dir, tokenizer_dir, tokenizer, workers, record)
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok_hash,
@@ -307,6 +267,48 @@ def prepare_data(
     if not manifest_path.is_file() or manifest_path.read_bytes() != encoded:
         atomic_write_bytes(manifest_path, encoded)
     return manifest
+
+
+def _write_shards(plans: Iterable[ShardPlan], output_dir: Path, tokenizer_dir, tokenizer, workers: int,
+                  record: Callable[[ShardPlan, dict], None]) -> list[str]:
+    """Write (or find finished) every planned shard, in this process or ``workers`` spawned ones, and
+    ``record`` each in plan order; returns the plan's shard keys. A failure stops the workers after the
+    shards they are writing: finished shards stay, none is half-written."""
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the workers start clean (no forked tokenizer threads), one core each
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(str(tokenizer_dir),))
+    pending: list = []  # (plan, future or finished info), in plan order
+    keys: list[str] = []
+    done = lambda plan, info: record(plan, info if isinstance(info, dict) else info.result())  # noqa: E731
+    try:
+        for plan in plans:
+            if not keys:  # the first shard exists: the corpus is usable
+                output_dir.mkdir(parents=True, exist_ok=True)
+                copy_tokenizer(tokenizer_dir, output_dir / "tokenizer")
+            keys.append(plan.key)
+            info = _shard_finished(output_dir, plan)
+            if info is None and pool is None:
+                info = _write_shard(output_dir, plan, tokenizer)
+            job = dataclasses.replace(plan)  # holds the documents until the worker has them
+            plan.documents = []
+            pending.append((plan, info if info is not None else pool.submit(_worker_write, str(output_dir), job)))
+            # hand on, in plan order, what is done; wait only when too many shards are in flight
+            while pending and (len(pending) > 2 * workers or isinstance(pending[0][1], dict)):
+                done(*pending.pop(0))
+        for plan, result in pending:
+            done(plan, result)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown()
+    return keys
 
 
 def load_manifest(data_dir: str | Path) -> dict:

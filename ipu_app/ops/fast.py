@@ -34,14 +34,24 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
     pattern update changes no shape and no guard, and causes no recompilation. ``bias_grad(gy)``: the
     bias gradient (``gy`` summed over tokens in fp32, in ``gy``'s dtype) where the backend has a faster
     one than PyTorch's. Returns the forward op."""
-    lib = "ipu_app"
-    dims = "int out_features, int in_features, int block_size"
-
     def meta_of(rows, cols, out_features, in_features, block_size) -> KernelMeta:
         return cache.get(BlockPattern(out_features, in_features, block_size, rows, cols))
 
-    @torch.library.custom_op(f"{lib}::{name}_linear", mutates_args=(),
-                             schema=f"(Tensor x2d, Tensor values, Tensor rows, Tensor cols, Tensor? bias, {dims}) -> Tensor")
+    products = _product_ops(name, forward, input_grad, values_grad, meta_of)
+    grads_op = _both_grads_op(name, both_grads, meta_of) if both_grads is not None else None
+    bias_grad_op = _bias_grad_op(name, bias_grad) if bias_grad is not None else None
+    _register_autograd(*products, grads_op, bias_grad_op)
+    return products[0]
+
+
+_LIB = "ipu_app"
+_DIMS = "int out_features, int in_features, int block_size"
+
+
+def _product_ops(name: str, forward: Product, input_grad: Product, values_grad: Product, meta_of):
+    """The forward, input-gradient and values-gradient custom ops (with their fake kernels)."""
+    @torch.library.custom_op(f"{_LIB}::{name}_linear", mutates_args=(),
+                             schema=f"(Tensor x2d, Tensor values, Tensor rows, Tensor cols, Tensor? bias, {_DIMS}) -> Tensor")
     def linear_op(x2d, values, rows, cols, bias, out_features, in_features, block_size):
         meta = meta_of(rows, cols, out_features, in_features, block_size)
         return forward(x2d.contiguous(), values.contiguous(), meta, bias)
@@ -50,8 +60,8 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
     def _(x2d, values, rows, cols, bias, out_features, in_features, block_size):
         return x2d.new_empty(x2d.shape[0], out_features)
 
-    @torch.library.custom_op(f"{lib}::{name}_input_grad", mutates_args=(),
-                             schema=f"(Tensor gy, Tensor values, Tensor rows, Tensor cols, {dims}) -> Tensor")
+    @torch.library.custom_op(f"{_LIB}::{name}_input_grad", mutates_args=(),
+                             schema=f"(Tensor gy, Tensor values, Tensor rows, Tensor cols, {_DIMS}) -> Tensor")
     def input_grad_op(gy, values, rows, cols, out_features, in_features, block_size):
         meta = meta_of(rows, cols, out_features, in_features, block_size)
         return input_grad(gy.contiguous(), values.contiguous(), meta)
@@ -60,8 +70,8 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
     def _(gy, values, rows, cols, out_features, in_features, block_size):
         return gy.new_empty(gy.shape[0], in_features)
 
-    @torch.library.custom_op(f"{lib}::{name}_values_grad", mutates_args=(),
-                             schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) -> Tensor")
+    @torch.library.custom_op(f"{_LIB}::{name}_values_grad", mutates_args=(),
+                             schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {_DIMS}) -> Tensor")
     def values_grad_op(gy, x2d, values, rows, cols, out_features, in_features, block_size):
         meta = meta_of(rows, cols, out_features, in_features, block_size)
         return values_grad(gy.contiguous(), x2d.contiguous(), meta).to(values.dtype)
@@ -70,30 +80,41 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
     def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
         return torch.empty_like(values)
 
-    grads_op = None
-    if both_grads is not None:
-        def grads(gy, x2d, values, rows, cols, out_features, in_features, block_size):
-            meta = meta_of(rows, cols, out_features, in_features, block_size)
-            gx, gv = both_grads(gy.contiguous(), x2d.contiguous(), values.contiguous(), meta)
-            return gx, gv.to(values.dtype)
+    return linear_op, input_grad_op, values_grad_op
 
-        grads_op = torch.library.custom_op(
-            f"{lib}::{name}_grads", grads, mutates_args=(),
-            schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {dims}) -> (Tensor, Tensor)")
 
-        @grads_op.register_fake
-        def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
-            return gy.new_empty(gy.shape[0], in_features), torch.empty_like(values)
+def _both_grads_op(name: str, both_grads, meta_of):
+    """Both gradients in one op, for backends that compute them in one pass."""
+    def grads(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+        meta = meta_of(rows, cols, out_features, in_features, block_size)
+        gx, gv = both_grads(gy.contiguous(), x2d.contiguous(), values.contiguous(), meta)
+        return gx, gv.to(values.dtype)
 
-    bias_grad_op = None
-    if bias_grad is not None:
-        bias_grad_op = torch.library.custom_op(f"{lib}::{name}_bias_grad", lambda gy: bias_grad(gy.contiguous()),
-                                               mutates_args=(), schema="(Tensor gy) -> Tensor")
+    grads_op = torch.library.custom_op(
+        f"{_LIB}::{name}_grads", grads, mutates_args=(),
+        schema=f"(Tensor gy, Tensor x2d, Tensor values, Tensor rows, Tensor cols, {_DIMS}) -> (Tensor, Tensor)")
 
-        @bias_grad_op.register_fake
-        def _(gy):
-            return gy.new_empty(gy.shape[1])
+    @grads_op.register_fake
+    def _(gy, x2d, values, rows, cols, out_features, in_features, block_size):
+        return gy.new_empty(gy.shape[0], in_features), torch.empty_like(values)
 
+    return grads_op
+
+
+def _bias_grad_op(name: str, bias_grad):
+    op = torch.library.custom_op(f"{_LIB}::{name}_bias_grad", lambda gy: bias_grad(gy.contiguous()),
+                                 mutates_args=(), schema="(Tensor gy) -> Tensor")
+
+    @op.register_fake
+    def _(gy):
+        return gy.new_empty(gy.shape[1])
+
+    return op
+
+
+def _register_autograd(linear_op, input_grad_op, values_grad_op, grads_op, bias_grad_op) -> None:
+    """The forward op's backward: both gradients in one op where there is one and both are needed;
+    the bias gradient by the backend's op, else PyTorch's sum in fp32."""
     def setup_context(ctx, inputs, output):
         x2d, values, rows, cols, bias, out_features, in_features, block_size = inputs
         ctx.save_for_backward(x2d, values, rows, cols)
@@ -113,7 +134,6 @@ def block_sparse_ops(name: str, forward: Product, input_grad: Product, values_gr
         return gx, gv, None, None, gb, None, None, None
 
     linear_op.register_autograd(backward, setup_context=setup_context)
-    return linear_op
 
 
 def make_linear(op, covers: Callable[..., bool], kernels: str,

@@ -131,6 +131,26 @@ class Trainer:
         self.total_steps = t.steps
         self.accumulation = config.accumulation_steps(dist.world_size)
 
+        vocab_size = self._build_data(config, dist, progress)
+        init_record = self._build_model(config, dist, resume, vocab_size)
+        self._init_state(config, dist, init_record)
+
+        resume_step = None
+        if resume:
+            resume_step = self._resume()
+        self.metrics = (MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+                        if dist.is_main else NullLogger())
+        # Losses differ between machines (precision: auto, kernels, rounding): a run records each kind
+        # that trained it, and reports pair runs of one machine and precision only.
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.machine = machine_key(self.device.type, gpu)
+        if self.machine not in self.counters.machines:
+            self.counters.machines.append(self.machine)
+        self.backend.attach(self)
+
+    def _build_data(self, config: RunConfig, dist: DistContext, progress: bool) -> int:
+        """The prepared data (prepared first where it is the embedded corpus), the training batches and
+        the validation set; returns the vocabulary size."""
         self.data_dir = resolve_data_dir(config, progress)
         self.data_manifest_sha256 = file_sha256(self.data_dir / "manifest.json")  # recorded in checkpoints
         self.static_masks = uses_static_masks(config, self.device)
@@ -138,8 +158,13 @@ class Trainer:
         self.batches, self._host_transform = loader.batches, loader.host_transform
         self.validation, self.validation_sequences = build_validation(config, self.data_dir, dist, self.static_masks)
         self._local_validation_sequences = sum(b["input_ids"].shape[0] for b in self.validation)
+        return loader.train_set.vocab_size
 
-        self.model, self.forward_model = build_model(config, loader.train_set.vocab_size, self.device, dist)
+    def _build_model(self, config: RunConfig, dist: DistContext, resume: bool, vocab_size: int):
+        """The model (initialised from ``training.init_from`` on a new run), compiled where asked, its
+        optimizer, schedules, pattern updater and kernel choices; returns the init-from record."""
+        t = config.training
+        self.model, self.forward_model = build_model(config, vocab_size, self.device, dist)
         init_record = None
         if t.init_from and not resume:  # a resumed run's checkpoint holds its weights
             init_record = initialize_model(config, self.model, self.data_dir)
@@ -164,6 +189,10 @@ class Trainer:
         self.kernel_line = (ops.kernel_line(config, self.device, self.precision.dtype, layer_decisions)
                             if self.sparse_layers else None)
         self.attention_line = attention_line(self.model, self.kernel_decisions)
+        return init_record
+
+    def _init_state(self, config: RunConfig, dist: DistContext, init_record) -> None:
+        """The counters and the loss window of a run at step 0."""
         self.freezer = build_freezer(config, self.model)
         self.step = 0
         self.window = _Window()
@@ -175,19 +204,6 @@ class Trainer:
         self._last_lr = float("nan")  # the learning rate of the latest step
         self._last_prg = float("nan")  # mean pruned_recently_grown of the latest pattern update
         self._wall_start: float | None = None  # while train() runs: when it (or the final part) started
-
-        resume_step = None
-        if resume:
-            resume_step = self._resume()
-        self.metrics = (MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
-                        if dist.is_main else NullLogger())
-        # Losses differ between machines (precision: auto, kernels, rounding): a run records each kind
-        # that trained it, and reports pair runs of one machine and precision only.
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        self.machine = machine_key(self.device.type, gpu)
-        if self.machine not in self.counters.machines:
-            self.counters.machines.append(self.machine)
-        self.backend.attach(self)
 
     def _tune_kernels(self, resume: bool) -> list:
         """backend auto on a CPU: what runs each sparse layer kind, measured (ops.autotune) or, on a

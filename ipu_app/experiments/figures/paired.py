@@ -82,14 +82,7 @@ def tables(runs: list[Run], **_) -> Tables:
     same size, block size and sparsity (same seed = same initial pattern and data order) on the same
     machine kind and precision, with the regime statistics (pruned_recently_grown, explored DOF)
     beside them."""
-    settings: dict[tuple[str, str], dict[int, Run]] = {}
-    dropped = []
-    for run in sorted(runs, key=lambda r: (setting_name(r), r.seed)):
-        group = machine_group(run)
-        if group is None:
-            dropped.append(run.name)
-            continue
-        settings.setdefault((group, setting_name(run)), {})[run.seed] = run
+    settings, dropped = _settings(runs)
     groups = sorted({group for group, _ in settings})
     baselines = {}
     for key, by_seed in settings.items():
@@ -103,35 +96,63 @@ def tables(runs: list[Run], **_) -> Tables:
     long = Table(["setting", "machine", "seed", "val_mlm_loss", "diff_vs_baseline", "pruned_recently_grown",
                   "grown_pruned_again", "explored_dof"])
     for key, by_seed in settings.items():
-        group, name = key
         first = next(iter(by_seed.values()))
-        losses = {seed: r.loss for seed, r in by_seed.items()}
-        base_key = baselines.get((group, first.size, first.block_size, first.sparsity)) if first.mode != "dense" else None
+        base_key = baselines.get((key[0], first.size, first.block_size, first.sparsity)) if first.mode != "dense" else None
         base_key = None if base_key == key else base_key
-        diff = paired_difference(losses, {s: r.loss for s, r in settings[base_key].items()}) if base_key else None
-        prg = [v for v in (recently_grown_ratio(r) for r in by_seed.values()) if v is not None]
-        again = [v for v in (recently_grown_ratio(r, "grown_pruned_again") for r in by_seed.values()) if v is not None]
-        dof = [r.summary["mean_explored_dof"] for r in by_seed.values()
-               if r.summary.get("mean_explored_dof") is not None]
-        values = np.array(list(losses.values()))
-        get = (lambda k: diff[k]) if diff else (lambda k: None)
-        table.add(setting=name, machine=group, method=METHOD_LABELS.get(first.method, first.method), seeds=len(values),
-                  val_mlm_loss=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else None,
-                  per_seed=" ".join(f"{seed}:{loss:.4f}" for seed, loss in losses.items()),
-                  baseline=base_key[1] if base_key else None, diff_mean=get("mean"), diff_std=get("std"),
-                  diff_ci_low=get("ci_low"), diff_ci_high=get("ci_high"), t=get("t"), p=get("p"),
-                  below_baseline=f"{diff['below']}/{diff['n']}" if diff else None,
-                  beyond_noise=get("beyond_noise"), seeds_for_80_power=get("seeds_for_80_power"),
-                  pruned_recently_grown=float(np.mean(prg)) if prg else None,
-                  grown_pruned_again=float(np.mean(again)) if again else None,
-                  explored_dof=float(np.mean(dof)) if dof else None)
+        baseline = settings[base_key] if base_key else None
+        table.add(**_setting_row(key, by_seed, base_key, baseline))
         for seed, run in by_seed.items():
-            base = settings[base_key].get(seed) if base_key else None
-            long.add(setting=name, machine=group, seed=seed, val_mlm_loss=run.loss,
+            base = baseline.get(seed) if baseline else None
+            long.add(setting=key[1], machine=key[0], seed=seed, val_mlm_loss=run.loss,
                      diff_vs_baseline=run.loss - base.loss if base else None,
                      pruned_recently_grown=recently_grown_ratio(run),
                      grown_pruned_again=recently_grown_ratio(run, "grown_pruned_again"),
                      explored_dof=run.summary.get("mean_explored_dof"))
+    _add_notes(table, groups, dropped)
+    out = Tables(data={"settings": settings, "groups": groups})
+    out.add("paired", table)
+    out.add("paired_per_seed", long)
+    return out
+
+
+def _settings(runs: list[Run]) -> tuple[dict[tuple[str, str], dict[int, Run]], list[str]]:
+    """``{(machine group, setting): {seed: run}}``, and the runs left out (trained on several machines)."""
+    settings: dict[tuple[str, str], dict[int, Run]] = {}
+    dropped = []
+    for run in sorted(runs, key=lambda r: (setting_name(r), r.seed)):
+        group = machine_group(run)
+        if group is None:
+            dropped.append(run.name)
+            continue
+        settings.setdefault((group, setting_name(run)), {})[run.seed] = run
+    return settings, dropped
+
+
+def _setting_row(key: tuple[str, str], by_seed: dict[int, Run], base_key, baseline: dict[int, Run] | None) -> dict:
+    """One setting's row: its losses over the seeds, the paired test against its baseline, the regime
+    statistics' means."""
+    first = next(iter(by_seed.values()))
+    losses = {seed: r.loss for seed, r in by_seed.items()}
+    diff = paired_difference(losses, {s: r.loss for s, r in baseline.items()}) if baseline else None
+    prg = [v for v in (recently_grown_ratio(r) for r in by_seed.values()) if v is not None]
+    again = [v for v in (recently_grown_ratio(r, "grown_pruned_again") for r in by_seed.values()) if v is not None]
+    dof = [r.summary["mean_explored_dof"] for r in by_seed.values() if r.summary.get("mean_explored_dof") is not None]
+    values = np.array(list(losses.values()))
+    get = (lambda k: diff[k]) if diff else (lambda k: None)
+    return dict(setting=key[1], machine=key[0], method=METHOD_LABELS.get(first.method, first.method),
+                seeds=len(values), val_mlm_loss=float(values.mean()),
+                std=float(values.std(ddof=1)) if len(values) > 1 else None,
+                per_seed=" ".join(f"{seed}:{loss:.4f}" for seed, loss in losses.items()),
+                baseline=base_key[1] if base_key else None, diff_mean=get("mean"), diff_std=get("std"),
+                diff_ci_low=get("ci_low"), diff_ci_high=get("ci_high"), t=get("t"), p=get("p"),
+                below_baseline=f"{diff['below']}/{diff['n']}" if diff else None,
+                beyond_noise=get("beyond_noise"), seeds_for_80_power=get("seeds_for_80_power"),
+                pruned_recently_grown=float(np.mean(prg)) if prg else None,
+                grown_pruned_again=float(np.mean(again)) if again else None,
+                explored_dof=float(np.mean(dof)) if dof else None)
+
+
+def _add_notes(table: Table, groups: list[str], dropped: list[str]) -> None:
     table.notes.append("diff = setting - baseline (static, same size, block size and sparsity, same machine kind and "
                        "precision) over the seeds both have; 95% confidence interval and two-sided p from Student's t "
                        "(n - 1 degrees of freedom); beyond_noise: p < 0.05; below_baseline: seeds with diff < 0; "
@@ -143,10 +164,6 @@ def tables(runs: list[Run], **_) -> Tables:
     if dropped:
         table.notes.append(f"left out: {len(dropped)} run(s) trained on several machine kinds (a resume on another "
                            f"machine): {', '.join(dropped[:5])}")
-    out = Tables(data={"settings": settings, "groups": groups})
-    out.add("paired", table)
-    out.add("paired_per_seed", long)
-    return out
 
 
 def plot(result: Tables) -> dict:
