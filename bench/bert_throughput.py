@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset  # noqa: E402
+from ipu_app.data.batches import BatchIterator# noqa: E402
+from ipu_app.data.sampling import MaskingConfig, PretrainingDataset# noqa: E402
 from ipu_app.data.prepare import prepare_embedded  # noqa: E402
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining  # noqa: E402
 

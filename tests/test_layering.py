@@ -137,7 +137,7 @@ def test_no_folder_imports_one_that_imports_it_back():
 
 
 def test_a_folder_cycle_is_found():
-    graph = {"config": {"model.bert"}, "model.export": {"rundir"}, "rundir": {"config"}, "data.loader": {"io"}}
+    graph = {"config": {"model.bert"}, "model.export": {"rundir"}, "rundir": {"config"}, "data.batches": {"io"}}
     assert folder_cycles(graph) == [["config", "model", "rundir"]]
 
 
@@ -157,7 +157,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
 @pytest.mark.parametrize("module, target, message", [
     ("sparse.updater", "model.bert", "allowed: choices"),
     ("ops.cpu", "config", "allowed: choices, io, machine, sparse, ops"),
-    ("data.loader", "sparse.pattern", "allowed"),
+    ("data.batches", "sparse.pattern", "allowed"),
     ("experiments.report", "commands.train", "imports the command line"),
     ("train.trainer", "commands", "imports the command line"),
     ("train.trainer", "ipu.trainer", "train/ may not import ipu"),

@@ -90,7 +90,7 @@ def describe(config: RunConfig, world_size: int = 1, threads: int | None = None)
 def validation_size(config: RunConfig) -> dict:
     """How many validation sequences the data holds and how many a run validates on (``available``
     is None while the data is not prepared: ``--describe`` prepares nothing)."""
-    from ..data.loader import VALIDATION_SEED, MaskingConfig, PretrainingDataset
+    from ..data.sampling import VALIDATION_SEED, MaskingConfig, PretrainingDataset
     from ..data.prepare import embedded_data_dir
 
     d = config.data

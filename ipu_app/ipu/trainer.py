@@ -23,7 +23,7 @@ from ..train.sums import TRAIN_FIELDS, Sums
 from ..train.step import StepResult, real_token_count
 from ..train.trainer import Trainer
 from . import import_poptorch
-from ..data.loader import static_batch
+from ..data.batches import static_batch
 from .model import IpuPretrainingModel, parallelize
 from .options import build_options, plan
 from .phase import IpuPatternSync, pattern_buffer_names

@@ -151,7 +151,7 @@ class SparseBertForPreTraining(nn.Module):
 
         The masked tokens come either from ``mlm_labels [B, S]`` (found with ``nonzero``: exact
         rows, a data-dependent shape) or, for a compiled graph or a GPU, as fixed-size
-        ``masked_positions`` / ``masked_labels [B, P]`` (``data.loader.static_batch``; -100 padding,
+        ``masked_positions`` / ``masked_labels [B, P]`` (``data.batches.static_batch``; -100 padding,
         the same loss, no host sync, ``num_masked`` a tensor; a 2-D attention mask then becomes the
         4-D boolean mask attention uses, which spares transformers' check for padding)."""
         if masked_positions is not None and attention_mask is not None and attention_mask.dim() == 2:

@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..data.ahead import Prefetcher, WorkerLoader
+from ..data.batches import BatchIterator, static_batch, validation_batches
 from ..data.corpus import CorpusError
-from ..data.loader import (BatchIterator, MaskingConfig, Prefetcher, PretrainingDataset, WorkerLoader,
-                           static_batch, validation_batches)
+from ..data.sampling import MaskingConfig, PretrainingDataset
 from ..model.bert import SparseBertForPreTraining
 from ..seeding import derive_seed
 from ..sparse.freeze import PartialFreezer, freezable_linears

@@ -148,7 +148,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | int | None = None, da
     """Evaluate a run's final model or one of its checkpoints on its validation set (or another prepared
     corpus's), with the code training validates with. ``sequences``: a fixed random N of the split (the
     default is the run's ``data.validation_sequences`` on its own data, the whole split on other data)."""
-    from ..data.loader import validation_batches
+    from ..data.batches import validation_batches
     from .build import masking
     from .precision import resolve_precision
 

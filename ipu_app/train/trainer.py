@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .. import ops, signals
 from ..config import RunConfig
-from ..data.loader import Prefetcher, WorkerLoader
+from ..data.ahead import Prefetcher, WorkerLoader
 from ..data.tokenizer import file_sha256
 from ..io import first_line
 from ..machine import cpu_identity, machine_key

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ipu_app.data.corpus import CorpusError
-from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset, collate, validation_batches
+from ipu_app.data.batches import BatchIterator, collate, validation_batches
+from ipu_app.data.sampling import MaskingConfig, PretrainingDataset
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,8 @@ def _same(a, b):
 
 
 def test_prefetcher_hands_out_the_iterators_batches_and_resumes_where_it_handed_out(dataset):
-    from ipu_app.data.loader import Prefetcher, static_batch
+    from ipu_app.data.ahead import Prefetcher
+    from ipu_app.data.batches import static_batch
 
     plain = BatchIterator(dataset, 4)
     expected = [next(plain) for _ in range(12)]
@@ -165,7 +167,7 @@ def test_prefetcher_hands_out_the_iterators_batches_and_resumes_where_it_handed_
 
 
 def test_prefetcher_raises_the_iterators_error_in_the_consumer(dataset):
-    from ipu_app.data.loader import Prefetcher
+    from ipu_app.data.ahead import Prefetcher
 
     def broken(batch):
         raise CorpusError("shard 3 is damaged")
@@ -178,7 +180,8 @@ def test_prefetcher_raises_the_iterators_error_in_the_consumer(dataset):
 
 
 def test_worker_loader_gives_the_same_batches_for_any_number_of_workers_and_resumes(dataset):
-    from ipu_app.data.loader import WorkerLoader, static_batch
+    from ipu_app.data.ahead import WorkerLoader
+    from ipu_app.data.batches import static_batch
 
     plain = BatchIterator(dataset, 4)
     expected = [next(plain) for _ in range(10)]
@@ -231,7 +234,7 @@ def test_chunks_pack_each_documents_sentences_in_order_and_are_cached(data_dir, 
     cached = sorted((data_dir / "index").glob("train-chunks-125-*.npy"))
     assert len(cached) == 1 and np.array_equal(np.load(cached[0]), chunks)
     # the cached index is read back (memory-mapped), not rebuilt
-    from ipu_app.data.loader import ShardedSplit
+    from ipu_app.data.sampling import ShardedSplit
 
     monkeypatch.setattr(ShardedSplit, "_build_chunks", lambda self, target: pytest.fail("rebuilt"))
     again = PretrainingDataset(data_dir, "train", MaskingConfig(), seed=0).chunks
@@ -251,7 +254,7 @@ def test_the_chunk_index_is_computed_in_memory_when_it_cannot_be_written(tmp_pat
 
 @given(st.integers(0, 200), st.integers(1, 200), st.integers(1, 200), st.integers(2, 300))
 def test_truncation_in_closed_form_is_the_token_by_token_trim(a0, la, lb, target):
-    from ipu_app.data.loader import _truncate_pair
+    from ipu_app.data.sampling import _truncate_pair
 
     a1, b0 = a0 + la, a0 + la + 7
     b1 = b0 + lb
@@ -267,7 +270,7 @@ def test_truncation_in_closed_form_is_the_token_by_token_trim(a0, la, lb, target
 def test_a_validation_subset_is_a_fixed_random_sample(data_dir):
     """``max_sequences`` takes a seeded random subset (the same for every run), not the first N in
     corpus order; each sequence is the one the whole set holds at that index."""
-    from ipu_app.data.loader import validation_indices
+    from ipu_app.data.batches import validation_indices
 
     picked = validation_indices(1000, 64)
     assert len(set(picked.tolist())) == 64 and np.all(np.diff(picked) > 0)

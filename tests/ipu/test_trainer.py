@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ipu_app.config import ConfigError, load_config
-from ipu_app.data.loader import static_batch
+from ipu_app.data.batches import static_batch
 from ipu_app.ipu.model import IpuPretrainingModel
 from ipu_app.ipu.trainer import IpuTrainer, check_ipu_config
 from ipu_app.sparse.layer import sparse_weights
@@ -38,7 +38,8 @@ def cpu_and_ipu(data_dir, tmp_path, name, extra=(), ipu_extra=(), **ipu_kwargs):
 
 
 def test_static_graph_loss_equals_the_model(data_dir):
-    from ipu_app.data.loader import BatchIterator, MaskingConfig, PretrainingDataset
+    from ipu_app.data.batches import BatchIterator
+    from ipu_app.data.sampling import MaskingConfig, PretrainingDataset
     from ipu_app.model.bert import SparseBertForPreTraining
     config = small(data_dir)
     dataset = PretrainingDataset(data_dir, "train", MaskingConfig(128, 0.15, 20), seed=0)

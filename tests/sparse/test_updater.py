@@ -444,7 +444,7 @@ def test_updater_works_on_any_module_offering_the_interface():
 
 @pytest.mark.parametrize("module, foreign", [
     ("ipu_app.sparse.updater", ("ipu_app.model", "ipu_app.data", "ipu_app.train", "transformers")),
-    ("ipu_app.data.loader", ("ipu_app.model", "ipu_app.sparse", "ipu_app.train")),
+    ("ipu_app.data.ahead", ("ipu_app.model", "ipu_app.sparse", "ipu_app.train")),
 ])
 def test_layering_the_dynsparse_core_knows_no_model_and_the_data_no_sparsity(module, foreign):
     import subprocess

@@ -239,7 +239,7 @@ def test_describe_says_what_steps_rescaled_and_the_validation_size(capsys, data_
     assert info["intervals"] == {"log_every": 100, "validate_every": 500, "checkpoint_every": 300}
     assert info["adjusted"] == {"training.warmup_steps": [10000, 26], "training.validate_every": [10000, 500],
                                          "sparsity.segments": [160, 2]}  # checkpoint_every was set: it wins
-    from ipu_app.data.loader import validation_batches
+    from ipu_app.data.batches import validation_batches
 
     available = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 64))
     assert info["validation"]["available"] == available == info["validation"]["used"] > 0

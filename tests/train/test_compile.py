@@ -7,7 +7,7 @@ import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from ipu_app import ops
-from ipu_app.data.loader import static_batch
+from ipu_app.data.batches import static_batch
 from ipu_app.model.bert import ModelConfig, SparseBertForPreTraining
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.ops import cpu

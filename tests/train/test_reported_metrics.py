@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from ipu_app.config import load_config
-from ipu_app.data.loader import BatchIterator, MaskingConfig, validation_batches
+from ipu_app.data.batches import BatchIterator, validation_batches
+from ipu_app.data.sampling import MaskingConfig
 from ipu_app.commands.export import export_run
 from ipu_app.model.export import export_hf
 from ipu_app.sparse.layer import sparse_weights

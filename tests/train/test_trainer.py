@@ -374,7 +374,7 @@ def test_final_validation_is_announced_and_counted_in_wall_time(data_dir, tmp_pa
     summary = trainer.train()
     assert list(timed) == [True]  # step 4 is the end: one validation, the final one
     assert summary["wall_time_s"] >= summary["train_time_s"] + timed[True]
-    from ipu_app.data.loader import validation_batches
+    from ipu_app.data.batches import validation_batches
 
     sequences = sum(b["input_ids"].shape[0] for b in validation_batches(data_dir, 4, max_sequences=16))
     assert f"final validation: {sequences} sequences" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def measure_index(data_dir: Path, seq_len: int) -> dict:
     """Seconds to build the chunk index (nothing cached) and to open it again (cached)."""
     import shutil
 
-    from ...data.loader import MaskingConfig, PretrainingDataset
+    from ...data.sampling import MaskingConfig, PretrainingDataset
 
     shutil.rmtree(data_dir / "index", ignore_errors=True)
     start = time.perf_counter()
@@ -167,7 +167,9 @@ class LoaderRow:
 def measure_loader(data_dir: Path, workers: int, batch_size: int, seq_len: int, batches: int) -> LoaderRow:
     """Training tokens (attention positions) per second handed out, after two warm-up batches (the
     workers' start is not counted)."""
-    from ...data.loader import BatchIterator, MaskingConfig, PretrainingDataset, WorkerLoader
+    from ...data.ahead import WorkerLoader
+    from ...data.batches import BatchIterator
+    from ...data.sampling import MaskingConfig, PretrainingDataset
 
     dataset = PretrainingDataset(data_dir, "train", MaskingConfig(seq_len=seq_len))
     loader = BatchIterator(dataset, batch_size)

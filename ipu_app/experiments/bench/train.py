@@ -154,7 +154,8 @@ def hf_step(dense) -> Callable[[], None]:
     position (Hugging Face's way)."""
     from transformers import BertForPreTraining
 
-    from ...data.loader import BatchIterator, Prefetcher
+    from ...data.ahead import Prefetcher
+    from ...data.batches import BatchIterator
 
     device, precision, accumulation = dense.device, dense.precision, dense.accumulation
     torch.manual_seed(0)
