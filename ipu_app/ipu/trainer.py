@@ -20,6 +20,7 @@ from ..train.distributed import DistContext
 from ..train.optim import parameter_groups
 from ..train.precision import resolve_precision
 from ..train.sums import TRAIN_FIELDS, Sums
+from ..train.state import StepContext
 from ..train.step import StepResult, real_token_count
 from ..train.trainer import Trainer
 from . import import_poptorch
@@ -109,6 +110,8 @@ class IpuStep:
     optimizer step; pattern updates through :class:`IpuPatternSync`; the host reads the weights from
     the device before validation and checkpoints. The loop around it is the CPU/GPU trainer's."""
 
+    shards_validation = False  # instance 0 validates on the whole set (no host all-reduce)
+
     def __init__(self, config: RunConfig, *, poptorch=None, popdist=None, popsparse_library=None) -> None:
         check_ipu_config(config)
         self.poptorch = poptorch if poptorch is not None else import_poptorch()
@@ -122,22 +125,27 @@ class IpuStep:
         self.static_popsparse = None
         self._last_batch = None
 
-    def make_optimizer(self, trainer: Trainer):
-        o = trainer.config.optimizer
+    def host_precision(self, config: RunConfig, device: torch.device):
+        return resolve_precision("fp32", torch.device("cpu"))  # host-side validation
+
+    def loss_divisor(self, accumulation: int, world_size: int) -> int:
+        return self.micro_per_call  # window sums: this instance's micro-batches, not reduced
+
+    def make_optimizer(self, model: torch.nn.Module, config: RunConfig):
+        o = config.optimizer
         loss_scaling = o.loss_scale if isinstance(o.loss_scale, float) else None
         return self.poptorch.optim.AdamW(
-            parameter_groups(trainer.model, o.weight_decay, o.sparse_weight_decay), lr=trainer.config.learning_rate,
+            parameter_groups(model, o.weight_decay, o.sparse_weight_decay), lr=config.learning_rate,
             betas=(o.beta1, o.beta2),
             eps=o.eps, weight_decay=o.weight_decay, loss_scaling=loss_scaling,
             max_grad_norm=o.max_grad_norm or None, bias_correction=True,
             accum_type=torch.float32, first_order_momentum_accum_type=torch.float32,
             second_order_momentum_accum_type=torch.float32)
 
-    def attach(self, trainer: Trainer) -> None:
-        config, model, poptorch = trainer.config, trainer.model, self.poptorch
-        trainer.precision = resolve_precision("fp32", torch.device("cpu"))  # host-side validation
-        trainer._loss_divisor = self.micro_per_call  # window sums: this instance's micro-batches, not reduced
-        if config.ipu.sparse_op == "popsparse" and trainer.sparse_layers:
+    def attach(self, ctx: StepContext) -> None:
+        config, state, poptorch = ctx.config, ctx.state, self.poptorch
+        model = state.model
+        if config.ipu.sparse_op == "popsparse" and state.sparse_layers:
             from .custom_ops import PopsparseLayers
             from .popsparse import sparse_matmul_options
 
@@ -146,7 +154,7 @@ class IpuStep:
                                             config.sparsity.block_size)
             self.popsparse = PopsparseLayers(model, poptorch, config.micro_batch_size * config.data.seq_len,
                                              options, self.half, library=self.popsparse_library)
-        if config.ipu.sparse_op == "popsparse_static" and trainer.sparse_layers:
+        if config.ipu.sparse_op == "popsparse_static" and state.sparse_layers:
             from .custom_ops import StaticPopsparseLayers
 
             self.static_popsparse = StaticPopsparseLayers(model, poptorch, config.micro_batch_size * config.data.seq_len,
@@ -158,39 +166,35 @@ class IpuStep:
             self.wrapper.half()
         # The executor wraps ``self.wrapper``: PopART names of the model's tensors start with "model.".
         options = build_options(config, poptorch, pattern_buffer_names(model, "model."), popdist=self.popdist)
-        self.executor = poptorch.trainingModel(self.wrapper, options=options, optimizer=trainer.optimizer)
-        self.sync = (IpuPatternSync(self.executor, trainer.optimizer, trainer.updater, model,
+        self.executor = poptorch.trainingModel(self.wrapper, options=options, optimizer=state.optimizer)
+        self.sync = (IpuPatternSync(self.executor, state.optimizer, state.updater, model,
                                     dense_gradient=self._host_dense_gradient, prefix="model.",
                                     on_pattern_change=self.popsparse.refresh if self.popsparse else None)
-                     if trainer.updater is not None else None)
-        if trainer.dist.world_size > 1:  # the loop sliced validation by rank for all-reduced sums
-            from ..train.build import build_validation
-
-            trainer.validation, _ = build_validation(config, trainer.data_dir, trainer.dist, trainer.static_masks,
-                                                     shard=False)
+                     if state.updater is not None else None)
 
     # -------------------------------------------------------------------- one step
-    def call_batch(self, trainer: Trainer) -> dict:
+    def call_batch(self, ctx: StepContext) -> dict:
         """One executor call's input: ``micro_per_call`` micro-batches, concatenated."""
-        micro = [static_batch(trainer.next_batch(), trainer.config.data.max_predictions)
+        micro = [static_batch(ctx.state.next_batch(), ctx.config.data.max_predictions)
                  for _ in range(self.micro_per_call)]
         batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
         self._last_batch = micro[-1]
         return batch
 
-    def step(self, trainer: Trainer, step: int) -> StepResult:
-        batch = self.call_batch(trainer)
-        lr = trainer.scheduler.get_last_lr()[0]
+    def step(self, ctx: StepContext, step: int) -> StepResult:
+        batch = self.call_batch(ctx)
+        scheduler = ctx.state.scheduler
+        lr = scheduler.get_last_lr()[0]
         # Outputs are per micro-batch of the call; summed here (no all-reduce: instances do not share
         # sums, so logged training losses are instance 0's replicas').
         loss, mlm, nsp, correct, masked = (torch.as_tensor(t).double().sum() for t in self.executor(**batch))
-        trainer.scheduler.step()
-        self.executor.setOptimizer(trainer.optimizer)  # the new learning rate, without recompiling
+        scheduler.step()
+        self.executor.setOptimizer(ctx.state.optimizer)  # the new learning rate, without recompiling
         sums = Sums(TRAIN_FIELDS).add(mlm_loss=mlm, nsp_loss=nsp, mlm_correct=correct)
         return StepResult(finite=bool(torch.isfinite(loss)), grad_norm=float("nan"), lr=lr, sums=sums,
                           masked=int(masked), tokens=batch["input_ids"].numel(), real_tokens=real_token_count(batch))
 
-    def update_pattern(self, trainer: Trainer, step: int):
+    def update_pattern(self, ctx: StepContext, step: int):
         return self.sync.step(step)
 
     def _host_dense_gradient(self, model, step: int) -> None:
@@ -206,24 +210,19 @@ class IpuStep:
 
     # ------------------------------------------------------- validation, checkpoints
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer, final: bool, evaluate) -> dict:
+    def evaluate(self, ctx: StepContext, final: bool, evaluate) -> dict:
         self.executor.copyWeightsToHost()
-        if not trainer.dist.is_main:  # instance 0 validates on the whole set; the others go on
+        if not ctx.dist.is_main:  # instance 0 validates on the whole set; the others go on
             nan = float("nan")
             return {"mlm_loss": nan, "mlm_accuracy": nan, "nsp_loss": nan, "sequences": 0}
         if not self.half:
             return evaluate(final)
-        device_model, trainer.model = trainer.model, copy.deepcopy(trainer.model).float()
-        compiled, trainer.compiled_eval = trainer.compiled_eval, trainer.model
-        try:
-            return evaluate(final)
-        finally:
-            trainer.model, trainer.compiled_eval = device_model, compiled
+        return evaluate(final, copy.deepcopy(ctx.state.model).float())  # validation runs in fp32 on the host
 
-    def before_checkpoint(self, trainer: Trainer) -> None:
+    def before_checkpoint(self, ctx: StepContext) -> None:
         self.executor.copyWeightsToHost()
 
-    def close(self, trainer: Trainer) -> None:
+    def close(self, ctx: StepContext) -> None:
         self.executor.destroy()
 
 

@@ -143,3 +143,45 @@ def build_freezer(config: RunConfig, model) -> PartialFreezer | None:
     paths = {SPARSE_MODULES[m] for m in s.modules}
     return PartialFreezer(freezable_linears(model.bert.encoder, paths, "bert.encoder."), s.freeze, s.ratio,
                           config.training.steps, config.seed)
+
+
+def choose_kernels(config: RunConfig, model, sparse_layers: list, device: torch.device, dtype: torch.dtype,
+                   threads: int, dist: DistContext, kernels_path: Path, resume: bool, progress: bool) -> list:
+    """``backend: auto`` on a CPU: what runs each sparse layer kind and the attention, measured
+    (``ops.autotune``) or, on a resume on the same CPU, as the run recorded in ``kernels_path`` (the
+    same kernels compute the same numbers); the decisions are recorded there for the next resume.
+    Rank 0 measures alone (ranks timing at once would time each other's load); the others adopt."""
+    import sys
+
+    from .. import ops
+    from ..model.attention import choose_attention
+    from ..ops import autotune
+
+    if not autotune.enabled() or device.type != "cpu" or config.backend == "ipu":
+        # the IPU's graph is compiled from the host model: nothing there is timed on the host
+        choose_attention(model, config.model.attention, device, dtype, 1, 1, measure=False)
+        return []
+
+    def decide() -> list:
+        decisions = ops.tune_layers([layer for _, layer in sparse_layers], device, dtype,
+                                    config.micro_batch_size * config.data.seq_len, threads, progress=progress)
+        attention = choose_attention(model, config.model.attention, device, dtype, config.micro_batch_size,
+                                     config.data.seq_len, threads, progress)
+        return decisions + ([attention] if attention is not None else [])
+
+    recorded = autotune.read_record(kernels_path) if resume else None
+    if recorded is not None:
+        if recorded["identity"]["cpu"] == autotune.identity()["cpu"]:
+            autotune.TUNER.adopt(recorded["decisions"])
+        elif dist.is_main:
+            print(f"note: this run's sparse kernels were chosen on {recorded['identity']['cpu']}; "
+                  "measuring again on this CPU", file=sys.stderr)
+    decisions = decide() if dist.is_main else []
+    if dist.enabled:
+        entries = dist.all_gather_object([d.to_dict() for d in decisions])[0]
+        if not dist.is_main:
+            autotune.TUNER.adopt(entries)
+            decisions = decide()
+    if decisions and dist.is_main:
+        autotune.write_record(kernels_path, decisions)
+    return decisions

@@ -18,7 +18,9 @@ import errno
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +37,113 @@ class CheckpointError(RuntimeError):
 
 class CheckpointDamaged(CheckpointError):
     """A checkpoint's files are incomplete or unreadable (an older kept one may still be good)."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores a run by key: the model's weights in ``model.safetensors``, and under its key
+    in ``state.pt`` the ``state_dict`` of every part (``parts``: key -> a ``Stateful``, None for a part
+    the run lacks). Restoring loads the newest intact checkpoint's weights, then gives each part the
+    state saved under its key (None where the checkpoint has none), in ``parts``' order; a part that
+    refuses it makes the checkpoint one of another run."""
+
+    def __init__(self, run_dir: str | Path, model: torch.nn.Module, config: dict, parts: dict[str, Stateful | None],
+                 *, keep: int, dist) -> None:
+        self.run_dir, self.model, self.config, self.parts = Path(run_dir), model, config, parts
+        self.keep, self.dist = keep, dist
+
+    def save(self, step: int) -> Path | None:
+        """Every part's state (a part may gather from every rank); rank 0 writes."""
+        state = {"config": self.config,
+                 **{key: part.state_dict() if part is not None else None for key, part in self.parts.items()}}
+        path = save_checkpoint(self.run_dir, step, self.model, state, self.keep) if self.dist.is_main else None
+        self.dist.barrier()
+        return path
+
+    def restore(self) -> tuple[int, Path]:
+        """Load the newest intact checkpoint into the model and every part; its step and path."""
+        path, state = self._load_latest_intact()
+        for key, part in self.parts.items():
+            if part is None:
+                continue
+            try:
+                part.load_state_dict(state.get(key))
+            except CheckpointError:
+                raise
+            except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"checkpoint {path} does not match this run ({key}: {first_line(exc)})"
+                                      ) from None
+        return int(state["step"]), path
+
+    def _load_latest_intact(self) -> tuple[Path, dict]:
+        """The newest checkpoint that loads; a damaged one (a crash, a full disk) is passed over with
+        a warning for the one before it. A checkpoint of another config is an error, not passed over."""
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/step_*)")
+        damaged = []
+        for _, path in reversed(found):
+            try:
+                state = load_checkpoint(path, self.model, config=self.config)
+            except CheckpointDamaged as exc:
+                damaged.append(str(exc))
+                continue
+            if damaged and self.dist.is_main:
+                for message in damaged:
+                    print(f"warning: {message}; resuming from the older {path.name}", file=sys.stderr)
+            return path, state
+        raise CheckpointError(f"no intact checkpoint in {self.run_dir}: {damaged[0]}"
+                              + (f" (and {len(damaged) - 1} older)" if len(damaged) > 1 else ""))
+
+
+class Attr:
+    """An attribute of ``owner`` as a checkpoint part: ``save`` turns its value into plain data,
+    ``load`` plain data into the value set back."""
+
+    def __init__(self, owner, name: str, *, save: Callable = lambda v: v, load: Callable = lambda v: v) -> None:
+        self.owner, self.name, self.save, self.load = owner, name, save, load
+
+    def state_dict(self):
+        return self.save(getattr(self.owner, self.name))
+
+    def load_state_dict(self, state) -> None:
+        setattr(self.owner, self.name, self.load(state))
+
+
+class Expected:
+    """A value the checkpoint must hold unchanged (e.g. the data's manifest hash); ``changed`` says
+    what to do when it differs. Checkpoints of older versions without it pass."""
+
+    def __init__(self, value, changed: str) -> None:
+        self.value, self.changed = value, changed
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state) -> None:
+        if state is not None and state != self.value:
+            raise CheckpointError(self.changed)
+
+
+class RngState:
+    """Every RNG of every rank (one entry per rank, gathered); each rank restores its own."""
+
+    def __init__(self, dist) -> None:
+        self.dist = dist
+
+    def state_dict(self) -> list:
+        return self.dist.all_gather_object(rng_state())
+
+    def load_state_dict(self, state: list) -> None:
+        if len(state) != self.dist.world_size:
+            raise CheckpointError(f"the checkpoint was written by {len(state)} processes, this run has "
+                                  f"{self.dist.world_size}; resume with the same number of processes")
+        set_rng_state(state[self.dist.rank])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

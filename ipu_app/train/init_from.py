@@ -275,3 +275,11 @@ def _check_shape(found: torch.Tensor, shape: tuple, key: str, source: InitSource
     if tuple(found.shape) != tuple(shape):
         raise InitFromError(f"--init-from {source.path}: {key} is {tuple(found.shape)} there, {tuple(shape)} in this "
                             "run's model; the model sizes differ (set model.size to the source's)")
+
+
+def init_line(record: dict) -> str:
+    """The line a run starting from ``training.init_from`` prints: what was loaded (``initialize_from``'s record)."""
+    step = "" if record["step"] is None else f", step {record['step']}"
+    fresh = f", freshly initialised: {', '.join(record['fresh'])}" if record["fresh"] else ""
+    return (f"starting from {record['path']} ({record['kind']}{step}): pattern {record['pattern'] or '-'}, "
+            f"position embeddings {record['positions'] or 'as saved'}{fresh}")

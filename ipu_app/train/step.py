@@ -14,17 +14,16 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from ..sparse.regularize import group_lasso_
 from .optim import build_optimizer
+from .precision import Precision, resolve_precision
+from .state import StepContext
 from .sums import TRAIN_FIELDS, Sums, output_sums
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 @dataclass
@@ -42,25 +41,37 @@ class StepResult:
 
 
 class StepBackend(Protocol):
-    def make_optimizer(self, trainer: "Trainer") -> torch.optim.Optimizer:
-        """The optimizer of the trainer's model (called once, while the trainer is built)."""
+    """What differs between devices; every method but the first three gets the run's
+    :class:`~.state.StepContext` (the state and the fixed settings), never the trainer."""
 
-    def attach(self, trainer: "Trainer") -> None:
-        """Everything built from the finished trainer (compiled graphs, executors)."""
+    shards_validation: bool  # each rank validates its share (sums all-reduced), or every rank all of it
 
-    def step(self, trainer: "Trainer", step: int) -> StepResult:
+    def host_precision(self, config, device: torch.device) -> Precision:
+        """The precision of what runs on ``device`` in this process (training and validation)."""
+
+    def loss_divisor(self, accumulation: int, world_size: int) -> int:
+        """How many micro-batch means one step's loss sums add (their divisor for a mean)."""
+
+    def make_optimizer(self, model: torch.nn.Module, config) -> torch.optim.Optimizer:
+        """The optimizer of the model (called once, while the state is built)."""
+
+    def attach(self, ctx: StepContext) -> None:
+        """Everything built from the finished state (compiled graphs, executors)."""
+
+    def step(self, ctx: StepContext, step: int) -> StepResult:
         """Optimizer step number ``step``."""
 
-    def update_pattern(self, trainer: "Trainer", step: int):
+    def update_pattern(self, ctx: StepContext, step: int):
         """The scheduled pattern update after ``step`` (an accelerator moves its state here)."""
 
-    def evaluate(self, trainer: "Trainer", final: bool, evaluate: Callable[[bool], dict]) -> dict:
-        """Validation: ``evaluate(final)`` on the host model, after whatever makes it current."""
+    def evaluate(self, ctx: StepContext, final: bool, evaluate: Callable[..., dict]) -> dict:
+        """Validation: ``evaluate(final)`` on the host model after whatever makes it current, or
+        ``evaluate(final, model)`` on another one."""
 
-    def before_checkpoint(self, trainer: "Trainer") -> None:
+    def before_checkpoint(self, ctx: StepContext) -> None:
         """Bring the weights to the host model before a checkpoint reads them."""
 
-    def close(self, trainer: "Trainer") -> None:
+    def close(self, ctx: StepContext) -> None:
         """Release what the backend holds (executors)."""
 
 
@@ -70,74 +81,83 @@ class TorchStep:
     check), the optimizer step unless non-finite, group lasso with the step's learning rate,
     ``zero_grad``, the learning-rate schedule. RigL's recording steps run the eager model."""
 
-    def make_optimizer(self, trainer: "Trainer") -> torch.optim.Optimizer:
-        return build_optimizer(trainer.model, trainer.config)
+    shards_validation = True
 
-    def attach(self, trainer: "Trainer") -> None:
+    def host_precision(self, config, device: torch.device) -> Precision:
+        return resolve_precision(config.training.precision, device)
+
+    def loss_divisor(self, accumulation: int, world_size: int) -> int:
+        return accumulation * world_size  # the sums are all-reduced over ranks
+
+    def make_optimizer(self, model: torch.nn.Module, config) -> torch.optim.Optimizer:
+        return build_optimizer(model, config)
+
+    def attach(self, ctx: StepContext) -> None:
         pass
 
-    def step(self, trainer: "Trainer", step: int) -> StepResult:
-        model, optimizer, updater = trainer.model, trainer.optimizer, trainer.updater
+    def step(self, ctx: StepContext, step: int) -> StepResult:
+        state, config = ctx.state, ctx.config
+        model, optimizer, updater = state.model, state.optimizer, state.updater
         model.train()
         if updater is not None:
             updater.begin_step(step)  # RigL: dense gradients only before an update
         # RigL's recording steps run eagerly (tensor hooks); the others run the compiled model.
         recording = updater is not None and updater.needs_dense_grad(step)
-        forward = trainer.forward_model if recording else trainer.compiled_model
-        sums = Sums(TRAIN_FIELDS, trainer.device)
+        forward = state.forward_model if recording else state.compiled_model
+        sums = Sums(TRAIN_FIELDS, ctx.device)
         tokens = real_tokens = masked = 0
-        accumulation, dist, scaler = trainer.accumulation, trainer.dist, trainer.scaler
+        accumulation, dist, scaler = ctx.accumulation, ctx.dist, state.scaler
         for micro in range(accumulation):
-            batch = trainer.next_batch()
+            batch = state.next_batch()
             masked += masked_tokens(batch)  # counted on the host, before the copy
             tokens += batch["input_ids"].numel()
             real_tokens += real_token_count(batch)
-            batch = {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             last = micro == accumulation - 1
             # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or not dist.enabled else trainer.forward_model.no_sync()
+            sync = contextlib.nullcontext() if last or not dist.enabled else state.forward_model.no_sync()
             with sync:
-                with trainer.precision.autocast():
+                with ctx.precision.autocast():
                     out = forward(**batch)
                 loss = out.loss / accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
             sums.add(**output_sums(out))  # on the device: no sync per micro-batch
         if scaler:
             scaler.unscale_(optimizer)
-        if trainer.freezer is not None:
-            trainer.freezer.before_optimizer_step(step)
-        max_norm = trainer.config.optimizer.max_grad_norm or float("inf")
+        if state.freezer is not None:
+            state.freezer.before_optimizer_step(step)
+        max_norm = config.optimizer.max_grad_norm or float("inf")
         # The step's one host sync: whether the gradients are finite decides the optimizer step.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         finite = math.isfinite(grad_norm)
-        lr = trainer.scheduler.get_last_lr()[0]
+        lr = state.scheduler.get_last_lr()[0]
         if scaler:
             scaler.step(optimizer)  # skips the step itself when the gradients overflowed
             scaler.update()
         elif finite:
             optimizer.step()
-        if trainer.freezer is not None:
-            trainer.freezer.after_optimizer_step(step)
-        if finite and trainer.config.sparsity.group_lasso > 0:
-            for _, layer in trainer.sparse_layers:
-                group_lasso_(layer.values, lr, trainer.config.sparsity.group_lasso)
+        if state.freezer is not None:
+            state.freezer.after_optimizer_step(step)
+        if finite and config.sparsity.group_lasso > 0:
+            for _, layer in state.sparse_layers:
+                group_lasso_(layer.values, lr, config.sparsity.group_lasso)
         optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            trainer.scheduler.step()
+            state.scheduler.step()
         return StepResult(finite=finite, grad_norm=grad_norm, lr=lr, sums=sums, masked=masked,
                           tokens=tokens * dist.world_size, real_tokens=real_tokens * dist.world_size)
 
-    def update_pattern(self, trainer: "Trainer", step: int):
-        return trainer.updater.step(step)
+    def update_pattern(self, ctx: StepContext, step: int):
+        return ctx.state.updater.step(step)
 
-    def evaluate(self, trainer: "Trainer", final: bool, evaluate: Callable[[bool], dict]) -> dict:
+    def evaluate(self, ctx: StepContext, final: bool, evaluate: Callable[..., dict]) -> dict:
         return evaluate(final)
 
-    def before_checkpoint(self, trainer: "Trainer") -> None:
+    def before_checkpoint(self, ctx: StepContext) -> None:
         pass
 
-    def close(self, trainer: "Trainer") -> None:
+    def close(self, ctx: StepContext) -> None:
         pass
 
 

@@ -170,7 +170,7 @@ def test_a_run_records_its_choices_and_a_resume_keeps_them(tuner, data_dir, tmp_
     *layers, attention = record["decisions"]
     assert sorted(d["key"] for d in layers) == sorted(f"{o}x{i} b16 nnz{n} float32 T512 t{trainer.threads}"
                                                    for o, i, n in ((128, 128, 6), (512, 128, 26), (128, 512, 26)))
-    assert {layer.kernels for _, layer in trainer.sparse_layers} == {d["choice"] for d in layers}
+    assert {layer.kernels for _, layer in trainer.state.sparse_layers} == {d["choice"] for d in layers}
     # the attention: the faster of the two at the run's micro-batch (4 x 128 tokens, 2 heads of 64)
     assert attention["key"] == f"attention B4 H2 S128 D64 float32 t{trainer.threads}"
     assert set(attention["ms"]) == {"sdpa", "eager"} and attention["choice"] == min(attention["ms"], key=attention["ms"].get)
@@ -184,7 +184,7 @@ def test_a_run_records_its_choices_and_a_resume_keeps_them(tuner, data_dir, tmp_
     monkeypatch.setattr(autotune, "measure", lambda kind: pytest.fail("a resume measured again"))
     monkeypatch.setattr("ipu_app.model.attention.measure", lambda kind: pytest.fail("a resume measured again"))
     resumed = new_trainer(config, run, resume=True)
-    assert {layer.kernels for _, layer in resumed.sparse_layers} == {d["choice"] for d in flipped[:-1]}
+    assert {layer.kernels for _, layer in resumed.state.sparse_layers} == {d["choice"] for d in flipped[:-1]}
     assert resumed.model.bert.config._attn_implementation == flipped[-1]["choice"]
     summary = resumed.train()
     assert "as the run recorded" in capsys.readouterr().err

@@ -65,11 +65,11 @@ def run(data_dir, tmp_path_factory):
     seen = {"accumulation": trainer.accumulation}
     assert trainer.train(stop_at=CHECKED_STEP - 1) is None
     seen["before_step"] = export_hf(trainer.model, root / "before_step")  # the weights step 3 starts from
-    batches = BatchIterator(trainer.batches.dataset, MICRO, 0, 1)
-    batches.load_state_dict(trainer.batches.state_dict())
+    batches = BatchIterator(trainer.state.batches.dataset, MICRO, 0, 1)
+    batches.load_state_dict(trainer.state.batches.state_dict())
     seen["step_batches"] = [next(batches) for _ in range(trainer.accumulation)]
     seen["step_patterns"] = _patterns(trainer.model)
-    update_steps = list(trainer.schedule.steps)
+    update_steps = list(trainer.state.schedule.steps)
     assert update_steps == [4, 8]  # n = 3 segments of 12 steps
     seen["update_steps"], seen["block_size"] = update_steps, trainer.config.sparsity.block_size
     patterns = []

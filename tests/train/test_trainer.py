@@ -101,10 +101,10 @@ def test_resume_from_inside_a_logging_window_is_bit_exact(data_dir, tmp_path):
         run = tmp_path / f"stop{stop}"
         part = new_trainer(config, run)
         assert part.train(stop_at=stop) is None  # the stop writes a checkpoint at this step
-        assert part.window.steps == stop % 4 and part.window.sums is not None
+        assert part.state.window.steps == stop % 4 and part.state.window.sums is not None
         resumed = new_trainer(config, run, resume=True)
-        assert resumed.step == stop and resumed.window.steps == stop % 4
-        assert resumed.window.sums.values.device == resumed.device
+        assert resumed.step == stop and resumed.state.window.steps == stop % 4
+        assert resumed.state.window.sums.values.device == resumed.device
         summary = resumed.train()
         assert [r["step"] for r in records(run)] == [4, 8]
         assert records(run) == records(tmp_path / "full"), stop
@@ -229,14 +229,14 @@ def test_sigint_finishes_the_step_and_writes_a_checkpoint(data_dir, tmp_path):
 # ------------------------------------------------- half-run freezing (paper Fig. 1b)
 
 def weights(trainer):
-    return {name: layer.weight.detach().clone() for name, layer in trainer.freezer.layers}
+    return {name: layer.weight.detach().clone() for name, layer in trainer.state.freezer.layers}
 
 
 @pytest.mark.parametrize("mode", ["early", "late"])
 def test_subset_is_untrained_for_half_the_run(data_dir, tmp_path, mode):
     config = small_config(data_dir, "bert_tiny_dense", f"sparsity.freeze={mode}", "sparsity.ratio=0.9")
     trainer = new_trainer(config, tmp_path / "run")
-    freezer = trainer.freezer
+    freezer = trainer.state.freezer
     assert len(freezer.layers) == 2 * 6 and freezer.switch_step == 6  # tiny: 2 layers x 6 linears
     assert freezer.frozen_fraction() == pytest.approx(0.9, abs=1e-4)
     start = weights(trainer)
@@ -565,15 +565,15 @@ def test_host_reads_do_not_grow_with_micro_batches_and_prefetching_trains_alike(
     plain, ahead = tmp_path / "plain", tmp_path / "ahead"
     new_trainer(small_config(data_dir), plain).train()
     trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "data.prefetch_batches=3"), ahead)
-    assert type(trainer.batches).__name__ == "Prefetcher"
+    assert type(trainer.state.batches).__name__ == "Prefetcher"
     trainer.train()
-    assert trainer.batches._thread is None  # the finished run stopped its prefetch thread
+    assert trainer.state.batches._thread is None  # the finished run stopped its prefetch thread
     assert train_losses(ahead) == train_losses(plain)  # the same batches, bit for bit
     workers = tmp_path / "workers"
     trainer = new_trainer(small_config(data_dir, "bert_tiny_sparse", "data.num_workers=2"), workers)
-    assert type(trainer.batches).__name__ == "WorkerLoader"
+    assert type(trainer.state.batches).__name__ == "WorkerLoader"
     trainer.train()
-    assert trainer.batches._iterator is None  # the finished run stopped its worker processes
+    assert trainer.state.batches._iterator is None  # the finished run stopped its worker processes
     assert train_losses(workers) == train_losses(plain)
     with pytest.raises(ConfigError, match="data.num_workers must be an integer >= 0, got -1"):
         small_config(data_dir, "bert_tiny_sparse", "data.num_workers=-1")
