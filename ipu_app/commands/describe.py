@@ -12,6 +12,8 @@ from ..config import RunConfig
 from ..model.bert import SparseBertForPreTraining
 from ..sparse.flops import non_embedding_params
 from ..sparse.updater import PRG_WARN
+from ..train.build import model_config, run_flops, schedule_warning, segment_steps, update_schedule
+from ..train.optim import peak_learning_rate
 
 
 def encoder_share(config: RunConfig, model: SparseBertForPreTraining, trained: int, rows: list[dict]) -> dict:
@@ -40,14 +42,14 @@ def describe(config: RunConfig, world_size: int = 1, threads: int | None = None)
     from ..data.prepare import data_vocabulary
 
     vocabulary = data_vocabulary(config.data)  # the data's tokenizer, not the config's request
-    model = SparseBertForPreTraining(config.model_config(vocabulary["vocab_size"]), initialize=False)
+    model = SparseBertForPreTraining(model_config(config, vocabulary["vocab_size"]), initialize=False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = model.layer_sparsity()
     t, s = config.training, config.sparsity
-    updates = len(config.update_schedule())
+    updates = len(update_schedule(config))
     return {
         "config": config.to_saved_dict(),
-        "learning_rate": config.learning_rate,
+        "learning_rate": peak_learning_rate(config),
         "global_batch_size": t.batch_size,
         "micro_batch_size": config.micro_batch_size,
         "gradient_accumulation": config.accumulation_steps(world_size),
@@ -58,8 +60,8 @@ def describe(config: RunConfig, world_size: int = 1, threads: int | None = None)
         "freeze": (None if s.freeze == "none" else
                    {"mode": s.freeze, "fraction": s.ratio, "switch_step": t.steps // 2,
                     "untrained_steps": f"1..{t.steps // 2}" if s.freeze == "early" else f"{t.steps // 2 + 1}..{t.steps}"}),
-        "steps_between_updates": config.segment_steps,
-        "schedule_warning": config.schedule_warning(),
+        "steps_between_updates": segment_steps(config),
+        "schedule_warning": schedule_warning(config),
         # What the run's update records report as mean_pruned_recently_grown (fraction of pruned blocks
         # grown at the previous update): chance level (age-blind pruning) is about the fraction of the
         # active blocks that update regrew, ~pr(t); near 1 means regrown blocks never mature.
@@ -73,7 +75,7 @@ def describe(config: RunConfig, world_size: int = 1, threads: int | None = None)
         "trained_params": trained,
         "non_embedding_params": non_embedding_params(model.config.num_layers, model.config.hidden_size),
         "layers": rows,
-        **config.run_flops(model.active_encoder_weights()),
+        **run_flops(config, model.active_encoder_weights()),
         "encoder_share": encoder_share(config, model, trained, rows),
         "intervals": {key: getattr(t, key) for key in ("log_every", "validate_every", "checkpoint_every")},
         "adjusted": {key: list(change) for key, change in config.adjusted.items()},

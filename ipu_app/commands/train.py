@@ -236,14 +236,17 @@ def _train_locked(args, ctx, config: RunConfig, run: RunDir, created: bool) -> i
         if ctx.is_main:
             run.forget_progress()
     try:
+        from ..data.prepare import ready_data
+
+        data_dir = ready_data(config.data, progress=not args.no_progress and ctx.is_main)  # before the trainer
         if config.backend == "ipu":
             from ..ipu.trainer import IpuTrainer, import_popdist
 
             trainer = IpuTrainer(config, run_dir, resume=resume, progress=not args.no_progress,
-                                 popdist=import_popdist(), threads=args.threads)
+                                 popdist=import_popdist(), threads=args.threads, data_dir=data_dir)
         else:
             trainer = Trainer(config, run_dir, resume=resume, progress=not args.no_progress, dist=ctx,
-                              threads=args.threads)
+                              threads=args.threads, data_dir=data_dir)
     except BaseException:
         if not args.resume and ctx.is_main:  # the run never started: leave no half-made run directory
             run.remove_new(created)

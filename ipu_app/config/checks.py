@@ -8,7 +8,7 @@ from typing import Any
 from ..choices import (ATTENTION_IMPLEMENTATIONS, BACKEND_NAMES, BIAS_CORRECTIONS, BLOCK_METRICS, FREEZE_MODES,
                        INACTIVE_MODES, INIT_PATTERNS, PRECISIONS, PRUNING_SCHEDULES, REGROWTH_RULES, SPARSITY_MODES,
                        SUPPORTED_BLOCK_SIZES, VALUE_INITS)
-from ..model.sizes import MODEL_SIZES, SPARSE_MODULES
+from ..choices import MODEL_SIZES, SPARSE_MODULES
 from .schema import ConfigError, RunConfig
 
 

@@ -4,15 +4,12 @@ file is ``config.loading``; the checks of ``RunConfig.validate`` are ``config.ch
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import yaml
 
-from ..choices import FINETUNE_PATTERNS, FINETUNE_SAVES, FINETUNE_TASK_TYPES
-from ..model.sizes import MODEL_SIZES, SPARSE_MODULES
-from ..sparse.flops import non_embedding_params
+from ..choices import FINETUNE_PATTERNS, FINETUNE_SAVES, FINETUNE_TASK_TYPES, SPARSE_MODULES
 
 
 class ConfigError(ValueError):
@@ -234,14 +231,6 @@ class RunConfig:
         return per_process
 
     @property
-    def learning_rate(self) -> float:
-        """The peak learning rate; ``auto`` is the paper's dense law times the Eq. 3 sparsity factor."""
-        lr = self.training.learning_rate
-        if lr == "auto":
-            return auto_learning_rate(self.model.size, self.effective_sparsity)
-        return float(lr)
-
-    @property
     def effective_sparsity(self) -> float:
         return 0.0 if self.sparsity.mode == "dense" else self.sparsity.ratio
 
@@ -261,66 +250,6 @@ class RunConfig:
         how = {"per_slot": "per slot (each regrown weight's own step count)",
                "global": "global (one step count, the paper's)"}[self.bias_correction]
         return f"Adam bias correction: {how}" + (" (auto)" if self.optimizer.bias_correction == "auto" else "")
-
-    def model_config(self, vocab_size: int | None = None):
-        """The ``ModelConfig`` of this run (the tokenizer's vocabulary size when given)."""
-        from ..model.bert import ModelConfig
-
-        return ModelConfig(
-            size=self.model.size,
-            vocab_size=vocab_size or self.data.vocab_size,
-            max_position_embeddings=self.model.max_position_embeddings,
-            dropout=self.model.dropout,
-            nsp=self.model.nsp,
-            sparsity_mode=self.sparsity.mode,
-            sparsity=self.sparsity.ratio,
-            block_size=self.sparsity.block_size,
-            init=self.sparsity.init,
-            sparse_modules=list(self.sparsity.modules),
-            inactive=self.sparsity.inactive,
-            backend="reference" if self.backend == "ipu" else self.backend,  # IPU: the masked path in the graph
-            seed=self.seed,
-        )
-
-    def update_schedule(self):
-        """The steps after which the pattern is updated (none unless ``sparsity.mode`` is dynamic)."""
-        from ..sparse.schedule import UpdateSchedule
-
-        s, steps = self.sparsity, self.training.steps
-        if s.mode != "dynamic":
-            return UpdateSchedule.never(steps)
-        if s.update_every is not None:
-            return UpdateSchedule.every(steps, s.update_every)
-        return UpdateSchedule.evenly_spaced(steps, s.segments)
-
-    @property
-    def dense_gradient_steps(self) -> int:
-        """Steps that compute RigL's dense weight gradient (its update steps; 0 without RigL)."""
-        s = self.sparsity
-        return len(self.update_schedule()) if s.mode == "dynamic" and s.regrowth == "gradient" else 0
-
-    def run_flops(self, active_weights: int) -> dict:
-        """``sparse.flops.run_flops`` for this config's model, data and run length."""
-        from ..sparse.flops import run_flops
-
-        layers, hidden = MODEL_SIZES[self.model.size]
-        return run_flops(layers, hidden, self.data.seq_len, active_weights,
-                         self.training.steps, self.training.batch_size, self.dense_gradient_steps)
-
-    @property
-    def segment_steps(self) -> float | None:
-        """Steps between pattern updates (None: no updates)."""
-        schedule = self.update_schedule()
-        return schedule.total_steps / (len(schedule) + 1) if len(schedule) else None
-
-    def schedule_warning(self) -> str | None:
-        """One line when the update schedule is too dense for regrown blocks to mature, else None."""
-        segment = self.segment_steps
-        if segment is None or segment >= self.sparsity.min_segment_steps:
-            return None
-        return (f"pattern updates every {segment:.0f} steps, below sparsity.min_segment_steps="
-                f"{self.sparsity.min_segment_steps}: regrown blocks start at zero and are mostly pruned again "
-                "before they grow; set sparsity.update_every (or a lower sparsity.segments) or train longer")
 
     # -------------------------------------------------------------------- checks
     def validate(self) -> "RunConfig":
@@ -349,14 +278,3 @@ class RunConfig:
 
 SECTION_CLASSES = {f.name: f.default_factory for f in fields(RunConfig) if f.default_factory is not MISSING}
 
-
-# ------------------------------------------------------------------------ learning-rate law
-def auto_learning_rate(size: str, sparsity: float) -> float:
-    """Paper §2.3: dense law ``exp(-0.44 ln N - 0.47)`` (N = non-embedding parameters of the
-    dense model) times Eq. 3's factor ``exp(1.969 s^2 + 0.2905 s)``."""
-    layers, hidden = MODEL_SIZES[size]
-    dense = math.exp(-0.44 * math.log(non_embedding_params(layers, hidden)) - 0.47)
-    return dense * math.exp(1.969 * sparsity**2 + 0.2905 * sparsity)
-
-
-# ---------------------------------------------------------------------------- loading

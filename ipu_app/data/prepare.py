@@ -168,6 +168,29 @@ def prepared_data_dir(data) -> Path:
     return Path(data.dir) if data.dir else embedded_data_dir(data.tokenizer, data.vocab_size)
 
 
+def located_data(data) -> Path:
+    """The prepared data of a config's ``data`` section; prepares nothing (a one-line error when it is
+    not there: a command prepares it first, ``ready_data``)."""
+    from .corpus import CorpusError
+    from .shards import load_manifest
+
+    path = prepared_data_dir(data)
+    if not data.dir and not (path / "manifest.json").is_file():
+        raise CorpusError(f"the embedded corpus is not prepared for tokenizer {data.tokenizer!r} (vocab_size "
+                          f"{data.vocab_size}): run python -m ipu_app prepare-data --tokenizer {data.tokenizer} "
+                          f"--vocab-size {data.vocab_size} first (the train command does it itself)")
+    load_manifest(path)  # one-line error when data.dir is not prepared data
+    return path
+
+
+def ready_data(data, progress: bool = True) -> Path:
+    """What a command does before it builds a trainer: ``data.dir`` located (it must be prepared),
+    or the embedded corpus prepared once into the cache (reused afterwards)."""
+    if data.dir:
+        return located_data(data)
+    return prepare_embedded(data.tokenizer, data.vocab_size, progress=progress)
+
+
 def data_vocabulary(data) -> dict:
     """The tokenizer a run with the ``data`` config section trains with, read from the prepared
     data's manifest: ``{"tokenizer", "vocab_size", "from"}``. ``tokenizer`` is ``bert-base-uncased``

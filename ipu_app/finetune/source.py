@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig
 from ..model.bert import ModelConfig, SparseBertForPreTraining
-from ..model.sizes import MODEL_SIZES
+from ..choices import MODEL_SIZES
 from ..rundir import RunDir
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, RunConfig
-from ..model.sizes import MODEL_SIZES
+from ..choices import MODEL_SIZES
 
 
 def expand_layers_per_ipu(layers_per_ipu: list[int], num_layers: int) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..train.distributed import DistContext
-from ..train.optim import parameter_groups
+from ..train.optim import parameter_groups, peak_learning_rate
 from ..train.precision import resolve_precision
 from ..train.sums import TRAIN_FIELDS, Sums
 from ..train.state import StepContext
@@ -135,7 +135,7 @@ class IpuStep:
         o = config.optimizer
         loss_scaling = o.loss_scale if isinstance(o.loss_scale, float) else None
         return self.poptorch.optim.AdamW(
-            parameter_groups(model, o.weight_decay, o.sparse_weight_decay), lr=config.learning_rate,
+            parameter_groups(model, o.weight_decay, o.sparse_weight_decay), lr=peak_learning_rate(config),
             betas=(o.beta1, o.beta2),
             eps=o.eps, weight_decay=o.weight_decay, loss_scaling=loss_scaling,
             max_grad_norm=o.max_grad_norm or None, bias_correction=True,

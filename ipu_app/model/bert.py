@@ -24,7 +24,7 @@ from ..io import atomic_write_bytes, first_line, write_safetensors
 from ..sparse.init import DEFAULT_INIT_STD
 from .mlm_loss import mlm_loss_and_correct, padded_mlm_loss
 from ..choices import SPARSITY_MODES
-from .sizes import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES
+from ..choices import DEFAULT_DROPOUT, MODEL_SIZES, SPARSE_MODULES
 from ..sparse.layer import sparse_weights
 from .sparse_linear import SparseLinear, sparsify_
 

@@ -104,3 +104,15 @@ def total_training_flops(
     per_sequence = ledger.non_embedding if non_embedding_only else ledger.total
     extra = rigl_dense_gradient_flops(num_layers, hidden, seq_len) * dense_gradient_steps * sequences_per_step
     return per_sequence * steps * sequences_per_step + extra
+
+
+def auto_learning_rate(size: str, sparsity: float) -> float:
+    """``training.learning_rate: auto``. Paper §2.3: the dense law ``exp(-0.44 ln N - 0.47)`` (N =
+    non-embedding parameters of the dense model) times Eq. 3's factor ``exp(1.969 s^2 + 0.2905 s)``."""
+    import math
+
+    from ..choices import MODEL_SIZES
+
+    layers, hidden = MODEL_SIZES[size]
+    dense = math.exp(-0.44 * math.log(non_embedding_params(layers, hidden)) - 0.47)
+    return dense * math.exp(1.969 * sparsity**2 + 0.2905 * sparsity)

@@ -13,30 +13,78 @@ from typing import Callable
 
 import torch
 
+from ..choices import MODEL_SIZES, SPARSE_MODULES
 from ..config import ConfigError, RunConfig
 from ..data.ahead import Prefetcher, WorkerLoader
 from ..data.batches import BatchIterator, static_batch, validation_batches
 from ..data.corpus import CorpusError
 from ..data.sampling import MaskingConfig, PretrainingDataset
-from ..model.bert import SparseBertForPreTraining
+from ..model.bert import ModelConfig, SparseBertForPreTraining
 from ..seeding import derive_seed
+from ..sparse import flops
 from ..sparse.freeze import PartialFreezer, freezable_linears
+from ..sparse.schedule import UpdateSchedule
 from ..sparse.updater import PatternUpdater, build_updater
 from .distributed import DistContext
 
 
-def resolve_data_dir(config: RunConfig, progress: bool = True) -> Path:
-    """``data.dir`` if given (it must be prepared), else the embedded corpus (prepared once, cached)."""
-    from ..data.prepare import prepare_embedded
-    from ..data.shards import load_manifest
+# ------------------------------------------------------------ what a config implies
+def model_config(config: RunConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of a run (the tokenizer's vocabulary size when given)."""
+    return ModelConfig(
+        size=config.model.size,
+        vocab_size=vocab_size or config.data.vocab_size,
+        max_position_embeddings=config.model.max_position_embeddings,
+        dropout=config.model.dropout,
+        nsp=config.model.nsp,
+        sparsity_mode=config.sparsity.mode,
+        sparsity=config.sparsity.ratio,
+        block_size=config.sparsity.block_size,
+        init=config.sparsity.init,
+        sparse_modules=list(config.sparsity.modules),
+        inactive=config.sparsity.inactive,
+        backend="reference" if config.backend == "ipu" else config.backend,  # IPU: the masked path in the graph
+        seed=config.seed,
+    )
 
-    if config.data.dir:
-        path = Path(config.data.dir)
-        load_manifest(path)  # one-line error when it is not prepared data
-        return path
-    return prepare_embedded(config.data.tokenizer, config.data.vocab_size, progress=progress)
+
+def update_schedule(config: RunConfig) -> UpdateSchedule:
+    """The steps after which the pattern is updated (none unless ``sparsity.mode`` is dynamic)."""
+    s, steps = config.sparsity, config.training.steps
+    if s.mode != "dynamic":
+        return UpdateSchedule.never(steps)
+    if s.update_every is not None:
+        return UpdateSchedule.every(steps, s.update_every)
+    return UpdateSchedule.evenly_spaced(steps, s.segments)
 
 
+def segment_steps(config: RunConfig) -> float | None:
+    """Steps between pattern updates (None: no updates)."""
+    schedule = update_schedule(config)
+    return schedule.total_steps / (len(schedule) + 1) if len(schedule) else None
+
+
+def schedule_warning(config: RunConfig) -> str | None:
+    """One line when the update schedule is too dense for regrown blocks to mature, else None."""
+    segment, least = segment_steps(config), config.sparsity.min_segment_steps
+    if segment is None or segment >= least:
+        return None
+    return (f"pattern updates every {segment:.0f} steps, below sparsity.min_segment_steps={least}: regrown "
+            "blocks start at zero and are mostly pruned again before they grow; set sparsity.update_every "
+            "(or a lower sparsity.segments) or train longer")
+
+
+def run_flops(config: RunConfig, active_weights: int) -> dict:
+    """``sparse.flops.run_flops`` for a run's model, data and length (RigL's update steps add the
+    dense gradient's cost)."""
+    s = config.sparsity
+    rigl_steps = len(update_schedule(config)) if s.mode == "dynamic" and s.regrowth == "gradient" else 0
+    layers, hidden = MODEL_SIZES[config.model.size]
+    return flops.run_flops(layers, hidden, config.data.seq_len, active_weights, config.training.steps,
+                           config.training.batch_size, rigl_steps)
+
+
+# ---------------------------------------------------------------------------- builders
 def masking(config: RunConfig) -> MaskingConfig:
     d = config.data
     return MaskingConfig(d.seq_len, d.mask_prob, d.max_predictions)
@@ -98,7 +146,7 @@ def build_model(config: RunConfig, vocab_size: int, device: torch.device, dist: 
     """The model (seeded: identical weights and patterns on every rank) and what the training step
     calls (the DDP wrapper where distributed)."""
     torch.manual_seed(config.seed)  # dense initialisation and dropout draw from the global generator
-    model = SparseBertForPreTraining(config.model_config(vocab_size)).to(device)
+    model = SparseBertForPreTraining(model_config(config, vocab_size)).to(device)
     if dist.rank > 0:  # identical weights and patterns on every rank; independent dropout streams
         torch.manual_seed(derive_seed(config.seed, 0xD15, dist.rank))
     forward_model = model
@@ -138,8 +186,6 @@ def build_freezer(config: RunConfig, model) -> PartialFreezer | None:
     s = config.sparsity
     if s.freeze == "none":
         return None
-    from ..model.sizes import SPARSE_MODULES
-
     paths = {SPARSE_MODULES[m] for m in s.modules}
     return PartialFreezer(freezable_linears(model.bert.encoder, paths, "bert.encoder."), s.freeze, s.ratio,
                           config.training.steps, config.seed)

@@ -73,8 +73,8 @@ class CheckpointManager:
                 continue
             try:
                 part.load_state_dict(state.get(key))
-            except CheckpointError:
-                raise
+            except CheckpointError as exc:  # the part's own line, naming the checkpoint where it says {checkpoint}
+                raise CheckpointError(str(exc).replace("{checkpoint}", path.name)) from None
             except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"checkpoint {path} does not match this run ({key}: {first_line(exc)})"
                                       ) from None
@@ -117,7 +117,8 @@ class Attr:
 
 class Expected:
     """A value the checkpoint must hold unchanged (e.g. the data's manifest hash); ``changed`` says
-    what to do when it differs. Checkpoints of older versions without it pass."""
+    what to do when it differs (``{checkpoint}`` there becomes the checkpoint's name). Checkpoints of
+    older versions without it pass."""
 
     def __init__(self, value, changed: str) -> None:
         self.value, self.changed = value, changed
@@ -141,7 +142,7 @@ class RngState:
 
     def load_state_dict(self, state: list) -> None:
         if len(state) != self.dist.world_size:
-            raise CheckpointError(f"the checkpoint was written by {len(state)} processes, this run has "
+            raise CheckpointError(f"{{checkpoint}} was written by {len(state)} processes, this run has "
                                   f"{self.dist.world_size}; resume with the same number of processes")
         set_rng_state(state[self.dist.rank])
 

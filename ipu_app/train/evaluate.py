@@ -62,6 +62,7 @@ def load_run_model(run: RunDir, config: RunConfig, checkpoint: str | int | None 
     """``(model, what it is, step)`` of a run: ``checkpoint`` ``final`` (``RUN_DIR/model``), ``latest``,
     a step number, or None (the final model of a finished run, else the latest checkpoint)."""
     from ..model.bert import SparseBertForPreTraining
+    from .build import model_config
     from .checkpoint import list_checkpoints, load_checkpoint
 
     saved = list_checkpoints(run.path)
@@ -88,7 +89,7 @@ def load_run_model(run: RunDir, config: RunConfig, checkpoint: str | int | None 
         if step not in found:
             raise ConfigError(f"{run} has no checkpoint at step {step}; it has {', '.join(str(s) for s, _ in saved)}")
         path = found[step]
-    model = SparseBertForPreTraining(config.model_config(vocab_size), initialize=False)
+    model = SparseBertForPreTraining(model_config(config, vocab_size), initialize=False)
     load_checkpoint(path, model, config=config.to_dict())
     return model.eval(), f"checkpoint {path.name}", step
 
@@ -125,9 +126,9 @@ def evaluation_data(config: RunConfig, data: str | Path | None, progress: bool =
     """``(the data to evaluate on, its manifest)``: the run's own, or another prepared corpus, which must
     have been tokenised with the run's tokenizer (checked by the tokenizer's hash)."""
     from ..data.shards import load_manifest
-    from .build import resolve_data_dir
+    from ..data.prepare import ready_data
 
-    own = resolve_data_dir(config, progress)
+    own = ready_data(config.data, progress)
     if data is None:
         return own, load_manifest(own)
     data = Path(data)

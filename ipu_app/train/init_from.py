@@ -25,6 +25,7 @@ from ..rundir import RunDir
 from ..sparse.layer import sparse_weights
 from ..sparse.pattern import BlockPattern
 from ..sparse.scoring import dense_block_norms, largest
+from .build import model_config
 
 POSITIONS = "bert.embeddings.position_embeddings.weight"
 TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -91,7 +92,7 @@ def _from_checkpoint(path: Path) -> InitSource:
             vocab = f.get_slice("bert.embeddings.word_embeddings.weight").get_shape()[0]
     except (ConfigError, KeyError, TypeError, OSError, RuntimeError) as exc:
         raise InitFromError(f"--init-from {path}: not a readable checkpoint ({exc})") from None
-    model = SparseBertForPreTraining(config.model_config(vocab), initialize=False)
+    model = SparseBertForPreTraining(model_config(config, vocab), initialize=False)
     try:
         state = load_checkpoint(path, model)
     except CheckpointError as exc:

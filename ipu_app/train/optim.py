@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..sparse.flops import auto_learning_rate
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, sparse_weight_decay: float | None = None,
@@ -90,11 +91,17 @@ class SlotAdamW(torch.optim.AdamW):
         return loss
 
 
+def peak_learning_rate(config: RunConfig) -> float:
+    """``training.learning_rate``; ``auto`` is the paper's dense law times the Eq. 3 sparsity factor."""
+    lr = config.training.learning_rate
+    return auto_learning_rate(config.model.size, config.effective_sparsity) if lr == "auto" else float(lr)
+
+
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     o = config.optimizer
     # Only a dynamic run regrows slots; for dense and static runs both settings are AdamW itself.
     per_slot = config.bias_correction == "per_slot" and config.sparsity.mode == "dynamic"
-    return adamw(model, config.learning_rate, o, weight_decay=o.weight_decay,
+    return adamw(model, peak_learning_rate(config), o, weight_decay=o.weight_decay,
                  sparse_weight_decay=o.sparse_weight_decay, per_slot=per_slot)
 
 

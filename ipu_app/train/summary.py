@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ..machine import cpu_identity
 from .evaluate import final_validation
+from .build import run_flops
 from .metrics import METRICS_VERSION
+from .optim import peak_learning_rate
 
 
 def run_summary(config, state, val: dict, *, machine: str, execution: dict) -> dict:
@@ -12,7 +14,7 @@ def run_summary(config, state, val: dict, *, machine: str, execution: dict) -> d
     validation ``val``; ``machine``: the kind this process trains on; ``execution``: how it ran
     (precision, device, kernels, attention, threads, world size)."""
     c = state.counters
-    flops = config.run_flops(state.model.active_encoder_weights())
+    flops = run_flops(config, state.model.active_encoder_weights())
     summary = {
         "config": config.name,
         "metrics_version": METRICS_VERSION,  # report flags runs without it
@@ -24,7 +26,7 @@ def run_summary(config, state, val: dict, *, machine: str, execution: dict) -> d
         "total_non_embedding_flops": flops["total_training_flops"],
         "sparsity": config.effective_sparsity,
         "block_size": config.sparsity.block_size,
-        "learning_rate": config.learning_rate,
+        "learning_rate": peak_learning_rate(config),
         "pattern_updates": c.pattern_updates,
         "skipped_steps": c.skipped_steps,
         "skipped_updates": c.skipped_updates,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .. import ops, signals
 from ..config import RunConfig
 from ..data.ahead import Prefetcher, WorkerLoader
+from ..data.prepare import located_data
 from ..data.tokenizer import file_sha256
 from ..machine import machine_key
 from ..model.attention import attention_line
@@ -33,7 +34,8 @@ from ..rundir import RunDir
 from ..sparse.layer import sparse_weights
 from ..sparse.updater import PRG_WARN
 from .build import (build_freezer, build_loader, build_model, build_pattern_updater, build_validation,
-                    choose_kernels, initialize_model, resolve_data_dir, uses_static_masks)
+                    choose_kernels, initialize_model, schedule_warning, update_schedule,
+                    uses_static_masks)
 from .checkpoint import CheckpointError, CheckpointManager, Expected, latest_checkpoint
 from .distributed import DistContext, check_patterns_consistent
 from .evaluate import evaluate_batches
@@ -46,7 +48,7 @@ from .step import StepBackend, TorchStep
 from .summary import run_summary
 from .sums import Sums
 
-__all__ = ["Trainer", "TrainingDiverged", "evaluate_batches", "resolve_data_dir"]
+__all__ = ["Trainer", "TrainingDiverged", "evaluate_batches"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,7 +62,7 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  device: str | torch.device | None = None, tensorboard: bool = True,
                  dist: DistContext = DistContext(), backend: StepBackend | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, data_dir: str | Path | None = None) -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.run_dir = self.run.path
@@ -75,12 +77,12 @@ class Trainer:
         self.total_steps = config.training.steps
         self.accumulation = config.accumulation_steps(dist.world_size)
 
-        loader = self._build_data(config, dist, progress)
+        loader = self._build_data(config, dist, data_dir)
         self.state = self._build_state(config, dist, resume, loader)
         self.context = StepContext(self.state, config, self.device, self.precision, dist, self.accumulation)
         self.checkpoints = CheckpointManager(self.run_dir, self.model, config.to_dict(), {
             "data_manifest_sha256": Expected(file_sha256(self.data_dir / "manifest.json"),
-                                             f"the data in {self.data_dir} changed since the checkpoint was written "
+                                             f"the data in {self.data_dir} changed since {{checkpoint}} was written "
                                              "(its manifest.json differs): resume on the data the run started with, "
                                              "or start a new run"),
             **self.state.checkpoint_parts(dist, self.device)}, keep=config.training.keep_checkpoints, dist=dist)
@@ -103,10 +105,10 @@ class Trainer:
             self.state.counters.machines.append(self.machine)
         self.backend.attach(self.context)
 
-    def _build_data(self, config: RunConfig, dist: DistContext, progress: bool):
-        """The prepared data (prepared first where it is the embedded corpus), the training loader and
-        the validation set."""
-        self.data_dir = resolve_data_dir(config, progress)
+    def _build_data(self, config: RunConfig, dist: DistContext, data_dir: str | Path | None):
+        """The training loader and the validation set of the prepared data (``data_dir``, else where the
+        config's data section says: the command prepared it, ``data.prepare.ready_data``)."""
+        self.data_dir = Path(data_dir) if data_dir is not None else located_data(config.data)
         self.static_masks = uses_static_masks(config, self.device)
         loader = build_loader(config, self.data_dir, dist, self.device, self.static_masks)
         self.validation, self.validation_sequences = build_validation(
@@ -130,7 +132,7 @@ class Trainer:
         if t.compile:
             ops.preload()  # dynamo traces the backend choice as a dict lookup, not an import (no graph break)
         optimizer = self.backend.make_optimizer(model, config)
-        schedule = config.update_schedule()
+        schedule = update_schedule(config)
         sparse_layers = sparse_weights(model)
         # What runs the sparse layers (the backend, or the reference op where it does not apply).
         self.kernel_decisions = choose_kernels(config, model, sparse_layers, self.device, self.precision.dtype,
@@ -166,7 +168,7 @@ class Trainer:
         if self.dist.is_main:
             print("; ".join(filter(None, [self.kernel_line, self.attention_line, self.threads_line,
                                           self.config.bias_correction_line()])), file=sys.stderr)
-        warning = self.config.schedule_warning()
+        warning = schedule_warning(self.config)
         if warning and self.dist.is_main and self.step == 0:
             print(f"warning: {warning}", file=sys.stderr)
         if self.counters.init_from and self.dist.is_main and self.step == 0:

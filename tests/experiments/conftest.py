@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from ipu_app.config import load_config
-from ipu_app.model.sizes import MODEL_SIZES
+from ipu_app.choices import MODEL_SIZES
 from ipu_app.sparse.flops import non_embedding_params, non_embedding_training_flops_per_sequence
+from ipu_app.train.optim import peak_learning_rate
 
 
 def make_run(root: Path, name: str, config: str, loss: float, *, lr: float | None = None, seed: int = 0,
@@ -28,7 +29,7 @@ def make_run(root: Path, name: str, config: str, loss: float, *, lr: float | Non
     data = {
         "config": name, "steps": cfg.training.steps, "final_val_mlm_loss": loss, "final_val_nsp_loss": 0.69,
         "final_train_loss": loss + 0.7, "sparsity": s, "block_size": cfg.sparsity.block_size,
-        "learning_rate": cfg.learning_rate,
+        "learning_rate": peak_learning_rate(cfg),
         "non_embedding_flops_per_sequence": non_embedding_training_flops_per_sequence(layers, hidden, 128, s),
         "non_embedding_nonzero_params": round(non_embedding_params(layers, hidden) * (1 - s)),
         "pattern_updates": 0, "metrics_version": 2,

@@ -286,7 +286,7 @@ def test_learning_rate_report_recovers_the_law(runs_root, tmp_path):
     # Each size's loss is a parabola in ln(lr) around exp(-0.5 ln N + 1): the report's fitted optima
     # and law must give back slope -0.5 and intercept 1.
     for size in ("mini", "small", "medium"):
-        from ipu_app.model.sizes import MODEL_SIZES
+        from ipu_app.choices import MODEL_SIZES
         layers, hidden = MODEL_SIZES[size]
         n = 12 * layers * hidden**2
         best = math.exp(-0.5 * math.log(n) + 1.0)

@@ -8,6 +8,7 @@ from ipu_app.ipu.trainer import IpuTrainer, check_ipu_config
 from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer
+from ipu_app.train.build import model_config
 
 from .sim_poptorch import SimPoptorch
 
@@ -45,7 +46,7 @@ def test_static_graph_loss_equals_the_model(data_dir):
     dataset = PretrainingDataset(data_dir, "train", MaskingConfig(128, 0.15, 20), seed=0)
     batch = next(BatchIterator(dataset, 4, 0, 1))
     torch.manual_seed(0)
-    model = SparseBertForPreTraining(config.model_config(dataset.vocab_size)).eval()
+    model = SparseBertForPreTraining(model_config(config, dataset.vocab_size)).eval()
     with torch.no_grad():
         expected = model(**batch)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from ipu_app import ops
 from ipu_app.ops import autotune, cpu, reference
 from ipu_app.sparse.init import random_pattern
+from ipu_app.train.build import model_config
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels do not build here")
 
@@ -218,7 +219,7 @@ def test_describe_names_cached_choices_or_to_be_measured(tuner, monkeypatch):
     from ipu_app.commands.describe import _local_kernel_line
 
     config = load_config("bert_tiny_sparse_b16", ["training.precision=fp32", "training.threads=1"])
-    model = SparseBertForPreTraining(config.model_config(1000), initialize=False)
+    model = SparseBertForPreTraining(model_config(config, 1000), initialize=False)
     line = _local_kernel_line(config, model)
     assert line.count("to be measured") == 4 and "128x128: to be measured" in line  # 3 shapes + the source note
     monkeypatch.setattr(autotune, "measure", lambda kind: autotune.Decision(kind, "cpu/panels",

@@ -7,11 +7,13 @@ from ipu_app.config import (
     CONFIG_DIR,
     ConfigError,
     RunConfig,
-    auto_learning_rate,
     config_names,
     load_config,
     parse_override,
 )
+from ipu_app.sparse.flops import auto_learning_rate
+from ipu_app.train.build import model_config, schedule_warning, segment_steps, update_schedule
+from ipu_app.train.optim import peak_learning_rate
 
 SIZES = ("tiny", "mini", "small", "medium", "base")
 VARIANTS = ("dense", "static", "sparse", "sparse_b16", "sparse_rigl")
@@ -53,9 +55,9 @@ def test_auto_learning_rate_is_the_paper_law():
     for size, expected in (("mini", 8.6e-4), ("small", 4.7e-4), ("medium", 3.5e-4), ("base", 2.0e-4)):
         assert auto_learning_rate(size, 0.0) == pytest.approx(expected, rel=0.02)
     assert auto_learning_rate("medium", 0.9) / auto_learning_rate("medium", 0.0) == pytest.approx(6.400, rel=1e-3)
-    assert load_config("bert_base_sparse").learning_rate == pytest.approx(1.30e-3, rel=0.01)
-    assert load_config("bert_medium_dense").learning_rate == pytest.approx(3.46e-4, rel=0.01)
-    assert load_config("bert_mini_sparse", ["training.learning_rate=0.001"]).learning_rate == 0.001
+    assert peak_learning_rate(load_config("bert_base_sparse")) == pytest.approx(1.30e-3, rel=0.01)
+    assert peak_learning_rate(load_config("bert_medium_dense")) == pytest.approx(3.46e-4, rel=0.01)
+    assert peak_learning_rate(load_config("bert_mini_sparse", ["training.learning_rate=0.001"])) == 0.001
 
 
 def test_base_inheritance_merges_in_order(tmp_path):
@@ -116,7 +118,7 @@ def test_bad_overrides_fail_with_one_line(override, message):
 
 
 def test_block_size_must_divide_hidden(monkeypatch):
-    from ipu_app.model.sizes import MODEL_SIZES
+    from ipu_app.choices import MODEL_SIZES
 
     monkeypatch.setitem(MODEL_SIZES, "odd", (2, 136))
     with pytest.raises(ConfigError, match="block_size=16 does not divide the hidden size 136"):
@@ -198,26 +200,26 @@ def test_yaml_round_trip():
     assert again == c
     assert isinstance(RunConfig().validate(), RunConfig)
     assert CONFIG_DIR.is_dir()
-    assert math.isfinite(c.learning_rate)
+    assert math.isfinite(peak_learning_rate(c))
 
 
 def test_steps_keeps_segments_long_enough_and_explicit_settings_win():
     from ipu_app.config import load_config
 
     paper = load_config("bert_tiny_sparse")
-    assert paper.sparsity.segments == 160 and paper.schedule_warning() is None
-    assert paper.segment_steps == pytest.approx(757000 / 160, rel=1e-3)
+    assert paper.sparsity.segments == 160 and schedule_warning(paper) is None
+    assert segment_steps(paper) == pytest.approx(757000 / 160, rel=1e-3)
     short = load_config("bert_tiny_sparse", steps=5000)  # segments of >= min_segment_steps = 1000
-    assert short.sparsity.segments == 5 and short.update_schedule().steps == (1000, 2000, 3000, 4000)
-    assert short.schedule_warning() is None
+    assert short.sparsity.segments == 5 and update_schedule(short).steps == (1000, 2000, 3000, 4000)
+    assert schedule_warning(short) is None
     tiny = load_config("bert_tiny_sparse", steps=300)  # too short for one sound segment: one update, a warning
-    assert tiny.sparsity.segments == 2 and tiny.update_schedule().steps == (150,)
-    assert "updates every 150 steps, below sparsity.min_segment_steps=1000" in tiny.schedule_warning()
+    assert tiny.sparsity.segments == 2 and update_schedule(tiny).steps == (150,)
+    assert "updates every 150 steps, below sparsity.min_segment_steps=1000" in schedule_warning(tiny)
     kept = load_config("bert_tiny_sparse", ["sparsity.segments=30"], steps=3000)
-    assert kept.sparsity.segments == 30 and "every 100 steps" in kept.schedule_warning()
+    assert kept.sparsity.segments == 30 and "every 100 steps" in schedule_warning(kept)
     every = load_config("bert_tiny_sparse", ["sparsity.update_every=700", "sparsity.min_segment_steps=500"], steps=3000)
-    assert every.update_schedule().steps == (700, 1400, 2100, 2800) and every.schedule_warning() is None
-    assert load_config("bert_tiny_static", steps=300).update_schedule().steps == ()
+    assert update_schedule(every).steps == (700, 1400, 2100, 2800) and schedule_warning(every) is None
+    assert update_schedule(load_config("bert_tiny_static", steps=300)).steps == ()
 
 
 def test_schedule_and_optimizer_option_errors():
@@ -262,7 +264,7 @@ def test_the_optimizer_follows_the_resolved_bias_correction():
 
     for setting, cls in (("auto", SlotAdamW), ("per_slot", SlotAdamW), ("global", torch.optim.AdamW)):
         config = load_config("bert_tiny_sparse", [f"optimizer.bias_correction={setting}"])
-        model = SparseBertForPreTraining(config.model_config(512))
+        model = SparseBertForPreTraining(model_config(config, 512))
         assert type(build_optimizer(model, config)) is cls, setting
 
 

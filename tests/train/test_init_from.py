@@ -12,6 +12,7 @@ from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.scoring import dense_block_norms
 from ipu_app.train.init_from import InitFromError, initialize_from, load_source
 from ipu_app.train.trainer import Trainer
+from ipu_app.train.build import model_config
 
 SOURCE_STEPS = 4
 
@@ -130,7 +131,7 @@ def test_a_dense_hugging_face_model_is_pruned_by_magnitude(data_dir, tmp_path):
     hf = _hf_folder(tmp_path / "hf")
     weights = dict(hf.state_dict())
     config = _config(data_dir, "sparsity.block_size=4", f"training.init_from={tmp_path / 'hf'}")
-    model = SparseBertForPreTraining(config.model_config(30522))
+    model = SparseBertForPreTraining(model_config(config, 30522))
     record = initialize_from(model, load_source(tmp_path / "hf"), "auto")
     assert record["kind"] == "huggingface" and record["pattern"] == "magnitude" and record["fresh"] == []
     for name, layer in sparse_weights(model):
@@ -142,7 +143,7 @@ def test_a_dense_hugging_face_model_is_pruned_by_magnitude(data_dir, tmp_path):
         assert torch.equal(layer.bias, weights[f"{name}.bias"])
     assert torch.equal(model.cls.seq_relationship.weight, weights["cls.seq_relationship.weight"])
 
-    drawn = SparseBertForPreTraining(config.model_config(30522))
+    drawn = SparseBertForPreTraining(model_config(config, 30522))
     own = {name: _blocks(layer) for name, layer in sparse_weights(drawn)}
     assert initialize_from(drawn, load_source(tmp_path / "hf"), "random")["pattern"] == "random"
     for name, layer in sparse_weights(drawn):
@@ -152,7 +153,7 @@ def test_a_dense_hugging_face_model_is_pruned_by_magnitude(data_dir, tmp_path):
 
 def test_a_masked_lm_folder_leaves_the_nsp_head_fresh_and_says_so(tmp_path):
     _hf_folder(tmp_path / "mlm", masked_lm=True)
-    model = SparseBertForPreTraining(_config("unused").model_config(30522))
+    model = SparseBertForPreTraining(model_config(_config("unused"), 30522))
     fresh_head = model.cls.seq_relationship.weight.detach().clone()
     record = initialize_from(model, load_source(tmp_path / "mlm"))
     assert "cls.seq_relationship.weight" in record["fresh"] and "bert.pooler.dense.weight" in record["fresh"]
@@ -163,15 +164,15 @@ def test_sources_that_do_not_fit_are_one_line_errors(source, tmp_path):
     hf = tmp_path / "hf"
     _hf_folder(hf)
     with pytest.raises(InitFromError, match="sparsity.init_pattern=keep: a dense source has no pattern"):
-        initialize_from(SparseBertForPreTraining(_config("x").model_config(30522)), load_source(hf), "keep")
-    mini = SparseBertForPreTraining(_config("x", "model.size=mini").model_config(30522))
+        initialize_from(SparseBertForPreTraining(model_config(_config("x"), 30522)), load_source(hf), "keep")
+    mini = SparseBertForPreTraining(model_config(_config("x", "model.size=mini"), 30522))
     with pytest.raises(InitFromError, match=r"word_embeddings.weight is \(30522, 128\) there, \(30522, 256\) in this "
                                             r"run's model; the model sizes differ \(set model.size to the source's\)"):
         initialize_from(mini, load_source(hf))
-    other_vocab = SparseBertForPreTraining(_config("x").model_config(1000))
+    other_vocab = SparseBertForPreTraining(model_config(_config("x"), 1000))
     with pytest.raises(InitFromError, match="another vocabulary"):
         initialize_from(other_vocab, load_source(hf))
-    b4 = SparseBertForPreTraining(_config("x", "sparsity.block_size=4").model_config(30522))
+    b4 = SparseBertForPreTraining(model_config(_config("x", "sparsity.block_size=4"), 30522))
     with pytest.raises(InitFromError, match="blocks of 1, this run .* of 4; use magnitude or random"):
         initialize_from(b4, load_source(source["dir"]), "keep")
     with pytest.raises(InitFromError, match="not a run directory"):

@@ -11,6 +11,7 @@ from ipu_app.sparse.layer import sparse_weights
 from ipu_app.sparse.schedule import UpdateSchedule
 from ipu_app.sparse.updater import build_updater
 from ipu_app.train.optim import SlotAdamW, build_optimizer, parameter_groups
+from ipu_app.train.build import model_config
 
 
 def two_layer_model(seed=0):
@@ -77,7 +78,7 @@ def test_regrown_slots_get_bias_correction_afresh_only_per_slot():
 def test_sparse_values_get_their_own_weight_decay(data_dir):
     config = load_config("bert_tiny_sparse", [f"data.dir={data_dir}", "optimizer.sparse_weight_decay=0.1",
                                               "training.steps=10", "training.warmup_steps=1", "sparsity.segments=2"])
-    model = SparseBertForPreTraining(config.model_config())
+    model = SparseBertForPreTraining(model_config(config))
     optimizer = build_optimizer(model, config)
     assert type(optimizer) is SlotAdamW  # per_slot is the default of a dynamic run
     values = {id(layer.values) for _, layer in sparse_weights(model)}
@@ -97,7 +98,7 @@ def test_per_slot_is_plain_adamw_without_regrowth():
     for name in ("bert_tiny_static", "bert_tiny_dense"):
         config = load_config(name, ["training.steps=10", "training.warmup_steps=1"])
         assert config.optimizer.bias_correction == "auto" and config.bias_correction == "per_slot"
-        model = SparseBertForPreTraining(config.model_config())
+        model = SparseBertForPreTraining(model_config(config))
         optimizer = build_optimizer(model, config)
         assert type(optimizer) is torch.optim.AdamW, name
         assert not any(g.get("per_slot_steps") for g in optimizer.param_groups), name

@@ -9,6 +9,7 @@ from ipu_app.sparse.layer import sparse_weights
 from ipu_app.train.checkpoint import CheckpointError, list_checkpoints
 from ipu_app.train.metrics import read_metrics
 from ipu_app.train.trainer import Trainer
+from ipu_app.train.optim import peak_learning_rate
 
 
 def small_config(data_dir, name="bert_tiny_sparse", *extra):
@@ -50,7 +51,7 @@ def test_full_run_writes_every_output(data_dir, tmp_path):
     assert [step for step, _ in list_checkpoints(run)] == [8, 12]  # keep-last-2
     assert (run / "model" / "model.safetensors").is_file() and (run / "tokenizer" / "vocab.txt").is_file()
     # 2 warmup steps up to the peak, then linear decay that would reach 0 one step after the last
-    lrs = [r["learning_rate"] / config.learning_rate for r in read_metrics(run, "train")]
+    lrs = [r["learning_rate"] / peak_learning_rate(config) for r in read_metrics(run, "train")]
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
 
     from ipu_app.commands.export import export_run
@@ -577,3 +578,21 @@ def test_host_reads_do_not_grow_with_micro_batches_and_prefetching_trains_alike(
     assert train_losses(workers) == train_losses(plain)
     with pytest.raises(ConfigError, match="data.num_workers must be an integer >= 0, got -1"):
         small_config(data_dir, "bert_tiny_sparse", "data.num_workers=-1")
+
+
+def test_the_trainer_prepares_no_data_it_names_the_command_that_does(tmp_path, monkeypatch):
+    """Data is located or prepared by the command before the trainer is built (data.prepare.ready_data);
+    a trainer given unprepared embedded data stops with one line naming prepare-data, writing nothing."""
+    from ipu_app.data.corpus import CorpusError
+    from ipu_app.data.prepare import located_data
+
+    monkeypatch.setenv("IPU_APP_CACHE", str(tmp_path / "empty_cache"))
+    config = load_config("bert_tiny_sparse", steps=4)
+    with pytest.raises(CorpusError, match=r"embedded corpus is not prepared .* run python -m ipu_app prepare-data "
+                                          r"--tokenizer bert-base-uncased --vocab-size 30522 first"):
+        located_data(config.data)
+    with pytest.raises(CorpusError, match="not prepared"):
+        new_trainer(config, tmp_path / "run")
+    assert not (tmp_path / "empty_cache").exists() and list((tmp_path / "run").iterdir()) == []
+    with pytest.raises(CorpusError):  # a data.dir that is not prepared data
+        located_data(load_config("bert_tiny_sparse", [f"data.dir={tmp_path / 'run'}"]).data)

@@ -60,15 +60,18 @@ def bench_train(config_name: str, overrides: list[str], backends: list[str], ste
     ``sparsities`` and ``block_sizes``; default the config's own). ``hf`` adds Hugging Face's
     ``BertForPreTraining``; ``compile`` adds each variant compiled (``training.compile``);
     ``fractions`` times the sparse linears alone (``sparse_fraction``)."""
+    from ...data.prepare import ready_data
     from ...train.trainer import Trainer
 
     variants = _variants(config_name, overrides, backends, sparsities, block_sizes, compile)
+    data_dir = ready_data(variants[0].config.data, progress=False)  # every variant trains on the same data
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for i, v in enumerate(variants):
                 v.config.data.validation_sequences = 8
                 (Path(tmp) / str(i)).mkdir()
-                v.trainer = Trainer(v.config, Path(tmp) / str(i), progress=False, tensorboard=False, device=device)
+                v.trainer = Trainer(v.config, Path(tmp) / str(i), progress=False, tensorboard=False, device=device,
+                                    data_dir=data_dir)
                 v.step = (lambda t: lambda: t.train_step(t.step + 1))(v.trainer)
             dense = variants[0].trainer
             if hf:
@@ -134,11 +137,13 @@ def _time_interleaved(variants: list[Variant], steps: int, device: torch.device,
 
 
 def _row(v: Variant, times: list[float], dense, fractions: bool) -> TrainRow:
+    from ...train.build import run_flops
+
     t = statistics.median(times)
     config = v.config
     tokens = config.training.batch_size * config.data.seq_len
     model = dense.model if v.trainer is None else v.trainer.model
-    flops = config.run_flops(model.active_encoder_weights())["non_embedding_flops_per_sequence"]
+    flops = run_flops(config, model.active_encoder_weights())["non_embedding_flops_per_sequence"]
     kernels = HF_KERNELS if v.trainer is None else (v.trainer.kernel_line or "dense")
     row = TrainRow(v.name, v.backend, v.sparsity, kernels, 1e3 * t, tokens / t, flops, block_size=v.block_size,
                    compiled="+compile" in v.name)
@@ -161,7 +166,8 @@ def hf_step(dense) -> Callable[[], None]:
     torch.manual_seed(0)
     model = BertForPreTraining(dense.model.hf_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ours = dense.batches.batches if isinstance(dense.batches, Prefetcher) else dense.batches
+    loader = dense.state.batches
+    ours = loader.batches if isinstance(loader, Prefetcher) else loader
     host = next(BatchIterator(ours.dataset, dense.config.micro_batch_size))
     names = {"input_ids": "input_ids", "token_type_ids": "token_type_ids", "attention_mask": "attention_mask",
              "labels": "mlm_labels", "next_sentence_label": "nsp_labels"}
