@@ -1,6 +1,5 @@
-"""The package stays readable: no function over 60 lines, no module over 450. The modules below are
-over the limit still (the CPU kernels' host side is the remaining step of
-the redesign); each may shrink but not grow."""
+"""The package stays readable: no function over 60 lines, no module over 450. A module listed in
+OVER_THE_LIMIT (none at present) may shrink but not grow."""
 
 import ast
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ipu_app"
 FUNCTION_LINES = 60
 MODULE_LINES = 450
-OVER_THE_LIMIT = {"ops/cpu.py": 597}
+OVER_THE_LIMIT: dict[str, int] = {}
 
 
 def _modules():
