@@ -356,33 +356,26 @@ class Finetuner:
     def stopped_by_signal(self) -> bool:
         return self._stop
 
-    def _stateful(self) -> dict:
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
-                "updater": self.updater}
+    def _checkpoints(self):
+        """The fine-tune's every stateful part by its key in the checkpoint (``CheckpointManager``)."""
+        from ..train.checkpoint import Attr, CheckpointManager, Generator, ProcessRng
+        from ..train.distributed import DistContext
+
+        parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                 "updater": self.updater, **{name: Attr(self, name) for name in ("epoch", "position", "order")},
+                 "window": Attr(self, "window", load=list),
+                 **{name: Attr(self, name, save=json.dumps, load=json.loads) for name in ("history", "best")},
+                 "updates": Attr(self, "updates"), "seconds": Attr(self, "seconds"),
+                 "generator": Generator(self.generator), "rng": ProcessRng()}
+        return CheckpointManager(self.output, self.model, None, parts, keep=1, dist=DistContext(),
+                                 resume=f"python -m ipu_app finetune --resume {self.output}")
 
     def _checkpoint(self, start: float) -> None:
-        from ..train.checkpoint import rng_state, save_checkpoint
-
-        state = {name: part.state_dict() for name, part in self._stateful().items() if part is not None}
-        state.update(epoch=self.epoch, position=self.position, order=self.order, window=self.window,
-                     history=json.dumps(self.history), best=json.dumps(self.best), updates=self.updates,
-                     seconds=time.perf_counter() - start, generator=self.generator.get_state(), rng=rng_state())
-        save_checkpoint(self.output, self.step, self.model, state, keep=1,
-                        resume=f"python -m ipu_app finetune --resume {self.output}")
+        self.seconds = time.perf_counter() - start  # the training time so far
+        self._checkpoints().save(self.step)
 
     def _restore(self) -> None:
-        from ..train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
-
-        self.step, path = latest_checkpoint(self.output)
-        state = load_checkpoint(path, self.model)
-        for name, part in self._stateful().items():
-            if part is not None:
-                part.load_state_dict(state[name])
-        self.epoch, self.position, self.order = state["epoch"], state["position"], state["order"]
-        self.window, self.updates, self.seconds = list(state["window"]), state["updates"], state["seconds"]
-        self.history, self.best = json.loads(state["history"]), json.loads(state["best"])
-        self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+        self.step, _ = self._checkpoints().restore()
         self._patterns_loaded()
 
     def _patterns_loaded(self) -> None:

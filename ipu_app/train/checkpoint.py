@@ -52,16 +52,19 @@ class CheckpointManager:
     state saved under its key (None where the checkpoint has none), in ``parts``' order; a part that
     refuses it makes the checkpoint one of another run."""
 
-    def __init__(self, run_dir: str | Path, model: torch.nn.Module, config: dict, parts: dict[str, Stateful | None],
-                 *, keep: int, dist) -> None:
+    def __init__(self, run_dir: str | Path, model: torch.nn.Module, config: dict | None,
+                 parts: dict[str, Stateful | None], *, keep: int, dist, resume: str | None = None) -> None:
+        """``config``: the resolved config a checkpoint must have been written by (None: not checked);
+        ``resume``: the command that continues the run (named when a checkpoint cannot be written)."""
         self.run_dir, self.model, self.config, self.parts = Path(run_dir), model, config, parts
-        self.keep, self.dist = keep, dist
+        self.keep, self.dist, self.resume = keep, dist, resume
 
     def save(self, step: int) -> Path | None:
         """Every part's state (a part may gather from every rank); rank 0 writes."""
         state = {"config": self.config,
                  **{key: part.state_dict() if part is not None else None for key, part in self.parts.items()}}
-        path = save_checkpoint(self.run_dir, step, self.model, state, self.keep) if self.dist.is_main else None
+        path = (save_checkpoint(self.run_dir, step, self.model, state, self.keep, resume=self.resume)
+                if self.dist.is_main else None)
         self.dist.barrier()
         return path
 
@@ -129,6 +132,29 @@ class Expected:
     def load_state_dict(self, state) -> None:
         if state is not None and state != self.value:
             raise CheckpointError(self.changed)
+
+
+class Generator:
+    """A ``torch.Generator`` as a checkpoint part (its state restored in place)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+class ProcessRng:
+    """This process's RNGs (a single-process run: fine-tuning)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
 
 
 class RngState:
