@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ...config import auto_learning_rate
+from ...sparse.flops import auto_learning_rate
 from ..plotting import pyplot
 from ..runs import Run, fit_lr_curve, fit_power_law, group
 from .common import METHOD_LABELS, Table, Tables, style
