@@ -94,7 +94,7 @@ class Trainer:
             resume_step, _ = self.checkpoints.restore()
             self.state.step = resume_step
             for _, layer in self.state.sparse_layers:
-                layer.pattern_version += 1  # kernels must rebuild their metadata for the loaded patterns
+                layer.pattern_changed()  # kernels rebuild their metadata for the loaded patterns
         self.metrics = (MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
                         if dist.is_main else NullLogger())
         # Losses differ between machines (precision: auto, kernels, rounding): a run records each kind
