@@ -1,4 +1,7 @@
-"""report --figure horizon and horizon_pilot on made-up runs, every statistic recomputed with scipy."""
+"""report --figure horizon and horizon_pilot on made-up runs, every statistic recomputed with scipy
+(the distribution-free checks by enumerating every sign assignment)."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -72,6 +75,70 @@ def test_horizon_difference_at_every_step_and_the_end_match_scipy(runs_root, tmp
     per_seed = read_csv(tmp_path / "r" / "horizon_per_seed.csv")
     assert [r["static_nsp_step"] for r in per_seed] == ["2000", "2000", "never", "never", "never"]
     assert {r["dynsparse_nsp_step"] for r in per_seed} == {"1000"}
+
+
+def enumerated_sign_flip_p(diffs):
+    """P(|mean of the sign-flipped diffs| >= |observed mean|) over all 2^n sign assignments."""
+    diffs = np.asarray(diffs)
+    means = [abs(np.mean(diffs * signs)) for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return np.mean(np.array(means) >= abs(diffs.mean()) - 1e-12)
+
+
+def enumerated_wilcoxon_p(diffs):
+    """P(|W+ - E W+| >= |observed W+ - E W+|), W+ the rank sum of the positive diffs, over all 2^n signs."""
+    diffs = np.asarray(diffs)
+    ranks = stats.rankdata(np.abs(diffs))
+    centre = ranks.sum() / 2
+    observed = abs(ranks[diffs > 0].sum() - centre)
+    sums = [abs(ranks[np.array(signs) > 0].sum() - centre) for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return np.mean(np.array(sums) >= observed - 1e-12)
+
+
+def test_distribution_free_checks_match_enumeration(runs_root, tmp_path):
+    """A bimodal set of differences (as the proxy's NSP transition makes them): the t-test, the exact
+    sign-flip test and the signed-rank test all reported, each recomputed independently."""
+    diffs = [-0.074, -0.010, 0.086, 0.0004, 0.086, 0.072, -0.051, -0.0017, 0.016, -0.0005]
+    for seed, d in enumerate(diffs):
+        pair(runs_root, seed, [6.0, 5.99, 5.98, 5.97], [6.0, 5.99, 5.98, 5.97 + d])
+    build_report(runs_root, "horizon", tmp_path / "r")
+    end = read_csv(tmp_path / "r" / "horizon_end.csv")[0]
+    assert float(end["p"]) == pytest.approx(stats.ttest_1samp(diffs, 0).pvalue)
+    assert float(end["sign_flip_p"]) == pytest.approx(enumerated_sign_flip_p(diffs))
+    assert float(end["wilcoxon_p"]) == pytest.approx(enumerated_wilcoxon_p(diffs))
+    assert 0.3 < float(end["sign_flip_p"]) < 1.0 and 0.3 < float(end["wilcoxon_p"]) < 1.0
+    # before the last step the two arms are equal in every seed: no test of a difference that is zero
+    first = read_csv(tmp_path / "r" / "horizon.csv")[0]
+    assert first["sign_flip_p"] == "" and first["wilcoxon_p"] == ""
+
+
+def test_holm_adjusts_over_an_arms_steps(runs_root, tmp_path):
+    rng = np.random.default_rng(3)
+    for seed in range(6):
+        static = 6.0 - 0.01 * np.arange(4) + rng.normal(0, 0.01, 4)
+        dyn = static + np.array([-0.001, -0.01, -0.02, -0.03]) + rng.normal(0, 0.01, 4)
+        pair(runs_root, seed, list(static), list(dyn))
+    build_report(runs_root, "horizon", tmp_path / "r")
+    rows = read_csv(tmp_path / "r" / "horizon.csv")
+    for column, adjusted in (("p", "holm_p"), ("sign_flip_p", "sign_flip_holm_p")):
+        raw = np.array([float(r[column]) for r in rows])
+        order = np.argsort(raw)
+        # Holm by hand: the k-th smallest times (m - k), then the running maximum, capped at 1
+        expected = np.empty(4)
+        expected[order] = np.minimum(1, np.maximum.accumulate(raw[order] * (4 - np.arange(4))))
+        assert [float(r[adjusted]) for r in rows] == pytest.approx(list(expected))
+    assert all(float(r["holm_p"]) >= float(r["p"]) for r in rows)
+    from ipu_app.experiments.figures.horizon import holm
+
+    assert holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+
+
+def test_distribution_free_checks_see_a_consistent_shift():
+    from ipu_app.experiments.figures.horizon import distribution_free
+
+    diffs = [-0.03, -0.02, -0.025, -0.01, -0.04, -0.015, -0.02, -0.035]  # all 8 below zero
+    checks = distribution_free(diffs)
+    assert checks["sign_flip_p"] == pytest.approx(2 / 2 ** 8) and checks["wilcoxon_p"] == pytest.approx(2 / 2 ** 8)
+    assert distribution_free([0.01]) == {"sign_flip_p": None, "wilcoxon_p": None}
 
 
 def test_verdicts():

@@ -1,7 +1,6 @@
 """``auto`` by measurement (ops/autotune.py): what it times, what it keeps, where it remembers it."""
 
 import json
-import os
 
 import pytest
 import torch

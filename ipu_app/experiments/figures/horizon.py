@@ -87,22 +87,56 @@ def arms(runs: list[Run]) -> tuple[list[Arm], list[str]]:
     return found, dropped
 
 
-def _test_columns(test: dict | None) -> dict:
+EXACT_SIGN_FLIPS = 20  # up to this many pairs the sign-flip test enumerates every assignment (2^n)
+
+
+def distribution_free(diffs) -> dict:
+    """Two checks of a paired mean that do not assume normal differences (the proxy's final losses are
+    bimodal: a run has learned NSP by the end or not): the two-sided sign-flip permutation p of the mean
+    difference (exact up to ``EXACT_SIGN_FLIPS`` pairs, else 100,000 random flips of a fixed seed) and
+    the two-sided Wilcoxon signed-rank p (None below 2 pairs or where every difference is zero)."""
+    from scipy import stats
+
+    diffs = np.asarray(diffs, dtype=float)
+    if len(diffs) < 2 or not np.any(diffs):
+        return {"sign_flip_p": None, "wilcoxon_p": None}
+    exact = len(diffs) <= EXACT_SIGN_FLIPS
+    flips = stats.permutation_test((diffs,), np.mean, permutation_type="samples", alternative="two-sided",
+                                   n_resamples=np.inf if exact else 100_000, rng=None if exact else 0)
+    return {"sign_flip_p": float(flips.pvalue), "wilcoxon_p": float(stats.wilcoxon(diffs).pvalue)}
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (one arm's looks at its validation steps):
+    the k-th smallest p times (m - k + 1), made monotone and capped at 1; None stays None and is not
+    counted in m."""
+    found = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for k, (p, i) in enumerate(found):
+        running = max(running, min(1.0, (len(found) - k) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _test_columns(test: dict | None, diffs=()) -> dict:
     if test is None:
         return {}
     return {"n": test["n"], "diff_mean": test["mean"], "diff_std": test["std"], "ci_low": test["ci_low"],
-            "ci_high": test["ci_high"], "t": test["t"], "p": test["p"], "below_zero": f"{test['below']}/{test['n']}",
-            "beyond_noise": test["beyond_noise"], "seeds_for_80_power": test["seeds_for_80_power"]}
+            "ci_high": test["ci_high"], "t": test["t"], "p": test["p"], **distribution_free(diffs),
+            "below_zero": f"{test['below']}/{test['n']}", "beyond_noise": test["beyond_noise"],
+            "seeds_for_80_power": test["seeds_for_80_power"]}
 
 
-TEST_COLUMNS = ["n", "diff_mean", "diff_std", "ci_low", "ci_high", "t", "p", "below_zero", "beyond_noise",
-                "seeds_for_80_power"]
+TEST_COLUMNS = ["n", "diff_mean", "diff_std", "ci_low", "ci_high", "t", "p", "sign_flip_p", "wilcoxon_p",
+                "below_zero", "beyond_noise", "seeds_for_80_power"]
 
 
 def curve_table(found: list[Arm]) -> tuple[Table, dict]:
     """One row per arm and validation step both runs of a pair have (and pooled rows where an arm's
     setting and length ran on several machine kinds)."""
-    table = Table(["setting", "machine", "steps", "step", *TEST_COLUMNS, "static_val_mlm_loss",
+    table = Table(["setting", "machine", "steps", "step", *TEST_COLUMNS, "holm_p", "sign_flip_holm_p",
+                   "static_val_mlm_loss",
                    "dynsparse_val_mlm_loss", "per_seed"])
     curves: dict[tuple, list] = {}
     pooled: dict[tuple, dict[int, list[float]]] = {}
@@ -112,24 +146,35 @@ def curve_table(found: list[Arm]) -> tuple[Table, dict]:
             a, b = val_curve(pair.ours), val_curve(pair.base)
             for step in sorted(set(a) & set(b)):
                 per_step.setdefault(step, []).append((pair.seed, a[step], b[step]))
-        points = []
+        points, first = [], len(table.rows)
         for step, values in sorted(per_step.items()):
             diffs = [a - b for _, a, b in values]
             test = difference_test(diffs)
-            table.add(setting=arm.setting, machine=arm.machine, steps=arm.steps, step=step, **_test_columns(test),
+            table.add(setting=arm.setting, machine=arm.machine, steps=arm.steps, step=step,
+                      **_test_columns(test, diffs),
                       static_val_mlm_loss=float(np.mean([b for *_, b in values])),
                       dynsparse_val_mlm_loss=float(np.mean([a for _, a, _ in values])),
                       per_seed=" ".join(f"{seed}:{a - b:+.4f}" for seed, a, b in values))
             points.append((step, test))
             pooled.setdefault((arm.setting, arm.steps), {}).setdefault(step, []).extend(diffs)
+        _adjust_over_steps(table.rows[first:])
         curves[(arm.setting, arm.machine, arm.steps)] = points
     kinds = _kinds_per_setting(found)
     for (setting, steps), by_step in pooled.items():
         if kinds[(setting, steps)] > 1:
+            first = len(table.rows)
             for step, diffs in sorted(by_step.items()):
                 table.add(setting=setting, machine=f"pooled over {kinds[(setting, steps)]} kinds", steps=steps,
-                          step=step, **_test_columns(difference_test(diffs)))
+                          step=step, **_test_columns(difference_test(diffs), diffs))
+            _adjust_over_steps(table.rows[first:])
     return table, curves
+
+
+def _adjust_over_steps(rows: list[dict]) -> None:
+    """Holm-adjusted p of the t-test and of the sign-flip test over one arm's validation steps."""
+    for column in ("p", "sign_flip_p"):
+        for row, adjusted in zip(rows, holm([row.get(column) for row in rows])):
+            row["holm_p" if column == "p" else "sign_flip_holm_p"] = adjusted
 
 
 def _kinds_per_setting(found: list[Arm]) -> dict[tuple, int]:
@@ -194,12 +239,13 @@ def end_tables(found: list[Arm]) -> tuple[Table, Table]:
                       "pruned_recently_grown", "grown_pruned_again", "explored_dof"])
     pooled: dict[tuple, list[Pair]] = {}
     for arm in found:
-        test = difference_test([p.diff for p in arm.pairs])
+        diffs = [p.diff for p in arm.pairs]
+        test = difference_test(diffs)
         crossing = transition(arm.pairs)
         ours = [p.ours for p in arm.pairs]
         end.add(setting=arm.setting, machine=arm.machine, steps=arm.steps,
                 method=METHOD_LABELS.get(ours[0].method, ours[0].method), baseline=arm.baseline,
-                **_test_columns(test), **_transition_columns(crossing), verdict=verdict(test, crossing),
+                **_test_columns(test, diffs), **_transition_columns(crossing), verdict=verdict(test, crossing),
                 static_val_mlm_loss=float(np.mean([p.base.loss for p in arm.pairs])),
                 dynsparse_val_mlm_loss=float(np.mean([r.loss for r in ours])),
                 pruned_recently_grown=mean_or_none(recently_grown_ratio(r) for r in ours),
@@ -221,10 +267,11 @@ def end_tables(found: list[Arm]) -> tuple[Table, Table]:
     kinds = _kinds_per_setting(found)
     for (setting, steps), pairs in pooled.items():
         if kinds[(setting, steps)] > 1:
-            test = difference_test([p.diff for p in pairs])
+            diffs = [p.diff for p in pairs]
+            test = difference_test(diffs)
             crossing = transition(pairs)
             end.add(setting=setting, machine=f"pooled over {kinds[(setting, steps)]} kinds", steps=steps,
-                    **_test_columns(test), **_transition_columns(crossing), verdict=verdict(test, crossing))
+                    **_test_columns(test, diffs), **_transition_columns(crossing), verdict=verdict(test, crossing))
     return end, per_seed
 
 
@@ -251,7 +298,11 @@ def tables(runs: list[Run], **_) -> Tables:
     end, per_seed = end_tables(found)
     notes = ["diff = DynSparse - static validation MLM loss, per seed, at the same step; 95% interval and two-sided p "
              "from Student's t (n - 1 degrees of freedom); seeds_for_80_power: pairs a paired t-test at 5% needs "
-             "to detect the observed mean at the observed std with 80% probability",
+             "to detect the observed mean at the observed std with 80% probability; sign_flip_p and wilcoxon_p: "
+             "two-sided checks that do not assume normal differences (the exact sign-flip permutation test of "
+             f"the mean up to {EXACT_SIGN_FLIPS} pairs, and the Wilcoxon signed-rank test); 'beyond noise' is the "
+             "t-test's; holm_p, sign_flip_holm_p: the per-step p-values Holm-adjusted over one arm's validation "
+             "steps (every step is a look: a step is beyond noise for the arm only where its adjusted p < 0.05)",
              f"NSP transition: the first validation step with NSP loss below {NSP_LEARNED} (chance is ln 2 = 0.693); "
              "nsp_sign_p: two-sided sign test over the seeds whose two runs cross at different steps (a run that "
              "never crosses counts as after the end); diff_after_both_crossed: the final difference over the seeds "
