@@ -45,6 +45,7 @@ def test_horizon_difference_at_every_step_and_the_end_match_scipy(runs_root, tmp
              static_nsp=(0.69, 0.69, 0.69, 0.4 if seed < 2 else 0.69), dyn_nsp=(0.69, 0.45, 0.3, 0.2), update=update)
     written = build_report(runs_root, "horizon", tmp_path / "r")
     assert_png(tmp_path / "r" / "horizon.png")
+    assert_png(tmp_path / "r" / "horizon_seeds.png")
     assert {p.name for p in written} >= {"horizon.csv", "horizon_end.csv", "horizon_per_seed.csv", "horizon.md"}
     rows = read_csv(tmp_path / "r" / "horizon.csv")
     assert [int(r["step"]) for r in rows] == list(STEPS)
@@ -139,6 +140,18 @@ def test_distribution_free_checks_see_a_consistent_shift():
     checks = distribution_free(diffs)
     assert checks["sign_flip_p"] == pytest.approx(2 / 2 ** 8) and checks["wilcoxon_p"] == pytest.approx(2 / 2 ** 8)
     assert distribution_free([0.01]) == {"sign_flip_p": None, "wilcoxon_p": None}
+
+
+def test_seed_curves_carry_each_pairs_difference_and_transitions(runs_root, tmp_path):
+    from ipu_app.experiments.figures.horizon import arms, seed_curves
+    from ipu_app.experiments.runs import load_runs
+
+    pair(runs_root, 7, [6.2, 6.1, 6.0, 5.95], [6.2, 6.05, 6.02, 5.9], static_nsp=(0.69, 0.69, 0.45, 0.3),
+         dyn_nsp=(0.69, 0.4, 0.3, 0.2))
+    (curve,) = next(iter(seed_curves(arms(load_runs(runs_root)[0])[0]).values()))
+    assert curve.seed == 7 and curve.steps == list(STEPS)
+    assert curve.diffs == pytest.approx([0.0, -0.05, 0.02, -0.05])
+    assert (curve.dynsparse_nsp, curve.static_nsp) == (1000, 1500)
 
 
 def test_verdicts():

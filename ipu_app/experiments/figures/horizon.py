@@ -313,11 +313,61 @@ def tables(runs: list[Run], **_) -> Tables:
         notes.append(f"left out: {len(dropped)} run(s) trained on several machine kinds: {', '.join(dropped[:5])}")
     for table in (curve, end):
         table.notes.extend(notes)
-    out = Tables(data={"curves": curves, "end": end})
+    out = Tables(data={"curves": curves, "end": end, "seeds": seed_curves(found)})
     out.add("horizon", curve, "DynSparse - static at every validation step")
     out.add("horizon_end", end, "DynSparse - static at the end of each run length")
     out.add("horizon_per_seed", per_seed, "Per seed: final losses, NSP transition and regime statistics")
     return out
+
+
+@dataclass
+class SeedCurve:
+    """One pair's difference against step and the steps where each of its runs learned NSP."""
+
+    seed: int
+    steps: list[int]
+    diffs: list[float]
+    dynsparse_nsp: int | None
+    static_nsp: int | None
+
+
+def seed_curves(found: list[Arm]) -> dict[tuple, list[SeedCurve]]:
+    """Per arm (setting, machine, length): every pair's DynSparse - static validation MLM loss at
+    the steps both runs validated."""
+    out = {}
+    for arm in found:
+        curves = []
+        for pair in arm.pairs:
+            a, b = val_curve(pair.ours), val_curve(pair.base)
+            steps = sorted(set(a) & set(b))
+            curves.append(SeedCurve(pair.seed, steps, [a[s] - b[s] for s in steps],
+                                    nsp_transition(pair.ours), nsp_transition(pair.base)))
+        out[(arm.setting, arm.machine, arm.steps)] = curves
+    return out
+
+
+def plot_seeds(seeds: dict[tuple, list[SeedCurve]]):
+    """One panel per arm: each seed's difference against step, a dot where its DynSparse run learned
+    NSP and a cross where its static run did (the transition that makes the final losses bimodal)."""
+    plt = pyplot()
+    cols = min(3, len(seeds))
+    rows = math.ceil(len(seeds) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    several = len({machine for _, machine, _ in seeds}) > 1
+    for ax, ((setting, machine, steps), curves) in zip(axes.flat, seeds.items()):
+        for curve in curves:
+            line, = ax.plot(curve.steps, curve.diffs, linewidth=1, label=str(curve.seed))
+            for step, marker in ((curve.dynsparse_nsp, "o"), (curve.static_nsp, "x")):
+                if step in curve.steps:
+                    ax.plot(step, curve.diffs[curve.steps.index(step)], marker, color=line.get_color(), markersize=7)
+        ax.axhline(0.0, color="black", linewidth=1)
+        style(ax, "training step", "DynSparse - static (nats)",
+              f"{setting} (T={steps})" + (f"\n{machine}" if several else ""), legend=6)
+    for ax in list(axes.flat)[len(seeds):]:
+        ax.set_visible(False)
+    fig.suptitle("Per seed; o: DynSparse learned NSP (loss < 0.5), x: static did", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def plot(result: Tables) -> dict:
@@ -337,4 +387,4 @@ def plot(result: Tables) -> dict:
     style(ax, "training step", "DynSparse - static validation MLM loss (nats)",
           "Paired difference (mean, 95% interval); below 0: DynSparse ahead", legend=7)
     fig.tight_layout()
-    return {"horizon": fig}
+    return {"horizon": fig, "horizon_seeds": plot_seeds(result.data["seeds"])}
