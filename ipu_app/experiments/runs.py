@@ -60,6 +60,11 @@ class Run:
         return str(self.get("model.size", "?"))
 
     @property
+    def nsp(self) -> bool:
+        """Whether the run trained next-sentence prediction beside MLM (runs pair only with their kind)."""
+        return bool(self.get("model.nsp", True))
+
+    @property
     def block_size(self) -> int:
         return int(self.get("sparsity.block_size", 1)) if self.mode != "dense" else 1
 

@@ -322,7 +322,8 @@ class Trainer:
             real_tokens_per_second=w.real_tokens / max(w.seconds, 1e-9), steps=w.steps, seconds=w.seconds,
         )
         if self.dist.is_main and (bar is None or bar.disable):  # logs without a bar (sweeps) get a line
-            print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f} (mlm {mlm:.4f}, nsp {nsp:.4f}), "
+            parts = f"mlm {mlm:.4f}, nsp {nsp:.4f}" if self.config.model.nsp else "MLM only"
+            print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f} ({parts}), "
                   f"mlm accuracy {record['mlm_accuracy']:.4f}, lr {self.state.last_lr:.3g}, "
                   f"{record['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
         extra = {} if math.isnan(self._last_prg) else {"prg": f"{self._last_prg:.2f}"}

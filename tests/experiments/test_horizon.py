@@ -23,9 +23,9 @@ def val_records(losses, nsp):
 
 
 def pair(root, seed, static, dyn, *, static_nsp=(0.69,) * 4, dyn_nsp=(0.69,) * 4, machine=ZEN4,
-         setting="proxy_tiny_sparse", update=None):
-    common = ("training.steps=2000", "training.warmup_steps=100")
-    make_run(root, f"proxy_tiny_static,seed={seed}", "proxy_tiny_static",
+         setting="proxy_tiny_sparse", update=None, static_name="proxy_tiny_static", extra=()):
+    common = ("training.steps=2000", "training.warmup_steps=100") + tuple(extra)
+    make_run(root, f"{static_name},seed={seed}", "proxy_tiny_static",
              static[-1], seed=seed, overrides=common, summary={**machine, "steps": 2000, "train_time_s": 100.0},
              metrics=val_records(static, static_nsp))
     make_run(root, f"{setting},seed={seed}", "proxy_tiny_sparse", dyn[-1],
@@ -189,6 +189,25 @@ def test_horizon_pairs_within_a_machine_kind_and_pools_stratified(runs_root, tmp
     assert "one mean on every kind" in (tmp_path / "r" / "horizon_end.md").read_text()
     steps = [r for r in read_csv(tmp_path / "r" / "horizon.csv") if r["machine"] == "pooled over 2 kinds"]
     assert [int(r["step"]) for r in steps] == list(STEPS)
+
+
+def test_mlm_only_runs_pair_only_with_mlm_only_static_runs(runs_root, tmp_path):
+    """One directory holding both objectives under the same run names (two sweeps): each DynSparse
+    run pairs with the static run of its own objective, never across."""
+    for seed, (with_nsp, mlm_only) in enumerate(((-0.02, 0.01), (-0.03, 0.02), (-0.01, 0.03))):
+        pair(runs_root / "nsp", seed, [6.0] * 4, [6.0 + with_nsp] * 4)
+        pair(runs_root / "mlm", seed, [5.5] * 4, [5.5 + mlm_only] * 4, extra=("model.nsp=false",))
+    build_report(runs_root, "horizon", tmp_path / "r")
+    end = read_csv(tmp_path / "r" / "horizon_end.csv")
+    assert sorted(float(r["diff_mean"]) for r in end) == pytest.approx([-0.02, 0.02])
+    assert all(r["n"] == "3" for r in end)
+    mlm = next(r for r in end if float(r["diff_mean"]) > 0)
+    assert mlm["setting"] == "proxy_tiny_sparse (MLM only)" and mlm["baseline"] == "proxy_tiny_static (MLM only)"
+    build_report(runs_root, "paired", tmp_path / "p")
+    paired = {r["setting"]: r for r in read_csv(tmp_path / "p" / "paired.csv")}
+    assert float(paired["proxy_tiny_sparse (MLM only)"]["diff_mean"]) == pytest.approx(0.02)
+    assert paired["proxy_tiny_sparse (MLM only)"]["baseline"] == "proxy_tiny_static (MLM only)"
+    assert float(paired["proxy_tiny_sparse"]["diff_mean"]) == pytest.approx(-0.02)
 
 
 def test_horizon_needs_pairs(runs_root, tmp_path):

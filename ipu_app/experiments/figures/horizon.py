@@ -62,8 +62,8 @@ class Arm:
 
 
 def arms(runs: list[Run]) -> tuple[list[Arm], list[str]]:
-    """Every DynSparse setting paired per seed with the static run of the same model, block size,
-    sparsity, length, machine kind and precision; the names of runs left out (trained on several
+    """Every DynSparse setting paired per seed with the static run of the same model, objective (MLM
+    with or without NSP), block size, sparsity, length, machine kind and precision; the names of runs left out (trained on several
     machine kinds)."""
     statics: dict[tuple, dict[int, Run]] = {}
     ours: dict[tuple, dict[int, Run]] = {}
@@ -73,17 +73,17 @@ def arms(runs: list[Run]) -> tuple[list[Arm], list[str]]:
         if group is None:
             dropped.append(run.name)
             continue
-        shape = (group, run.size, run.block_size, round(run.sparsity, 6), horizon(run))
+        shape = (group, run.size, run.nsp, run.block_size, round(run.sparsity, 6), horizon(run))
         if run.mode == "static":
             statics.setdefault(shape, {})[run.seed] = run
         elif run.mode == "dynamic":
             ours.setdefault((setting_name(run),) + shape, {})[run.seed] = run
     found = []
-    for (name, *shape), by_seed in sorted(ours.items(), key=lambda kv: (kv[0][0], kv[0][5], kv[0][1])):
+    for (name, *shape), by_seed in sorted(ours.items(), key=lambda kv: (kv[0][0], kv[0][-1], kv[0][1])):
         base = statics.get(tuple(shape), {})
         pairs = [Pair(seed, by_seed[seed], base[seed]) for seed in sorted(set(by_seed) & set(base))]
         if pairs:
-            found.append(Arm(name, shape[0], shape[4], setting_name(pairs[0].base), pairs))
+            found.append(Arm(name, shape[0], shape[-1], setting_name(pairs[0].base), pairs))
     return found, dropped
 
 

@@ -14,9 +14,11 @@ from .common import METHOD_LABELS, Table, Tables, style
 
 def setting_name(run: Run) -> str:
     """The run's name without its seed (``bert_tiny_sparse,seed=1,update_every=500`` ->
-    ``bert_tiny_sparse,update_every=500``): runs of one setting share it."""
+    ``bert_tiny_sparse,update_every=500``): runs of one setting share it. A run trained on MLM alone
+    (``model.nsp: false``, often set for a whole sweep and so not in its name) gets `` (MLM only)``."""
     parts = [p for p in run.name.split(",") if not p.startswith("seed=")]
-    return ",".join(parts) or run.name
+    name = ",".join(parts) or run.name
+    return name if run.nsp else f"{name} (MLM only)"
 
 
 def seeds_for_power(effect: float, sigma: float, power: float = 0.8, alpha: float = 0.05,
@@ -88,7 +90,7 @@ def tables(runs: list[Run], **_) -> Tables:
     for key, by_seed in settings.items():
         first = next(iter(by_seed.values()))
         if first.method == "static":
-            baselines.setdefault((key[0], first.size, first.block_size, first.sparsity), key)
+            baselines.setdefault((key[0], first.size, first.nsp, first.block_size, first.sparsity), key)
     table = Table(["setting", "machine", "method", "seeds", "val_mlm_loss", "std", "per_seed", "baseline",
                    "diff_mean", "diff_std", "diff_ci_low", "diff_ci_high", "t", "p", "below_baseline",
                    "beyond_noise", "seeds_for_80_power", "pruned_recently_grown", "grown_pruned_again",
@@ -97,7 +99,8 @@ def tables(runs: list[Run], **_) -> Tables:
                   "grown_pruned_again", "explored_dof"])
     for key, by_seed in settings.items():
         first = next(iter(by_seed.values()))
-        base_key = baselines.get((key[0], first.size, first.block_size, first.sparsity)) if first.mode != "dense" else None
+        base_key = (baselines.get((key[0], first.size, first.nsp, first.block_size, first.sparsity))
+                    if first.mode != "dense" else None)
         base_key = None if base_key == key else base_key
         baseline = settings[base_key] if base_key else None
         table.add(**_setting_row(key, by_seed, base_key, baseline))
