@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def first_line(exc: BaseException) -> str:
@@ -53,6 +55,32 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
     except (OSError, SafetensorError) as exc:
         _remove(tmp)
         raise write_error(path, exc) from None
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the with-block, so that one
+    process at a time does what it guards; another holder makes this wait (``on_wait`` is called once
+    first, e.g. to say so). The kernel drops the lock when its process dies: a crash never blocks the
+    next one. The file stays (removing it would race a new holder)."""
+    import fcntl
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def umask_mode(mode: int = 0o666) -> int:

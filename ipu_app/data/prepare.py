@@ -128,11 +128,28 @@ def _check_replacement(output_dir: Path, sources: dict, tokenizer: str, overwrit
 
 def prepare_embedded(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522, cache_dir: str | Path | None = None,
                      progress: bool = True) -> Path:
-    """The embedded corpus, prepared once into the cache and reused afterwards."""
+    """The embedded corpus, prepared once into the cache and reused afterwards. Processes that start
+    together (a sweep's ``--jobs``) prepare it one at a time: the others wait for the first and reuse
+    its data (an flock on ``embedded-KEY.lock`` beside the folder)."""
+    from ..io import exclusive_lock
+
     output_dir, sources = _embedded_dir(tokenizer, vocab_size, cache_dir)
     if (output_dir / "manifest.json").is_file():
         return output_dir
-    return _prepare(list(embedded_documents()), output_dir, tokenizer, vocab_size, sources, progress, workers=1)
+
+    def waiting() -> None:
+        if progress:
+            print(f"waiting for another process to prepare the embedded corpus in {output_dir}", file=sys.stderr)
+
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CorpusError(f"the corpus cache {output_dir.parent} cannot be written ({exc.strerror}): set "
+                          "IPU_APP_CACHE to a writable folder") from None
+    with exclusive_lock(output_dir.with_name(output_dir.name + ".lock"), on_wait=waiting):
+        if (output_dir / "manifest.json").is_file():  # prepared by the process this one waited for
+            return output_dir
+        return _prepare(list(embedded_documents()), output_dir, tokenizer, vocab_size, sources, progress, workers=1)
 
 
 def embedded_data_dir(tokenizer: str = "bert-base-uncased", vocab_size: int = 30522,

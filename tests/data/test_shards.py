@@ -135,3 +135,75 @@ def test_a_trained_tokenizer_below_the_floor_is_refused(tmp_path, small_document
                                           r"30522; at least 1000 are needed\)"):
         prepare_files([tmp_path / "small.txt"], tmp_path / "out", tokenizer="train", progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_processes_starting_together_prepare_the_embedded_corpus_once(tmp_path, monkeypatch, capsys):
+    """A sweep's --jobs start their runs at once on a fresh cache: the second waits for the first's
+    preparation and reuses it, instead of reading its half-written folder (which failed one run with
+    'holds data of another tokenizer')."""
+    import threading
+
+    from ipu_app.data import prepare
+
+    calls, entered, finish = [], threading.Event(), threading.Event()
+
+    def slow_prepare(documents, output_dir, *args, **kwargs):
+        calls.append(output_dir)
+        entered.set()
+        assert finish.wait(10)
+        output_dir.mkdir(parents=True)
+        (output_dir / "manifest.json").write_text("{}")
+        return output_dir
+
+    monkeypatch.setattr(prepare, "_prepare", slow_prepare)
+    results = {}
+
+    def start(name):
+        results[name] = prepare.prepare_embedded(cache_dir=tmp_path, progress=True)
+
+    first = threading.Thread(target=start, args=("first",))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=start, args=("second",))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and len(calls) == 1  # the second waits on the lock, not preparing too
+    finish.set()
+    first.join(10)
+    second.join(10)
+    assert len(calls) == 1 and results["first"] == results["second"] == calls[0]
+    assert f"waiting for another process to prepare the embedded corpus in {calls[0]}" in capsys.readouterr().err
+    assert prepare.prepare_embedded(cache_dir=tmp_path) == calls[0] and len(calls) == 1  # prepared: no lock needed
+
+
+def test_an_unwritable_corpus_cache_fails_in_one_line(tmp_path):
+    from ipu_app.data.prepare import prepare_embedded
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(CorpusError, match=r"^the corpus cache .*/cache cannot be written \(File exists\): set "
+                                          r"IPU_APP_CACHE to a writable folder$"):
+        prepare_embedded(cache_dir=tmp_path / "cache", progress=False)
+    assert (tmp_path / "cache").read_text() == "a file where the cache folder should be"
+
+
+def test_exclusive_lock_serialises_and_survives_its_holder(tmp_path):
+    import threading
+
+    from ipu_app.io import WriteError, exclusive_lock
+
+    lock, order = tmp_path / "x.lock", []
+    def wait_and_hold():
+        with exclusive_lock(lock, on_wait=lambda: order.append("waited")):
+            order.append("held")
+
+    with exclusive_lock(lock):
+        waiter = threading.Thread(target=wait_and_hold)
+        waiter.start()
+        waiter.join(0.3)
+        assert order == ["waited"]  # blocked while this holds it
+    waiter.join(10)
+    assert order == ["waited", "held"] and lock.exists()
+    with pytest.raises(WriteError, match=r"^cannot write .*/nowhere/x\.lock: "):
+        (tmp_path / "nowhere").write_text("a file")
+        with exclusive_lock(tmp_path / "nowhere" / "x.lock"):
+            pass
