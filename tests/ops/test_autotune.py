@@ -51,6 +51,7 @@ def test_the_decision_is_what_auto_runs_and_it_computes_the_reference(tuner, mon
     x = torch.randn(64, 128, requires_grad=True)
     values = torch.randn(pattern.nnz, 16, 16, requires_grad=True)
     kind = autotune.LayerKind.of(pattern, torch.float32, 64, torch.get_num_threads())
+    here = cpu.paths("cpu", torch.float32, 16)  # the tiles need AVX-512: not on every CPU kind
     for choice in ("reference", "cpu/tiles", "cpu/panels"):
         tuner.adopt([autotune.Decision(kind, choice, {"reference": 1.0, choice: 0.5}, "run").to_dict()])
         assert ops.choose(x, pattern) == choice  # s = 0.9: the constant rule would say "cpu"
@@ -60,7 +61,10 @@ def test_the_decision_is_what_auto_runs_and_it_computes_the_reference(tuner, mon
         y = ops.auto_linear(x, values, pattern)
         monkeypatch.undo()
         monkeypatch.setenv(autotune.ENV, "1")
-        assert called == [choice.partition("/")[0]]
+        backend, _, kernels = choice.partition("/")
+        # a decision naming kernels this CPU lacks (one measured on another machine, a resumed run's
+        # kernels.json) runs the reference op inside the cpu backend: slow, never wrong
+        assert called == ([backend] if backend == "reference" or kernels in here else ["cpu", "reference"])
         torch.testing.assert_close(y, reference.linear(x, values, pattern), rtol=1e-4, atol=1e-4)
 
 
