@@ -60,6 +60,6 @@ def test_the_docs_per_seed_rows_and_tests_are_the_reports(folder, tmp_path):
         stated = f"DynSparse − static = {signed(mean)}"
         if n >= 2:
             stated += (f", 95 % interval [{signed(float(end['ci_low']))}, {signed(float(end['ci_high']))}], "
-                       f"t = {float(end['t']):.2f}, p = {float(end['p']):.2f} (n = {n}")
+                       f"t = {float(end['t']):.2f}, p = {float(end['p']):.2f} (n = {n}").replace("-", "\N{MINUS SIGN}")
         assert stated in docs, f"docs/experiments.md lacks {stated!r} ({folder.name}, {end['machine']})"
         assert math.isfinite(mean)
