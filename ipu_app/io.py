@@ -59,15 +59,14 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
 
 @contextmanager
 def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the with-block, so that one
-    process at a time does what it guards; another holder makes this wait (``on_wait`` is called once
-    first, e.g. to say so). The kernel drops the lock when its process dies: a crash never blocks the
-    next one. The file stays (removing it would race a new holder)."""
+    """Hold an exclusive ``flock`` on ``path`` (created if missing; its folder must exist) for the
+    with-block, so that one process at a time does what it guards; another holder makes this wait
+    (``on_wait`` is called once first, e.g. to say so). The kernel drops the lock when its process
+    dies: a crash never blocks the next one. The file stays (removing it would race a new holder)."""
     import fcntl
 
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
     except OSError as exc:
         raise write_error(path, exc) from None

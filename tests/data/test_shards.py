@@ -186,12 +186,13 @@ def test_an_unwritable_corpus_cache_fails_in_one_line(tmp_path):
     assert (tmp_path / "cache").read_text() == "a file where the cache folder should be"
 
 
-def test_exclusive_lock_serialises_and_survives_its_holder(tmp_path):
+def test_exclusive_lock_serialises_and_fails_in_one_line(tmp_path):
     import threading
 
     from ipu_app.io import WriteError, exclusive_lock
 
     lock, order = tmp_path / "x.lock", []
+
     def wait_and_hold():
         with exclusive_lock(lock, on_wait=lambda: order.append("waited")):
             order.append("held")

@@ -1,7 +1,7 @@
 """The experiment tables of docs/experiments.md recomputed from the runs' records kept in docs/results.
 
 Each folder of docs/results holds a sweep's finished runs without their weights (config.yaml,
-metrics.jsonl, summary.json, explored.safetensors, kernels.json). ``report`` reads it as it reads the
+metrics.jsonl, summary.json, kernels.json). ``report`` reads it as it reads the
 sweep's own directory; every per-seed row and the primary test's numbers written in the docs must be
 what it computes now."""
 
